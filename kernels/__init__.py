@@ -1,0 +1,1 @@
+"""Triton kernels of the lnsr ops, installed as ``lnsr.kernels`` (DESIGN §4, issue 3)."""

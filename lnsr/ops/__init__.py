@@ -1,0 +1,101 @@
+"""The lnsr ops: ``noise``, ``perturb``, ``layer_penalty`` (DESIGN §2, §4).
+
+These functions validate their inputs and dispatch to a backend (``lnsr.ops.dispatch``).  The
+torch reference in ``lnsr.ops.reference`` is the ground truth that every backend is tested against.
+"""
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import torch
+
+from . import reference
+from .dispatch import BACKENDS, available_backends, register_loader, resolve_backend
+from .reference import DEFAULT_ANCHORS, NOISE_KINDS, SEED_MAX, check_seed, make_eps, noise
+
+__all__ = ["noise", "perturb", "layer_penalty", "make_eps", "available_backends", "resolve_backend",
+           "register_loader", "BACKENDS", "NOISE_KINDS", "SEED_MAX", "reference"]
+
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+
+
+def check_sigma(sigma) -> float:
+    if isinstance(sigma, bool) or not isinstance(sigma, (int, float)):
+        raise TypeError(f"sigma must be a float >= 0, got {type(sigma).__name__}")
+    if not math.isfinite(sigma) or sigma < 0:
+        raise ValueError(f"sigma must be a finite float >= 0, got {sigma}")
+    return float(sigma)
+
+
+def _check_float(t: torch.Tensor, what: str) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{what} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{what} must be float32, float16, bfloat16 or float64, got {t.dtype}")
+
+
+def _check_mask(mask, token_shape, what: str) -> None:
+    if mask is None:
+        return
+    if not isinstance(mask, torch.Tensor):
+        raise TypeError(f"mask must be a tensor of shape {tuple(token_shape)} or None, got {type(mask).__name__}")
+    if tuple(mask.shape) != tuple(token_shape):
+        raise ValueError(f"mask has shape {tuple(mask.shape)} but {what} needs {tuple(token_shape)} "
+                         f"(batch and token dims of the clean half); pass the [batch, seq] attention mask")
+
+
+def perturb(h: torch.Tensor, seed: int, *, sigma: float, kind: str = "relative",
+            mask: torch.Tensor | None = None, n_anchors: int = DEFAULT_ANCHORS,
+            backend: str = "auto") -> torch.Tensor:
+    """``cat([h, h + eps])`` along dim 0 with ``eps`` drawn from the noise stream of ``seed``.
+
+    ``h``: ``[B, ..., H]``.  ``kind``: ``gaussian`` (``sigma * z``), ``relative`` (``sigma *
+    rms(h) * z`` per token) or ``manifold`` (Gaussian in the span of ``n_anchors`` centred valid
+    tokens).  ``mask`` (``[B, ...]``) only selects the manifold anchors.  Backward: ``g[:B] + g[B:]``.
+    """
+    _check_float(h, "h")
+    if h.dim() < 2:
+        raise ValueError(f"h must have shape [batch, ..., hidden], got {tuple(h.shape)}")
+    seed = check_seed(seed)
+    sigma = check_sigma(sigma)
+    if kind not in NOISE_KINDS:
+        raise ValueError(f"unknown noise kind {kind!r}; choose one of {', '.join(NOISE_KINDS)}")
+    if isinstance(n_anchors, bool) or not isinstance(n_anchors, int) or n_anchors < 1:
+        raise ValueError(f"n_anchors must be a positive int, got {n_anchors!r}")
+    _check_mask(mask, h.shape[:-1], "h")
+    impl = resolve_backend(backend, h.device)
+    return impl.perturb(h, seed, sigma=sigma, kind=kind, mask=mask, n_anchors=n_anchors)
+
+
+def layer_penalty(ys: Sequence[torch.Tensor], *, mask: torch.Tensor | None = None,
+                  weights: Sequence[float] | None = None, detach_clean: bool = False,
+                  backend: str = "auto") -> torch.Tensor:
+    """``sum_j w_j / N * sum_{b,t} m[b,t] * ||y_j[B+b,t] - y_j[b,t]||^2`` as an fp32 scalar.
+
+    ``ys``: tensors ``[2B, ..., H_j]`` (clean half first) with the same batch and token dims;
+    ``mask``: ``[B, ...]`` or None (then ``N`` counts every token); ``weights``: one float per
+    tensor (default 1).  An all-zero mask gives 0.
+    """
+    if isinstance(ys, torch.Tensor):
+        ys = [ys]
+    ys = list(ys)
+    if not ys:
+        raise ValueError("layer_penalty needs at least one tensor in ys")
+    first = ys[0]
+    for j, y in enumerate(ys):
+        _check_float(y, f"ys[{j}]")
+        if y.dim() < 2 or y.shape[0] % 2:
+            raise ValueError(f"ys[{j}] must have shape [2B, ..., H] (clean half first), got {tuple(y.shape)}")
+        if y.shape[:-1] != first.shape[:-1] or y.device != first.device:
+            raise ValueError(f"ys[{j}] has shape {tuple(y.shape)} on {y.device}; every tensor needs the batch "
+                             f"and token dims {tuple(first.shape[:-1])} of ys[0] and the same device")
+    _check_mask(mask, (first.shape[0] // 2, *first.shape[1:-1]), "ys")
+    if weights is not None:
+        weights = [float(w) for w in weights]
+        if len(weights) != len(ys):
+            raise ValueError(f"weights has {len(weights)} entries for {len(ys)} tensors in ys")
+        if not all(math.isfinite(w) for w in weights):
+            raise ValueError(f"weights must be finite, got {weights}")
+    impl = resolve_backend(backend, first.device)
+    return impl.layer_penalty(ys, mask=mask, weights=weights, detach_clean=bool(detach_clean))

@@ -1,0 +1,188 @@
+"""Torch reference of every lnsr op: the single ground truth.
+
+Every backend (Triton in ``lnsr.kernels``, C++/CUDA in ``lnsr._C``) is tested against the
+functions in this file, and the benchmarks compare against them.  They are written for
+clarity, with plain autograd, not for speed.
+"""
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import torch
+
+# ---------------------------------------------------------------------------------------------
+# The noise stream (DESIGN §2): Philox4x32-10 keyed by the 64-bit seed, counter (c_lo, c_hi, 0, 0)
+# for c = i // 4, the 4 outputs -> uniforms as tl.rand -> two Box-Muller pairs.  Element i of the
+# perturbed tensor takes output r = i % 4.  Integer arithmetic is done in int64 with 32-bit
+# products split into 16-bit halves so that nothing overflows.
+# ---------------------------------------------------------------------------------------------
+
+_MASK32 = 0xFFFFFFFF
+_PHILOX_KEY_A = 0x9E3779B9
+_PHILOX_KEY_B = 0xBB67AE85
+_PHILOX_ROUND_A = 0xD2511F53
+_PHILOX_ROUND_B = 0xCD9E8D57
+_N_ROUNDS = 10
+# Triton's uint_to_uniform_float scale for 32-bit integers, and its Box-Muller constants.
+_UNIFORM_SCALE = 4.6566127342e-10
+_TWO_PI = 6.283185307179586
+_MIN_U = 1.0e-7
+
+SEED_MAX = 2**64 - 1
+
+
+def check_seed(seed) -> int:
+    """Seeds are Python ints in [0, 2**64); anything else is a TypeError/ValueError."""
+    if isinstance(seed, torch.Tensor):
+        if seed.numel() != 1 or seed.dtype.is_floating_point:
+            raise TypeError("seed must be a Python int or a one-element integer tensor")
+        seed = int(seed.item())
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise TypeError(f"seed must be an int in [0, 2**64), got {type(seed).__name__}")
+    if not 0 <= seed <= SEED_MAX:
+        raise ValueError(f"seed must be in [0, 2**64), got {seed}")
+    return seed
+
+
+def _mulhilo32(a: int, b: torch.Tensor):
+    """(hi, lo) 32-bit words of the 64-bit product of the constant a and the uint32 values b."""
+    a_hi, a_lo = a >> 16, a & 0xFFFF
+    lo_part = a_lo * b                       # < 2**48
+    t = a_hi * b + (lo_part >> 16)           # (a*b) >> 16, < 2**49
+    hi = t >> 16
+    lo = ((t & 0xFFFF) << 16) | (lo_part & 0xFFFF)
+    return hi, lo
+
+
+def philox4x32(seed: int, counter: torch.Tensor):
+    """The 4 uint32 outputs (as int64 tensors) of Philox4x32-10 for counters (c_lo, c_hi, 0, 0)."""
+    seed = check_seed(seed)
+    c0 = counter & _MASK32
+    c1 = (counter >> 32) & _MASK32
+    c2 = torch.zeros_like(c0)
+    c3 = torch.zeros_like(c0)
+    k0, k1 = seed & _MASK32, (seed >> 32) & _MASK32
+    for _ in range(_N_ROUNDS):
+        hi_b, lo_b = _mulhilo32(_PHILOX_ROUND_B, c2)
+        hi_a, lo_a = _mulhilo32(_PHILOX_ROUND_A, c0)
+        c0, c1, c2, c3 = hi_b ^ c1 ^ k0, lo_b, hi_a ^ c3 ^ k1, lo_a
+        k0 = (k0 + _PHILOX_KEY_A) & _MASK32
+        k1 = (k1 + _PHILOX_KEY_B) & _MASK32
+    return c0, c1, c2, c3
+
+
+def _uniform(x: torch.Tensor) -> torch.Tensor:
+    # tl.uint_to_uniform_float: bitcast to int32, fold negatives with ~x, scale in fp32.
+    x = torch.where(x >= 2**31, x - 2**32, x)
+    x = torch.where(x < 0, -x - 1, x)
+    return x.to(torch.float32) * torch.tensor(_UNIFORM_SCALE, dtype=torch.float32, device=x.device)
+
+
+def _box_muller(u1: torch.Tensor, u2: torch.Tensor):
+    u1 = torch.clamp_min(u1, _MIN_U)
+    th = u2 * torch.tensor(_TWO_PI, dtype=torch.float32, device=u2.device)
+    r = torch.sqrt(-2.0 * torch.log(u1))
+    return r * torch.cos(th), r * torch.sin(th)
+
+
+def noise(numel: int, seed: int, *, device=None, dtype=torch.float32) -> torch.Tensor:
+    """z[0:numel] of the lnsr noise stream for ``seed`` (standard normals, computed in fp32)."""
+    if isinstance(numel, bool) or not isinstance(numel, int) or numel < 0:
+        raise ValueError(f"numel must be a non-negative int, got {numel!r}")
+    seed = check_seed(seed)
+    n_calls = (numel + 3) // 4
+    counter = torch.arange(n_calls, dtype=torch.int64, device=device)
+    i1, i2, i3, i4 = philox4x32(seed, counter)
+    n1, n2 = _box_muller(_uniform(i1), _uniform(i2))
+    n3, n4 = _box_muller(_uniform(i3), _uniform(i4))
+    z = torch.stack([n1, n2, n3, n4], dim=-1).reshape(-1)[:numel]
+    return z.to(dtype)
+
+
+# ---------------------------------------------------------------------------------------------
+# perturb: cat([h, h + eps]) with eps detached (DESIGN §1 noise kinds, §4 contract)
+# ---------------------------------------------------------------------------------------------
+
+NOISE_KINDS = ("gaussian", "relative", "manifold")
+DEFAULT_ANCHORS = 64
+
+
+def token_rms(h: torch.Tensor) -> torch.Tensor:
+    """Per-token root mean square over the last dim, in fp32, shape [..., 1]."""
+    return h.float().pow(2).mean(dim=-1, keepdim=True).sqrt()
+
+
+def manifold_anchors(mask: torch.Tensor | None, shape, seed: int, n_anchors: int, device) -> torch.Tensor:
+    """Flat token indices of the anchors: ``n_anchors`` valid tokens drawn uniformly without
+    replacement (all valid tokens when there are fewer), chosen by a CPU generator seeded with
+    ``seed`` so that every backend and every recomputation picks the same ones."""
+    n_tokens = math.prod(shape[:-1])
+    if mask is None:
+        valid = torch.arange(n_tokens, device="cpu")
+    else:
+        valid = torch.nonzero(mask.reshape(-1).detach().cpu() != 0).reshape(-1)
+    gen = torch.Generator(device="cpu")
+    gen.manual_seed(seed & 0x7FFFFFFFFFFFFFFF)
+    pick = torch.randperm(valid.numel(), generator=gen)[: min(n_anchors, valid.numel())]
+    return valid[pick].sort().values.to(device)
+
+
+def make_eps(h: torch.Tensor, seed: int, *, sigma: float, kind: str = "relative",
+             mask: torch.Tensor | None = None, n_anchors: int = DEFAULT_ANCHORS) -> torch.Tensor:
+    """The detached fp32 noise ``eps`` (same shape as ``h``) that ``perturb`` adds."""
+    with torch.no_grad():
+        if kind == "gaussian":
+            return sigma * noise(h.numel(), seed, device=h.device).view(h.shape)
+        if kind == "relative":
+            z = noise(h.numel(), seed, device=h.device).view(h.shape)
+            return (sigma * token_rms(h)) * z
+        if kind == "manifold":
+            hid = h.shape[-1]
+            anchors = manifold_anchors(mask, h.shape, seed, n_anchors, h.device)
+            a = anchors.numel()
+            if a == 0:  # no valid token at all: nothing to span, no noise
+                return torch.zeros(h.shape, dtype=torch.float32, device=h.device)
+            rows = h.reshape(-1, hid).float()[anchors]
+            centred = rows - rows.mean(dim=0, keepdim=True)
+            coef = noise(math.prod(h.shape[:-1]) * a, seed, device=h.device).view(-1, a)
+            return ((sigma / math.sqrt(a)) * (coef @ centred)).view(h.shape)
+    raise ValueError(f"unknown noise kind {kind!r}; choose one of {', '.join(NOISE_KINDS)}")
+
+
+def perturb(h: torch.Tensor, seed: int, *, sigma: float, kind: str = "relative",
+            mask: torch.Tensor | None = None, n_anchors: int = DEFAULT_ANCHORS) -> torch.Tensor:
+    """``cat([h, h + eps])`` along dim 0; the gradient w.r.t. ``h`` is ``g[:B] + g[B:]``."""
+    eps = make_eps(h, seed, sigma=sigma, kind=kind, mask=mask, n_anchors=n_anchors)
+    noisy = (h.float() + eps).to(h.dtype)
+    return torch.cat([h, noisy], dim=0)
+
+
+# ---------------------------------------------------------------------------------------------
+# layer_penalty: sum_j w_j / N * sum_{b,t} m * ||noisy_j - clean_j||^2, fp32 accumulation
+# ---------------------------------------------------------------------------------------------
+
+def layer_penalty(ys: Sequence[torch.Tensor], *, mask: torch.Tensor | None = None,
+                  weights: Sequence[float] | torch.Tensor | None = None,
+                  detach_clean: bool = False) -> torch.Tensor:
+    """Masked, weighted mean squared per-token distance between the halves of each ``y``.
+
+    ``ys``: tensors of shape ``[2B, ..., H]``, clean half first.  ``mask``: ``[B, ...]`` (the
+    token dims of the clean half) or None.  Returns an fp32 scalar; 0 when the mask is empty.
+    """
+    total = torch.zeros((), dtype=torch.float32, device=ys[0].device)
+    for j, y in enumerate(ys):
+        b = y.shape[0] // 2
+        clean, noisy = y[:b], y[b:]
+        if detach_clean:
+            clean = clean.detach()
+        sq = (noisy.float() - clean.float()).pow(2).sum(dim=-1)
+        if mask is None:
+            term = sq.sum() / sq.numel()
+        else:
+            m = mask.to(torch.float32)
+            n = m.sum()
+            term = (sq * m).sum() / n.clamp_min(1.0)  # empty mask -> 0, not NaN
+        w = 1.0 if weights is None else weights[j]
+        total = total + w * term
+    return total

