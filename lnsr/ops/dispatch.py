@@ -33,7 +33,24 @@ def _torch_backend():
                            supports=lambda device: True)
 
 
-_LOADERS: dict[str, Callable[[], object]] = {"torch": _torch_backend}
+def _triton_backend():
+    from .. import kernels  # lnsr.kernels (kernels/ in the source tree)
+
+    return kernels.backend()
+
+
+def _extension_backend(kind: str):
+    from . import extension  # wraps the compiled lnsr._C
+
+    return extension.backend(kind)
+
+
+_LOADERS: dict[str, Callable[[], object]] = {
+    "torch": _torch_backend,
+    "triton": _triton_backend,
+    "cpu": lambda: _extension_backend("cpu"),
+    "cuda": lambda: _extension_backend("cuda"),
+}
 _CACHE: dict[str, object] = {}
 _ERRORS: dict[str, str] = {}
 
@@ -56,7 +73,7 @@ def _load(name: str):
         return None
     try:
         impl = loader()
-    except (ImportError, OSError, RuntimeError) as exc:  # missing package or extension
+    except (ImportError, AttributeError, OSError, RuntimeError) as exc:  # missing package or extension
         _ERRORS[name] = f"{type(exc).__name__}: {exc}"
         return None
     _CACHE[name] = impl
