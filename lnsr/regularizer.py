@@ -120,6 +120,11 @@ class LNSR:
         self._state = _ForwardState()
 
     @property
+    def seed(self) -> int:
+        """The noise seed of the latest regularised forward (reused by recomputations)."""
+        return self._state.seed
+
+    @property
     def attached(self) -> bool:
         return bool(self._handles)
 
