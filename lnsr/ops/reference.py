@@ -154,7 +154,8 @@ def perturb(h: torch.Tensor, seed: int, *, sigma: float, kind: str = "relative",
             mask: torch.Tensor | None = None, n_anchors: int = DEFAULT_ANCHORS) -> torch.Tensor:
     """``cat([h, h + eps])`` along dim 0; the gradient w.r.t. ``h`` is ``g[:B] + g[B:]``."""
     eps = make_eps(h, seed, sigma=sigma, kind=kind, mask=mask, n_anchors=n_anchors)
-    noisy = (h.float() + eps).to(h.dtype)
+    acc = torch.promote_types(h.dtype, torch.float32)  # fp32, or fp64 for fp64 inputs (gradcheck)
+    noisy = (h.to(acc) + eps.to(acc)).to(h.dtype)
     return torch.cat([h, noisy], dim=0)
 
 
@@ -170,17 +171,18 @@ def layer_penalty(ys: Sequence[torch.Tensor], *, mask: torch.Tensor | None = Non
     ``ys``: tensors of shape ``[2B, ..., H]``, clean half first.  ``mask``: ``[B, ...]`` (the
     token dims of the clean half) or None.  Returns an fp32 scalar; 0 when the mask is empty.
     """
-    total = torch.zeros((), dtype=torch.float32, device=ys[0].device)
+    total = torch.zeros((), dtype=torch.promote_types(ys[0].dtype, torch.float32), device=ys[0].device)
     for j, y in enumerate(ys):
         b = y.shape[0] // 2
         clean, noisy = y[:b], y[b:]
         if detach_clean:
             clean = clean.detach()
-        sq = (noisy.float() - clean.float()).pow(2).sum(dim=-1)
+        acc = torch.promote_types(y.dtype, torch.float32)
+        sq = (noisy.to(acc) - clean.to(acc)).pow(2).sum(dim=-1)
         if mask is None:
             term = sq.sum() / sq.numel()
         else:
-            m = mask.to(torch.float32)
+            m = mask.to(acc)
             n = m.sum()
             term = (sq * m).sum() / n.clamp_min(1.0)  # empty mask -> 0, not NaN
         w = 1.0 if weights is None else weights[j]
