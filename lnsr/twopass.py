@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from . import ops
+from .ops import reference
 from .models import block_batch_arg, find_blocks, unwrap
 
 
@@ -57,6 +58,7 @@ def two_pass(model: nn.Module, inputs: dict, *, seed: int, sigma: float = 0.05, 
     finally:
         for h in handles:
             h.remove()
-    ys = [torch.cat([c, n], dim=0) for c, n in zip(record["clean"], record["noisy"])]
-    penalty = ops.layer_penalty(ys, mask=mask, weights=layer_weights, detach_clean=detach_clean, backend=backend)
+    # The obvious implementation: a Python loop of masked squared errors over the layer pairs.
+    penalty = reference.pair_penalty(record["clean"], record["noisy"], mask=mask, weights=layer_weights,
+                                     detach_clean=detach_clean)
     return clean_out, penalty

@@ -163,6 +163,24 @@ def perturb(h: torch.Tensor, seed: int, *, sigma: float, kind: str = "relative",
 # layer_penalty: sum_j w_j / N * sum_{b,t} m * ||noisy_j - clean_j||^2, fp32 accumulation
 # ---------------------------------------------------------------------------------------------
 
+def pair_penalty(cleans: Sequence[torch.Tensor], noisys: Sequence[torch.Tensor], *,
+                 mask: torch.Tensor | None = None, weights: Sequence[float] | None = None,
+                 detach_clean: bool = False) -> torch.Tensor:
+    """``sum_j w_j / N * sum m * ||noisy_j - clean_j||^2`` over paired tensors ``[B, ..., H]``:
+    the definition, as a Python loop of masked squared errors."""
+    acc = torch.promote_types(cleans[0].dtype, torch.float32)  # fp32, or fp64 for fp64 inputs
+    total = torch.zeros((), dtype=acc, device=cleans[0].device)
+    m = None if mask is None else mask.to(acc)
+    n = None if m is None else m.sum().clamp_min(1.0)  # an empty mask gives 0, not NaN
+    for j, (clean, noisy) in enumerate(zip(cleans, noisys)):
+        if detach_clean:
+            clean = clean.detach()
+        sq = (noisy.to(acc) - clean.to(acc)).pow(2).sum(dim=-1)
+        term = sq.mean() if m is None else (sq * m).sum() / n
+        total = total + (1.0 if weights is None else weights[j]) * term
+    return total
+
+
 def layer_penalty(ys: Sequence[torch.Tensor], *, mask: torch.Tensor | None = None,
                   weights: Sequence[float] | torch.Tensor | None = None,
                   detach_clean: bool = False) -> torch.Tensor:
@@ -171,20 +189,6 @@ def layer_penalty(ys: Sequence[torch.Tensor], *, mask: torch.Tensor | None = Non
     ``ys``: tensors of shape ``[2B, ..., H]``, clean half first.  ``mask``: ``[B, ...]`` (the
     token dims of the clean half) or None.  Returns an fp32 scalar; 0 when the mask is empty.
     """
-    total = torch.zeros((), dtype=torch.promote_types(ys[0].dtype, torch.float32), device=ys[0].device)
-    for j, y in enumerate(ys):
-        b = y.shape[0] // 2
-        clean, noisy = y[:b], y[b:]
-        if detach_clean:
-            clean = clean.detach()
-        acc = torch.promote_types(y.dtype, torch.float32)
-        sq = (noisy.to(acc) - clean.to(acc)).pow(2).sum(dim=-1)
-        if mask is None:
-            term = sq.sum() / sq.numel()
-        else:
-            m = mask.to(acc)
-            n = m.sum()
-            term = (sq * m).sum() / n.clamp_min(1.0)  # empty mask -> 0, not NaN
-        w = 1.0 if weights is None else weights[j]
-        total = total + w * term
-    return total
+    b = ys[0].shape[0] // 2
+    return pair_penalty([y[:b] for y in ys], [y[b:] for y in ys], mask=mask, weights=weights,
+                        detach_clean=detach_clean)
