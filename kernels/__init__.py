@@ -41,7 +41,8 @@ def backend():
     def perturb(h: torch.Tensor, seed: int, *, sigma: float, kind: str = "relative",
                 mask: torch.Tensor | None = None, n_anchors: int = reference.DEFAULT_ANCHORS) -> torch.Tensor:
         seed = reference.check_seed(seed)
-        if h.numel() == 0:
+        if h.numel() == 0 or h.dtype == torch.float64:
+            # fp64 is for gradcheck, where the reference accumulates in fp64: take the reference.
             return reference.perturb(h, seed, sigma=sigma, kind=kind, mask=mask, n_anchors=n_anchors)
         return impl.perturb_op(h, impl._signed64(seed), float(sigma), kind, mask, int(n_anchors))
 
@@ -49,8 +50,10 @@ def backend():
                       weights=None, detach_clean: bool = False) -> torch.Tensor:
         ys = [ys] if isinstance(ys, torch.Tensor) else list(ys)
         tokens = ys[0].shape[:-1]
-        if ys[0].numel() == 0 or any(y.shape[:-1] != tokens or y.device != ys[0].device for y in ys):
-            # Empty, or layers without shared token dims (the pointer table assumes them): the reference.
+        if ys[0].numel() == 0 or any(y.shape[:-1] != tokens or y.device != ys[0].device
+                                     or y.dtype == torch.float64 for y in ys):
+            # Empty, layers without shared token dims (the kernel's geometry assumes them), or fp64
+            # (gradcheck, accumulated in fp64 by the reference): the reference.
             return reference.layer_penalty(ys, mask=mask, weights=weights, detach_clean=detach_clean)
         if weights is None:
             w = torch.ones(len(ys), dtype=torch.float32)
