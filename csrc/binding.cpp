@@ -1,0 +1,294 @@
+// The one torch-facing file: registers the lnsr ops with TORCH_LIBRARY and turns tensors into the
+// raw-pointer launchers of cpu_kernels.cpp and cuda_kernels.cu.  Autograd and the fake (meta)
+// implementations are registered from Python (lnsr/ops/extension.py) with torch.library.
+//
+// Built with -DLNSR_WITH_CUDA=1 when the CUDA kernels are compiled in (csrc/build_ext.py).
+#include <Python.h>
+
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
+#include <c10/core/Device.h>
+#include <torch/library.h>
+
+#include <string_view>
+#include <vector>
+
+#include "lnsr_kernels.h"
+
+#ifndef LNSR_WITH_CUDA
+#define LNSR_WITH_CUDA 0
+#endif
+#if LNSR_WITH_CUDA
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <cuda_runtime_api.h>
+#endif
+
+namespace {
+
+int dtype_code(const at::Tensor& t, const char* what) {
+  switch (t.scalar_type()) {
+    case at::kFloat: return lnsr::kF32;
+    case at::kHalf: return lnsr::kF16;
+    case at::kBFloat16: return lnsr::kBF16;
+    default: TORCH_CHECK(false, "lnsr: ", what, " must be float32, float16 or bfloat16, got ", t.scalar_type());
+  }
+  return -1;
+}
+
+// Seeds are unsigned 64-bit; the schema carries them as int64 bit patterns.
+uint64_t seed_bits(int64_t seed) { return static_cast<uint64_t>(seed); }
+
+int noise_kind(std::string_view kind) {
+  if (kind == "gaussian") return lnsr::kGaussian;
+  if (kind == "relative") return lnsr::kRelative;
+  TORCH_CHECK(false, "lnsr::perturb: kind must be 'gaussian' or 'relative' ('manifold' is composed in Python), got '",
+              std::string(kind), "'");
+  return -1;
+}
+
+int64_t last_dim(const at::Tensor& t) { return t.dim() == 0 ? 1 : t.size(-1); }
+
+std::vector<int64_t> doubled_shape(const at::Tensor& h) {
+  std::vector<int64_t> s(h.sizes().begin(), h.sizes().end());
+  s[0] *= 2;
+  return s;
+}
+
+struct PenaltyArgs {
+  std::vector<at::Tensor> ys;  // contiguous
+  c10::optional<at::Tensor> mask;  // fp32 contiguous
+  std::vector<lnsr::PenaltyLayer> layers;
+  int64_t rows = 0;
+};
+
+PenaltyArgs penalty_args(const at::TensorList& ys_in, const c10::optional<at::Tensor>& mask_in,
+                         c10::ArrayRef<double> weights) {
+  TORCH_CHECK(!ys_in.empty(), "lnsr::layer_penalty: ys is empty");
+  TORCH_CHECK(weights.size() == ys_in.size(), "lnsr::layer_penalty: ", weights.size(), " weights for ",
+              ys_in.size(), " tensors");
+  PenaltyArgs a;
+  const at::Tensor& first = ys_in[0];
+  TORCH_CHECK(first.dim() >= 2 && first.size(0) % 2 == 0, "lnsr::layer_penalty: ys[0] must be [2B, ..., H]");
+  const int64_t h0 = last_dim(first);
+  a.rows = h0 > 0 ? first.numel() / h0 / 2 : 0;
+  for (size_t j = 0; j < ys_in.size(); ++j) {
+    const at::Tensor& y = ys_in[j];
+    TORCH_CHECK(y.device() == first.device(), "lnsr::layer_penalty: ys on different devices");
+    TORCH_CHECK(y.dim() == first.dim() && y.sizes().slice(0, y.dim() - 1) == first.sizes().slice(0, first.dim() - 1),
+                "lnsr::layer_penalty: ys[", j, "] has shape ", y.sizes(), ", token dims differ from ys[0] ",
+                first.sizes());
+    a.ys.push_back(y.contiguous());
+    a.layers.push_back({a.ys.back().const_data_ptr(), nullptr, last_dim(y), static_cast<float>(weights[j]),
+                        dtype_code(y, "ys")});
+  }
+  if (mask_in.has_value() && mask_in->defined()) {
+    TORCH_CHECK(mask_in->numel() == a.rows, "lnsr::layer_penalty: mask has ", mask_in->numel(),
+                " entries for ", a.rows, " tokens");
+    TORCH_CHECK(mask_in->device() == first.device(), "lnsr::layer_penalty: mask is on ", mask_in->device(),
+                ", ys on ", first.device());
+    a.mask = mask_in->to(at::kFloat).contiguous();
+  }
+  return a;
+}
+
+const float* mask_ptr(const PenaltyArgs& a) { return a.mask.has_value() ? a.mask->const_data_ptr<float>() : nullptr; }
+
+// ---------------------------------------------------------------------------------------------
+// CPU
+// ---------------------------------------------------------------------------------------------
+
+at::Tensor noise_cpu(int64_t numel, int64_t seed) {
+  TORCH_CHECK(numel >= 0, "lnsr::noise: numel must be >= 0");
+  at::Tensor z = at::empty({numel}, at::TensorOptions().dtype(at::kFloat));
+  lnsr::cpu::noise(seed_bits(seed), numel, z.mutable_data_ptr<float>());
+  return z;
+}
+
+at::Tensor perturb_cpu(const at::Tensor& h_in, int64_t seed, double sigma, std::string_view kind) {
+  TORCH_CHECK(h_in.dim() >= 2, "lnsr::perturb: h must be [B, ..., H]");
+  const int dt = dtype_code(h_in, "h");
+  const int k = noise_kind(kind);
+  at::Tensor h = h_in.contiguous();
+  at::Tensor out = at::empty(doubled_shape(h), h.options());
+  const int64_t H = last_dim(h);
+  if (h.numel() > 0)
+    lnsr::cpu::perturb_forward(dt, h.const_data_ptr(), out.mutable_data_ptr(), h.numel() / H, H, seed_bits(seed),
+                               static_cast<float>(sigma), k);
+  return out;
+}
+
+at::Tensor perturb_backward_cpu(const at::Tensor& g_in) {
+  TORCH_CHECK(g_in.dim() >= 2 && g_in.size(0) % 2 == 0, "lnsr::perturb_backward: grad must be [2B, ..., H]");
+  const int dt = dtype_code(g_in, "grad");
+  at::Tensor g = g_in.contiguous();
+  std::vector<int64_t> s(g.sizes().begin(), g.sizes().end());
+  s[0] /= 2;
+  at::Tensor gh = at::empty(s, g.options());
+  lnsr::cpu::perturb_backward(dt, g.const_data_ptr(), gh.mutable_data_ptr(), gh.numel());
+  return gh;
+}
+
+std::tuple<at::Tensor, at::Tensor> layer_penalty_cpu(at::TensorList ys, const c10::optional<at::Tensor>& mask,
+                                                     c10::ArrayRef<double> weights, bool detach_clean) {
+  (void)detach_clean;  // backward only
+  PenaltyArgs a = penalty_args(ys, mask, weights);
+  at::Tensor loss = at::empty({}, at::TensorOptions().dtype(at::kFloat));
+  at::Tensor count = at::empty({}, at::TensorOptions().dtype(at::kFloat));
+  lnsr::cpu::layer_penalty_forward(a.layers.data(), static_cast<int>(a.layers.size()), a.rows, mask_ptr(a),
+                                   loss.mutable_data_ptr<float>(), count.mutable_data_ptr<float>());
+  return {loss, count};
+}
+
+std::vector<at::Tensor> layer_penalty_backward_cpu(const at::Tensor& grad, const at::Tensor& count,
+                                                   at::TensorList ys, const c10::optional<at::Tensor>& mask,
+                                                   c10::ArrayRef<double> weights, bool detach_clean) {
+  PenaltyArgs a = penalty_args(ys, mask, weights);
+  std::vector<at::Tensor> grads;
+  for (size_t j = 0; j < a.ys.size(); ++j) {
+    grads.push_back(at::empty_like(a.ys[j], at::MemoryFormat::Contiguous));
+    a.layers[j].grad = grads.back().mutable_data_ptr();
+  }
+  lnsr::cpu::layer_penalty_backward(a.layers.data(), static_cast<int>(a.layers.size()), a.rows, mask_ptr(a),
+                                    grad.item<float>(), count.item<float>(), detach_clean);
+  return grads;
+}
+
+// ---------------------------------------------------------------------------------------------
+// CUDA
+// ---------------------------------------------------------------------------------------------
+#if LNSR_WITH_CUDA
+
+void check_cuda(int err, const char* what) {
+  TORCH_CHECK(err == 0, "lnsr::", what, ": CUDA kernel launch failed: ", cudaGetErrorString(static_cast<cudaError_t>(err)));
+}
+
+void* stream_of(const at::Tensor& t) { return c10::cuda::getCurrentCUDAStream(t.get_device()).stream(); }
+
+at::Tensor noise_cuda(int64_t numel, int64_t seed, c10::Device device) {
+  TORCH_CHECK(numel >= 0, "lnsr::noise: numel must be >= 0");
+  c10::cuda::CUDAGuard guard(device);
+  at::Tensor z = at::empty({numel}, at::TensorOptions().dtype(at::kFloat).device(device));
+  check_cuda(lnsr::cuda::noise(seed_bits(seed), numel, z.mutable_data_ptr<float>(), stream_of(z)), "noise");
+  return z;
+}
+
+at::Tensor perturb_cuda(const at::Tensor& h_in, int64_t seed, double sigma, std::string_view kind) {
+  TORCH_CHECK(h_in.dim() >= 2, "lnsr::perturb: h must be [B, ..., H]");
+  const int dt = dtype_code(h_in, "h");
+  const int k = noise_kind(kind);
+  c10::cuda::CUDAGuard guard(h_in.device());
+  at::Tensor h = h_in.contiguous();
+  at::Tensor out = at::empty(doubled_shape(h), h.options());
+  const int64_t H = last_dim(h);
+  if (h.numel() > 0)
+    check_cuda(lnsr::cuda::perturb_forward(dt, h.const_data_ptr(), out.mutable_data_ptr(), h.numel() / H, H,
+                                           seed_bits(seed), static_cast<float>(sigma), k, stream_of(h)),
+               "perturb");
+  return out;
+}
+
+at::Tensor perturb_backward_cuda(const at::Tensor& g_in) {
+  TORCH_CHECK(g_in.dim() >= 2 && g_in.size(0) % 2 == 0, "lnsr::perturb_backward: grad must be [2B, ..., H]");
+  const int dt = dtype_code(g_in, "grad");
+  c10::cuda::CUDAGuard guard(g_in.device());
+  at::Tensor g = g_in.contiguous();
+  std::vector<int64_t> s(g.sizes().begin(), g.sizes().end());
+  s[0] /= 2;
+  at::Tensor gh = at::empty(s, g.options());
+  check_cuda(lnsr::cuda::perturb_backward(dt, g.const_data_ptr(), gh.mutable_data_ptr(), gh.numel(), stream_of(g)),
+             "perturb_backward");
+  return gh;
+}
+
+std::tuple<at::Tensor, at::Tensor> layer_penalty_cuda(at::TensorList ys, const c10::optional<at::Tensor>& mask,
+                                                      c10::ArrayRef<double> weights, bool detach_clean) {
+  (void)detach_clean;
+  TORCH_CHECK(!ys.empty(), "lnsr::layer_penalty: ys is empty");
+  c10::cuda::CUDAGuard guard(ys[0].device());
+  PenaltyArgs a = penalty_args(ys, mask, weights);
+  const auto opts = at::TensorOptions().dtype(at::kFloat).device(ys[0].device());
+  const int n = static_cast<int>(a.layers.size());
+  at::Tensor ws = at::empty({lnsr::cuda::layer_penalty_workspace(n, a.rows)}, opts);
+  at::Tensor loss = at::empty({}, opts);
+  at::Tensor count = at::empty({}, opts);
+  check_cuda(lnsr::cuda::layer_penalty_forward(a.layers.data(), n, a.rows, mask_ptr(a), ws.mutable_data_ptr<float>(),
+                                               loss.mutable_data_ptr<float>(), count.mutable_data_ptr<float>(),
+                                               stream_of(ws)),
+             "layer_penalty");
+  return {loss, count};
+}
+
+std::vector<at::Tensor> layer_penalty_backward_cuda(const at::Tensor& grad, const at::Tensor& count,
+                                                    at::TensorList ys, const c10::optional<at::Tensor>& mask,
+                                                    c10::ArrayRef<double> weights, bool detach_clean) {
+  TORCH_CHECK(!ys.empty(), "lnsr::layer_penalty_backward: ys is empty");
+  c10::cuda::CUDAGuard guard(ys[0].device());
+  PenaltyArgs a = penalty_args(ys, mask, weights);
+  at::Tensor g = grad.to(ys[0].device(), at::kFloat).contiguous();
+  at::Tensor c = count.to(ys[0].device(), at::kFloat).contiguous();
+  std::vector<at::Tensor> grads;
+  for (size_t j = 0; j < a.ys.size(); ++j) {
+    grads.push_back(at::empty_like(a.ys[j], at::MemoryFormat::Contiguous));
+    a.layers[j].grad = grads.back().mutable_data_ptr();
+  }
+  check_cuda(lnsr::cuda::layer_penalty_backward(a.layers.data(), static_cast<int>(a.layers.size()), a.rows,
+                                                mask_ptr(a), g.const_data_ptr<float>(), c.const_data_ptr<float>(),
+                                                detach_clean, stream_of(g)),
+             "layer_penalty_backward");
+  return grads;
+}
+
+#endif  // LNSR_WITH_CUDA
+
+// noise has no tensor argument, so it cannot dispatch on one: one implementation routes by device.
+at::Tensor noise_any(int64_t numel, int64_t seed, c10::Device device) {
+  if (device.is_cpu()) return noise_cpu(numel, seed);
+#if LNSR_WITH_CUDA
+  if (device.is_cuda()) return noise_cuda(numel, seed, device);
+#endif
+  TORCH_CHECK(false, "lnsr::noise: no kernel for device ", device, LNSR_WITH_CUDA ? "" : " (built without CUDA)");
+  return {};
+}
+
+}  // namespace
+
+TORCH_LIBRARY(lnsr, m) {
+  m.def("noise(int numel, int seed, Device device) -> Tensor");
+  m.def("perturb(Tensor h, int seed, float sigma, str kind) -> Tensor");
+  m.def("perturb_backward(Tensor grad) -> Tensor");
+  m.def("layer_penalty(Tensor[] ys, Tensor? mask, float[] weights, bool detach_clean) -> (Tensor, Tensor)");
+  m.def("layer_penalty_backward(Tensor grad, Tensor count, Tensor[] ys, Tensor? mask, float[] weights, "
+        "bool detach_clean) -> Tensor[]");
+  m.impl("noise", c10::DispatchKey::CompositeExplicitAutograd, TORCH_FN(noise_any));
+}
+
+TORCH_LIBRARY_IMPL(lnsr, CPU, m) {
+  m.impl("perturb", TORCH_FN(perturb_cpu));
+  m.impl("perturb_backward", TORCH_FN(perturb_backward_cpu));
+  m.impl("layer_penalty", TORCH_FN(layer_penalty_cpu));
+  m.impl("layer_penalty_backward", TORCH_FN(layer_penalty_backward_cpu));
+}
+
+#if LNSR_WITH_CUDA
+TORCH_LIBRARY_IMPL(lnsr, CUDA, m) {
+  m.impl("perturb", TORCH_FN(perturb_cuda));
+  m.impl("perturb_backward", TORCH_FN(perturb_backward_cuda));
+  m.impl("layer_penalty", TORCH_FN(layer_penalty_cuda));
+  m.impl("layer_penalty_backward", TORCH_FN(layer_penalty_backward_cuda));
+}
+#endif
+
+// A plain Python module (no pybind11: faster to compile); importing it runs the registrations above.
+extern "C" PyMODINIT_FUNC PyInit__C(void) {
+  static struct PyModuleDef def = {PyModuleDef_HEAD_INIT, "_C", "lnsr compiled kernels (ops under torch.ops.lnsr)",
+                                   -1, nullptr, nullptr, nullptr, nullptr, nullptr};
+  PyObject* mod = PyModule_Create(&def);
+  if (mod == nullptr) return nullptr;
+  PyModule_AddIntConstant(mod, "WITH_CUDA", LNSR_WITH_CUDA);
+#if LNSR_WITH_CUDA
+  PyModule_AddIntConstant(mod, "CUDA_VERSION", CUDART_VERSION);
+#endif
+  return mod;
+}

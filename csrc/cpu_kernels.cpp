@@ -1,0 +1,279 @@
+// CPU kernels of the lnsr ops.  Parallel over rows with at::parallel_for; inner loops are plain
+// fixed-width loops that the compiler vectorises.  Reductions use a fixed chunking that does not
+// depend on the thread count, so results are bit-identical across runs and thread settings.
+#include <ATen/Parallel.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <vector>
+
+#include "lnsr_kernels.h"
+#include "philox.h"
+
+namespace lnsr {
+namespace cpu {
+namespace {
+
+inline float to_f(float x) { return x; }
+inline float to_f(c10::Half x) { return static_cast<float>(x); }
+inline float to_f(c10::BFloat16 x) { return static_cast<float>(x); }
+template <typename T>
+inline T from_f(float x) { return static_cast<T>(x); }  // round to nearest even, like Tensor.to()
+
+// Work per parallel task, in elements: small enough to split BERT-sized tensors over the cores,
+// large enough that the per-task overhead does not show.
+constexpr int64_t kGrainElems = 16384;
+// Rows per partial sum of layer_penalty: fixed, so the summation order is fixed.
+constexpr int64_t kPenaltyRows = 16;
+
+int64_t row_grain(int64_t hidden) { return std::max<int64_t>(1, kGrainElems / std::max<int64_t>(1, hidden)); }
+
+// z[0:n] = elements [start, start + n) of the stream.  Philox words are produced for blocks of
+// 8 counters first (an integer loop the compiler vectorises), then turned into normals.
+void fill_noise(uint64_t seed, int64_t start, int64_t n, float* z) {
+  int64_t i = start;
+  const int64_t end = start + n;
+  // Leading partial group.
+  if (i < end && (i & 3)) {
+    float v[4];
+    normal4(seed, static_cast<uint64_t>(i >> 2), v);
+    for (int r = static_cast<int>(i & 3); r < 4 && i < end; ++r, ++i) z[i - start] = v[r];
+  }
+  constexpr int kB = 8;
+  while (end - i >= 4 * kB) {
+    const uint64_t c = static_cast<uint64_t>(i >> 2);
+    uint32_t x[4][kB];
+    uint32_t c0[kB], c1[kB], c2[kB], c3[kB];
+    for (int l = 0; l < kB; ++l) {
+      c0[l] = static_cast<uint32_t>(c + l);
+      c1[l] = static_cast<uint32_t>((c + l) >> 32);
+      c2[l] = 0u;
+      c3[l] = 0u;
+    }
+    uint32_t k0 = static_cast<uint32_t>(seed), k1 = static_cast<uint32_t>(seed >> 32);
+    for (int round = 0; round < 10; ++round) {
+      for (int l = 0; l < kB; ++l) {
+        const uint64_t pb = static_cast<uint64_t>(kPhiloxRoundB) * c2[l];
+        const uint64_t pa = static_cast<uint64_t>(kPhiloxRoundA) * c0[l];
+        const uint32_t n0 = static_cast<uint32_t>(pb >> 32) ^ c1[l] ^ k0;
+        const uint32_t n2 = static_cast<uint32_t>(pa >> 32) ^ c3[l] ^ k1;
+        c1[l] = static_cast<uint32_t>(pb);
+        c3[l] = static_cast<uint32_t>(pa);
+        c0[l] = n0;
+        c2[l] = n2;
+      }
+      k0 += kPhiloxKeyA;
+      k1 += kPhiloxKeyB;
+    }
+    for (int l = 0; l < kB; ++l) {
+      x[0][l] = c0[l];
+      x[1][l] = c1[l];
+      x[2][l] = c2[l];
+      x[3][l] = c3[l];
+    }
+    float* o = z + (i - start);
+    for (int l = 0; l < kB; ++l) {
+      box_muller(uint_to_uniform(x[0][l]), uint_to_uniform(x[1][l]), &o[4 * l], &o[4 * l + 1]);
+      box_muller(uint_to_uniform(x[2][l]), uint_to_uniform(x[3][l]), &o[4 * l + 2], &o[4 * l + 3]);
+    }
+    i += 4 * kB;
+  }
+  while (i < end) {
+    float v[4];
+    normal4(seed, static_cast<uint64_t>(i >> 2), v);
+    for (int r = 0; r < 4 && i < end; ++r, ++i) z[i - start] = v[r];
+  }
+}
+
+template <typename T>
+float sum_sq(const T* x, int64_t n) {
+  float acc[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
+  int64_t k = 0;
+  for (; k + 8 <= n; k += 8)
+    for (int l = 0; l < 8; ++l) {
+      const float v = to_f(x[k + l]);
+      acc[l] += v * v;
+    }
+  float s = ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7]));
+  for (; k < n; ++k) {
+    const float v = to_f(x[k]);
+    s += v * v;
+  }
+  return s;
+}
+
+template <typename T>
+float sum_sq_diff(const T* a, const T* b, int64_t n) {
+  float acc[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
+  int64_t k = 0;
+  for (; k + 8 <= n; k += 8)
+    for (int l = 0; l < 8; ++l) {
+      const float d = to_f(b[k + l]) - to_f(a[k + l]);
+      acc[l] += d * d;
+    }
+  float s = ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7]));
+  for (; k < n; ++k) {
+    const float d = to_f(b[k]) - to_f(a[k]);
+    s += d * d;
+  }
+  return s;
+}
+
+template <typename T>
+void perturb_forward_impl(const T* h, T* out, int64_t rows, int64_t hidden, uint64_t seed, float sigma,
+                          bool relative) {
+  const int64_t n = rows * hidden;
+  T* noisy = out + n;
+  // Rows per noise buffer: about 4K floats (stays in L1/L2), at least one row.
+  const int64_t block_rows = std::max<int64_t>(1, 4096 / std::max<int64_t>(1, hidden));
+  at::parallel_for(0, rows, row_grain(hidden), [&](int64_t r0, int64_t r1) {
+    std::vector<float> z;
+    for (int64_t rb = r0; rb < r1; rb += block_rows) {
+      const int64_t re = std::min(r1, rb + block_rows);
+      const int64_t start = rb * hidden, cnt = (re - rb) * hidden;
+      z.resize(static_cast<size_t>(cnt));
+      fill_noise(seed, start, cnt, z.data());
+      std::memcpy(out + start, h + start, static_cast<size_t>(cnt) * sizeof(T));
+      for (int64_t r = rb; r < re; ++r) {
+        const T* hr = h + r * hidden;
+        T* nr = noisy + r * hidden;
+        const float* zr = z.data() + (r - rb) * hidden;
+        float s = sigma;
+        if (relative) s = sigma * std::sqrt(sum_sq(hr, hidden) / static_cast<float>(hidden));
+        for (int64_t k = 0; k < hidden; ++k) nr[k] = from_f<T>(to_f(hr[k]) + s * zr[k]);
+      }
+    }
+  });
+}
+
+template <typename T>
+void perturb_backward_impl(const T* g, T* gh, int64_t n) {
+  at::parallel_for(0, n, kGrainElems, [&](int64_t b, int64_t e) {
+    for (int64_t i = b; i < e; ++i) gh[i] = from_f<T>(to_f(g[i]) + to_f(g[n + i]));
+  });
+}
+
+template <typename T>
+double penalty_chunk(const PenaltyLayer& L, int64_t rows, int64_t r0, int64_t r1, const float* mask) {
+  const T* clean = static_cast<const T*>(L.y);
+  const T* noisy = clean + rows * L.hidden;
+  double acc = 0.0;
+  for (int64_t r = r0; r < r1; ++r) {
+    const float m = mask ? mask[r] : 1.f;
+    if (m == 0.f) continue;
+    acc += static_cast<double>(m * sum_sq_diff(clean + r * L.hidden, noisy + r * L.hidden, L.hidden));
+  }
+  return acc;
+}
+
+template <typename T>
+void penalty_grad_chunk(const PenaltyLayer& L, int64_t rows, int64_t r0, int64_t r1, const float* mask,
+                        float scale, bool detach_clean) {
+  const T* clean = static_cast<const T*>(L.y);
+  const T* noisy = clean + rows * L.hidden;
+  T* g_clean = static_cast<T*>(L.grad);
+  T* g_noisy = g_clean + rows * L.hidden;
+  const int64_t H = L.hidden;
+  for (int64_t r = r0; r < r1; ++r) {
+    const float s = scale * (mask ? mask[r] : 1.f);
+    const T* cr = clean + r * H;
+    const T* nr = noisy + r * H;
+    T* gn = g_noisy + r * H;
+    T* gc = g_clean + r * H;
+    for (int64_t k = 0; k < H; ++k) gn[k] = from_f<T>(s * (to_f(nr[k]) - to_f(cr[k])));
+    if (detach_clean) {
+      std::memset(static_cast<void*>(gc), 0, static_cast<size_t>(H) * sizeof(T));  // +0.0 in every dtype
+    } else {
+      for (int64_t k = 0; k < H; ++k) gc[k] = from_f<T>(-(s * (to_f(nr[k]) - to_f(cr[k]))));
+    }
+  }
+}
+
+template <typename F>
+void by_dtype(int dtype, F&& f) {
+  switch (dtype) {
+    case kF32: f(float{}); break;
+    case kF16: f(c10::Half{}); break;
+    case kBF16: f(c10::BFloat16{}); break;
+    default: break;  // binding.cpp only passes the three dtypes above
+  }
+}
+
+}  // namespace
+
+void noise(uint64_t seed, int64_t numel, float* z) {
+  at::parallel_for(0, (numel + 3) / 4, kGrainElems / 4, [&](int64_t c0, int64_t c1) {
+    const int64_t s = c0 * 4, e = std::min(numel, c1 * 4);
+    fill_noise(seed, s, e - s, z + s);
+  });
+}
+
+void perturb_forward(int dtype, const void* h, void* out, int64_t rows, int64_t hidden, uint64_t seed,
+                     float sigma, int kind) {
+  by_dtype(dtype, [&](auto tag) {
+    using T = decltype(tag);
+    perturb_forward_impl<T>(static_cast<const T*>(h), static_cast<T*>(out), rows, hidden, seed, sigma,
+                            kind == kRelative);
+  });
+}
+
+void perturb_backward(int dtype, const void* grad, void* grad_h, int64_t numel) {
+  by_dtype(dtype, [&](auto tag) {
+    using T = decltype(tag);
+    perturb_backward_impl<T>(static_cast<const T*>(grad), static_cast<T*>(grad_h), numel);
+  });
+}
+
+void layer_penalty_forward(const PenaltyLayer* layers, int n_layers, int64_t rows, const float* mask,
+                           float* loss, float* count) {
+  const int64_t chunks = (rows + kPenaltyRows - 1) / kPenaltyRows;
+  const int64_t items = chunks * n_layers;
+  std::vector<double> partial(static_cast<size_t>(items), 0.0);
+  int64_t max_hidden = 1;
+  for (int j = 0; j < n_layers; ++j) max_hidden = std::max(max_hidden, layers[j].hidden);
+  const int64_t grain = std::max<int64_t>(1, row_grain(max_hidden) / kPenaltyRows);
+  at::parallel_for(0, items, grain, [&](int64_t b, int64_t e) {
+    for (int64_t it = b; it < e; ++it) {
+      const PenaltyLayer& L = layers[it / chunks];
+      const int64_t r0 = (it % chunks) * kPenaltyRows, r1 = std::min(rows, r0 + kPenaltyRows);
+      by_dtype(L.dtype, [&](auto tag) {
+        partial[static_cast<size_t>(it)] = L.weight * penalty_chunk<decltype(tag)>(L, rows, r0, r1, mask);
+      });
+    }
+  });
+  double total = 0.0;  // fixed order: layer by layer, chunk by chunk
+  for (double p : partial) total += p;
+  double n = static_cast<double>(rows);
+  if (mask) {
+    n = 0.0;
+    for (int64_t r = 0; r < rows; ++r) n += mask[r];
+  }
+  *count = static_cast<float>(n);
+  *loss = static_cast<float>(total / std::max(n, 1.0));  // empty mask -> 0, not NaN
+}
+
+void layer_penalty_backward(const PenaltyLayer* layers, int n_layers, int64_t rows, const float* mask,
+                            float grad_loss, float count, bool detach_clean) {
+  const int64_t chunks = (rows + kPenaltyRows - 1) / kPenaltyRows;
+  const int64_t items = chunks * n_layers;
+  int64_t max_hidden = 1;
+  for (int j = 0; j < n_layers; ++j) max_hidden = std::max(max_hidden, layers[j].hidden);
+  const int64_t grain = std::max<int64_t>(1, row_grain(max_hidden) / kPenaltyRows);
+  const float inv_n = grad_loss / std::max(count, 1.f);
+  at::parallel_for(0, items, grain, [&](int64_t b, int64_t e) {
+    for (int64_t it = b; it < e; ++it) {
+      const PenaltyLayer& L = layers[it / chunks];
+      const int64_t r0 = (it % chunks) * kPenaltyRows, r1 = std::min(rows, r0 + kPenaltyRows);
+      const float scale = 2.f * L.weight * inv_n;
+      by_dtype(L.dtype, [&](auto tag) {
+        penalty_grad_chunk<decltype(tag)>(L, rows, r0, r1, mask, scale, detach_clean);
+      });
+    }
+  });
+}
+
+}  // namespace cpu
+}  // namespace lnsr

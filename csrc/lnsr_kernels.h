@@ -1,0 +1,52 @@
+// Raw-pointer launchers of the lnsr kernels.  Free of torch headers so that the .cu file compiles
+// with nvcc alone (seconds); binding.cpp turns tensors into these calls.
+//
+// Shapes: perturb works on h of `rows` x `hidden` elements (contiguous) and writes 2*rows*hidden
+// (clean copy first).  layer_penalty takes per-layer tensors of 2*rows*hidden_j elements, the
+// clean half first; `mask` (fp32, `rows` entries) or nullptr.
+#pragma once
+
+#include <stdint.h>
+
+namespace lnsr {
+
+enum DType : int { kF32 = 0, kF16 = 1, kBF16 = 2 };
+enum NoiseKind : int { kGaussian = 0, kRelative = 1 };
+
+struct PenaltyLayer {
+  const void* y;   // [2*rows, hidden]
+  void* grad;      // same shape as y (backward only)
+  int64_t hidden;
+  float weight;
+  int dtype;       // DType
+};
+
+namespace cpu {
+void noise(uint64_t seed, int64_t numel, float* z);
+void perturb_forward(int dtype, const void* h, void* out, int64_t rows, int64_t hidden, uint64_t seed,
+                     float sigma, int kind);
+void perturb_backward(int dtype, const void* grad, void* grad_h, int64_t numel);
+// loss = sum_j w_j * sum_r m_r ||noisy_r - clean_r||^2 / max(N, 1); count = N.
+void layer_penalty_forward(const PenaltyLayer* layers, int n_layers, int64_t rows, const float* mask,
+                           float* loss, float* count);
+void layer_penalty_backward(const PenaltyLayer* layers, int n_layers, int64_t rows, const float* mask,
+                            float grad_loss, float count, bool detach_clean);
+}  // namespace cpu
+
+namespace cuda {
+// Every launcher returns a cudaError_t as int (0 = success) and runs on `stream`.
+int noise(uint64_t seed, int64_t numel, float* z, void* stream);
+int perturb_forward(int dtype, const void* h, void* out, int64_t rows, int64_t hidden, uint64_t seed,
+                    float sigma, int kind, void* stream);
+int perturb_backward(int dtype, const void* grad, void* grad_h, int64_t numel, void* stream);
+// Floats of scratch space layer_penalty_forward needs for its per-block partial sums.
+int64_t layer_penalty_workspace(int n_layers, int64_t rows);
+// loss and count are device scalars (fp32).
+int layer_penalty_forward(const PenaltyLayer* layers, int n_layers, int64_t rows, const float* mask,
+                          float* workspace, float* loss, float* count, void* stream);
+// grad_loss and count are device scalars, read on the device (no host sync).
+int layer_penalty_backward(const PenaltyLayer* layers, int n_layers, int64_t rows, const float* mask,
+                           const float* grad_loss, const float* count, bool detach_clean, void* stream);
+}  // namespace cuda
+
+}  // namespace lnsr
