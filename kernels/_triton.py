@@ -140,18 +140,37 @@ def _perturb_bwd_kernel(g_ptr, out_ptr, n, BLOCK: tl.constexpr):
 
 
 @triton.jit
-def _penalty_fwd_kernel(y_ptrs, hid_ptr, w_ptr, mask_ptr, partial_ptr, ref_ptr, M, n_row_blocks,
-                        HAS_MASK: tl.constexpr, ROWS: tl.constexpr, BLOCK_H: tl.constexpr):
+def _layer_base(ref_ptr, delta_ptr, hid_ptr, H_arg, j, DELTA_DIV: tl.constexpr, UNIFORM_H: tl.constexpr):
+    """Layer j's data pointer and hidden size from the tables.
+
+    The table holds element offsets from ``ref_ptr`` (a real pointer argument, which Triton knows
+    to be 16-byte aligned) rather than raw addresses: with ``multiple_of`` the compiler can then
+    prove the alignment of every layer's rows and emit 16-byte vector loads; a pointer made from
+    an integer carries no alignment at all.
+    """
+    delta = tl.load(delta_ptr + j)
+    if DELTA_DIV > 1:
+        delta = tl.multiple_of(delta, DELTA_DIV)
+    if UNIFORM_H:  # the usual case: a kernel argument, so Triton specialises its divisibility
+        H = H_arg
+    else:
+        H = tl.load(hid_ptr + j)
+    return ref_ptr + delta, H
+
+
+@triton.jit
+def _penalty_fwd_kernel(ref_ptr, delta_ptr, hid_ptr, H_arg, w_ptr, mask_ptr, partial_ptr, M, n_row_blocks,
+                        HAS_MASK: tl.constexpr, ROWS: tl.constexpr, BLOCK_H: tl.constexpr,
+                        DELTA_DIV: tl.constexpr, UNIFORM_H: tl.constexpr):
     """Stage 1: program (layer j, row block) writes w_j * sum_rows m * ||noisy - clean||^2.
 
-    All layers in one launch: y_ptrs is a device table of data pointers, hid_ptr their hidden
-    sizes, w_ptr their weights; the layers share the M = B*T token rows of each half.
+    All layers in one launch (a pointer table, as in apex's multi_tensor_apply); the layers share
+    the M = B*T token rows of each half, so program -> (layer, row block) is arithmetic.
     """
     pid = tl.program_id(0)
     j = pid // n_row_blocks
     rows = (pid % n_row_blocks).to(tl.int64) * ROWS + tl.arange(0, ROWS).to(tl.int64)
-    base = tl.load(y_ptrs + j).to(ref_ptr.dtype, bitcast=True)
-    H = tl.load(hid_ptr + j)
+    base, H = _layer_base(ref_ptr, delta_ptr, hid_ptr, H_arg, j, DELTA_DIV, UNIFORM_H)
     w = tl.load(w_ptr + j)
     row_ok = rows < M
     noisy_off = M * H
@@ -170,8 +189,8 @@ def _penalty_fwd_kernel(y_ptrs, hid_ptr, w_ptr, mask_ptr, partial_ptr, ref_ptr, 
 
 
 @triton.jit
-def _penalty_final_kernel(partial_ptr, n_partials, mask_ptr, M, loss_ptr, scale_ptr, HAS_MASK: tl.constexpr,
-                          BLOCK: tl.constexpr):
+def _penalty_final_kernel(partial_ptr, n_partials, mask_ptr, M, inv_m, loss_ptr, scale_ptr,
+                          HAS_MASK: tl.constexpr, BLOCK: tl.constexpr):
     """Stage 2 (one program, fixed order): loss = sum(partials) * scale, scale = 1/max(N, 1)."""
     offs = tl.arange(0, BLOCK)
     acc = tl.zeros([BLOCK], dtype=tl.float32)
@@ -184,23 +203,23 @@ def _penalty_final_kernel(partial_ptr, n_partials, mask_ptr, M, loss_ptr, scale_
             macc += tl.load(mask_ptr + i + offs, mask=(i + offs) < M, other=0.0)
         scale = 1.0 / tl.maximum(tl.sum(macc, axis=0), 1.0)  # empty mask -> 0, not NaN
     else:
-        scale = 1.0 / M.to(tl.float32)
+        scale = inv_m  # (from the host: an int argument equal to 1 would be a constexpr here)
     tl.store(loss_ptr, total * scale)
     tl.store(scale_ptr, scale)
 
 
 @triton.jit
-def _penalty_bwd_kernel(y_ptrs, gy_ptrs, hid_ptr, w_ptr, mask_ptr, gout_ptr, scale_ptr, ref_ptr, M,
-                        n_row_blocks, HAS_MASK: tl.constexpr, DETACH: tl.constexpr, ROWS: tl.constexpr,
-                        BLOCK_H: tl.constexpr):
+def _penalty_bwd_kernel(ref_ptr, delta_ptr, gref_ptr, gdelta_ptr, hid_ptr, H_arg, w_ptr, mask_ptr, gout_ptr,
+                        scale_ptr, M, n_row_blocks, HAS_MASK: tl.constexpr, DETACH: tl.constexpr,
+                        ROWS: tl.constexpr, BLOCK_H: tl.constexpr, DELTA_DIV: tl.constexpr,
+                        UNIFORM_H: tl.constexpr):
     """grad_noisy = 2 w_j m/N (noisy - clean) g, grad_clean = -grad_noisy (0 with detach_clean),
     recomputed from y: both halves of the gradient in one pass, all layers in one launch."""
     pid = tl.program_id(0)
     j = pid // n_row_blocks
     rows = (pid % n_row_blocks).to(tl.int64) * ROWS + tl.arange(0, ROWS).to(tl.int64)
-    base = tl.load(y_ptrs + j).to(ref_ptr.dtype, bitcast=True)
-    gbase = tl.load(gy_ptrs + j).to(ref_ptr.dtype, bitcast=True)
-    H = tl.load(hid_ptr + j)
+    base, H = _layer_base(ref_ptr, delta_ptr, hid_ptr, H_arg, j, DELTA_DIV, UNIFORM_H)
+    gbase, H = _layer_base(gref_ptr, gdelta_ptr, hid_ptr, H_arg, j, DELTA_DIV, UNIFORM_H)
     coef = 2.0 * tl.load(w_ptr + j) * tl.load(scale_ptr) * tl.load(gout_ptr)
     row_ok = rows < M
     if HAS_MASK:
@@ -299,11 +318,38 @@ def _penalty_geometry(ys, device):
     return m, block_h, rows, triton.cdiv(m, rows)
 
 
-def _tables(ys, weights):
-    device = ys[0].device
-    ptrs = torch.tensor([y.data_ptr() for y in ys], dtype=torch.int64).to(device, non_blocking=True)
-    hid = torch.tensor([y.shape[-1] for y in ys], dtype=torch.int64).to(device, non_blocking=True)
-    return ptrs, hid, weights.to(device=device, dtype=torch.float32).contiguous()
+def _deltas(ts):
+    """Element offsets of each tensor's data from ts[0]'s (int64, on the device) and the largest
+    power of two (<= 16) dividing all of them, for the kernels' alignment hint."""
+    esize = ts[0].element_size()
+    base = ts[0].data_ptr()
+    deltas = []
+    for t in ts:
+        diff = t.data_ptr() - base
+        if diff % esize:  # never for torch allocations of one dtype; keep the hint honest anyway
+            raise RuntimeError("layer_penalty: tensors of one dtype are not element-aligned to each other")
+        deltas.append(diff // esize)
+    div = 16
+    while div > 1 and any(d % div for d in deltas):
+        div //= 2
+    table = torch.tensor(deltas, dtype=torch.int64).to(ts[0].device, non_blocking=True)
+    return table, div
+
+
+def _group_args(sub):
+    device = sub[0].device
+    hids = [y.shape[-1] for y in sub]
+    uniform = len(set(hids)) == 1
+    hid = torch.tensor(hids, dtype=torch.int64).to(device, non_blocking=True)
+    return hid, hids[0], uniform
+
+
+def _groups(ys):
+    # One launch per dtype (normally exactly one): a table's pointers share an element type.
+    groups = {}
+    for j, y in enumerate(ys):
+        groups.setdefault(y.dtype, []).append(j)
+    return list(groups.values())
 
 
 def _penalty_impl(ys: list[torch.Tensor], mask, weights: torch.Tensor):
@@ -317,20 +363,20 @@ def _penalty_impl(ys: list[torch.Tensor], mask, weights: torch.Tensor):
     maskf = mask.to(torch.float32).contiguous() if has_mask else scale
     if m == 0:
         return loss, scale
-    # One launch per dtype (normally exactly one): the pointer table has one element type.
-    groups = {}
-    for j, y in enumerate(ys):
-        groups.setdefault(y.dtype, []).append(j)
+    weights = weights.to(device=device, dtype=torch.float32).contiguous()
     partials = torch.empty(len(ys) * nrb, dtype=torch.float32, device=device)
     start = 0
-    for idx in groups.values():
+    for idx in _groups(ys):
         sub = [ys[j] for j in idx]
-        ptrs, hid, w = _tables(sub, weights[idx] if len(groups) > 1 else weights)
-        _penalty_fwd_kernel[(len(sub) * nrb,)](ptrs, hid, w, maskf, partials[start:], sub[0], m, nrb,
-                                               HAS_MASK=has_mask, ROWS=rows, BLOCK_H=block_h,
-                                               num_warps=_warps(rows * block_h))
+        deltas, div = _deltas(sub)
+        hid, h0, uniform = _group_args(sub)
+        w = weights if len(idx) == len(ys) else weights[torch.tensor(idx, device=device)]
+        _penalty_fwd_kernel[(len(sub) * nrb,)](sub[0], deltas, hid, h0, w, maskf, partials[start:], m, nrb,
+                                               HAS_MASK=has_mask, ROWS=rows, BLOCK_H=block_h, DELTA_DIV=div,
+                                               UNIFORM_H=uniform, num_warps=_warps(rows * block_h))
         start += len(sub) * nrb
-    _penalty_final_kernel[(1,)](partials, partials.numel(), maskf, m, loss, scale, HAS_MASK=has_mask,
+    # Stage 2: a fixed-order sum of the partials (no atomics): bit-identical across runs.
+    _penalty_final_kernel[(1,)](partials, partials.numel(), maskf, m, 1.0 / m, loss, scale, HAS_MASK=has_mask,
                                 BLOCK=1024, num_warps=4)
     return loss, scale
 
@@ -345,16 +391,17 @@ def _penalty_bwd_impl(gout, ys, mask, scale, weights, detach_clean):
     has_mask = mask is not None
     maskf = mask.to(torch.float32).contiguous() if has_mask else scale
     gout = gout.to(torch.float32).reshape(1).contiguous()
-    groups = {}
-    for j, y in enumerate(ys):
-        groups.setdefault(y.dtype, []).append(j)
-    for idx in groups.values():
-        sub = [ys[j] for j in idx]
-        ptrs, hid, w = _tables(sub, weights[idx] if len(groups) > 1 else weights)
-        gptrs = torch.tensor([grads[j].data_ptr() for j in idx], dtype=torch.int64).to(device, non_blocking=True)
-        _penalty_bwd_kernel[(len(sub) * nrb,)](ptrs, gptrs, hid, w, maskf, gout, scale, sub[0], m, nrb,
-                                               HAS_MASK=has_mask, DETACH=bool(detach_clean), ROWS=rows,
-                                               BLOCK_H=block_h, num_warps=_warps(rows * block_h))
+    weights = weights.to(device=device, dtype=torch.float32).contiguous()
+    for idx in _groups(ys):
+        sub, gsub = [ys[j] for j in idx], [grads[j] for j in idx]
+        deltas, div = _deltas(sub)
+        gdeltas, gdiv = _deltas(gsub)
+        hid, h0, uniform = _group_args(sub)
+        w = weights if len(idx) == len(ys) else weights[torch.tensor(idx, device=device)]
+        _penalty_bwd_kernel[(len(sub) * nrb,)](sub[0], deltas, gsub[0], gdeltas, hid, h0, w, maskf, gout, scale,
+                                               m, nrb, HAS_MASK=has_mask, DETACH=bool(detach_clean), ROWS=rows,
+                                               BLOCK_H=block_h, DELTA_DIV=min(div, gdiv), UNIFORM_H=uniform,
+                                               num_warps=_warps(rows * block_h))
     return grads
 
 

@@ -48,7 +48,7 @@ def test_noise_equals_reference_stream(seed):
 
 @pytest.mark.parametrize("kind", reference.NOISE_KINDS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-@pytest.mark.parametrize("shape", [(1, 5, 1), (3, 4, 7), (2, 3, 384), (1, 2, 769), (3, 769)])
+@pytest.mark.parametrize("shape", [(1, 5, 1), (1, 1), (3, 4, 7), (2, 3, 12), (2, 3, 384), (1, 2, 769), (3, 769)])
 def test_perturb_matches_reference(kind, dtype, shape):
     seed = 1234 + shape[-1]
     h = torch.randn(shape, generator=_gen(seed)).to(DEV, dtype).requires_grad_(True)
@@ -131,6 +131,16 @@ def test_layer_penalty_masks_and_weights(detach_clean):
     out = BE.layer_penalty(ys, mask=torch.zeros(2, 6, device=DEV))
     assert out.item() == 0.0  # empty mask -> 0, not NaN
     assert all(torch.count_nonzero(g) == 0 for g in torch.autograd.grad(out, ys))
+
+
+@pytest.mark.parametrize("hid", [1, 4])
+def test_layer_penalty_single_token(hid):  # M = 1 and H = 1 become constexprs inside Triton
+    ys = _ys(2, (2, 1, hid), torch.float32, 5)
+    for mask in (None, torch.ones(1, 1, device=DEV)):
+        out, ref = BE.layer_penalty(ys, mask=mask), reference.layer_penalty(ys, mask=mask)
+        torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)
+        for a, b in zip(torch.autograd.grad(out, ys), torch.autograd.grad(ref, ys)):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
 
 def test_layer_penalty_mixed_hidden_sizes_and_dtypes():
