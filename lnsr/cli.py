@@ -1,0 +1,54 @@
+"""The ``lnsr`` command: ``lnsr finetune``, ``lnsr profile``, ``lnsr bench``."""
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+
+def _bench(argv) -> int:
+    # Lazy: lnsr.benchmarks is optional (and written separately); the CLI must work without it.
+    try:
+        mod = importlib.import_module("lnsr.benchmarks")
+    except ModuleNotFoundError as exc:
+        if exc.name not in ("lnsr.benchmarks",):
+            raise
+        raise SystemExit("`lnsr bench` needs the lnsr.benchmarks module, which this installation does not have; "
+                         "update lnsr (or run the scripts in bench/ from a source checkout)") from None
+    if not hasattr(mod, "main"):
+        raise SystemExit("lnsr.benchmarks has no main(argv); update lnsr")
+    return mod.main(list(argv)) or 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from .finetune import add_finetune_args
+    from .profile import add_profile_args
+
+    p = argparse.ArgumentParser(prog="lnsr", description="Layerwise Noise Stability Regularization tools")
+    sub = p.add_subparsers(dest="command", required=True)
+    ft = sub.add_parser("finetune", help="fine-tune GLUE tasks over methods and seeds; results table and plot",
+                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    add_finetune_args(ft)
+    pr = sub.add_parser("profile", help="noise-stability profile: per-block output change for noise at each block",
+                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    add_profile_args(pr)
+    sub.add_parser("bench", help="benchmarks (arguments are passed to lnsr.benchmarks)", add_help=False)
+    return p
+
+
+def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] == "bench":
+        return _bench(argv[1:])  # everything after `bench` belongs to the benchmarks' own parser
+    args = build_parser().parse_args(argv)
+    if args.command == "finetune":
+        from .finetune import finetune_main
+        finetune_main(args)
+    elif args.command == "profile":
+        from .profile import profile_main
+        profile_main(args)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

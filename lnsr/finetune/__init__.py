@@ -1,0 +1,95 @@
+"""``lnsr finetune``: GLUE fine-tuning over methods and seeds, with per-run JSON and a summary."""
+from .glue import TASKS, TaskSpec, get_task, load_task, read_tsv
+from .methods import METHODS, Method, parse_method_spec, register_method
+from .metrics import accuracy, compute_metrics, f1, matthews, pearson, spearman
+from .report import markdown_table, summarize, write_summary
+
+__all__ = ["TASKS", "TaskSpec", "get_task", "load_task", "read_tsv", "METHODS", "Method", "register_method",
+           "parse_method_spec", "accuracy", "f1", "matthews", "pearson", "spearman", "compute_metrics",
+           "markdown_table", "summarize", "write_summary", "add_finetune_args", "finetune_main"]
+
+
+def add_finetune_args(p) -> None:
+    from ..dropout import DROPOUT_MODES
+    from ..ops import BACKENDS, NOISE_KINDS
+    from ..regularizer import NORMALIZE_MODES
+
+    g = p.add_argument_group("task and data")
+    g.add_argument("--task", nargs="+", required=True, metavar="TASK",
+                   help=f"GLUE task(s): {', '.join(TASKS)}")
+    g.add_argument("--data-dir", default=None,
+                   help="local GLUE-format folder (the GLUE root or the task's folder, original TSV layout); "
+                        "default: the Hugging Face hub via `datasets`")
+    g.add_argument("--max-train-samples", type=int, default=None, help="a fixed random subset of train (quick runs)")
+    g.add_argument("--max-eval-samples", type=int, default=None, help="the first N evaluation examples")
+    g.add_argument("--holdout", type=float, default=None, metavar="FRAC",
+                   help="hold out FRAC of train (fixed split) and evaluate on it instead of dev: for choosing "
+                        "hyper-parameters without touching dev")
+    g = p.add_argument_group("model and methods")
+    g.add_argument("--model", default=None,
+                   help="Hugging Face encoder (hub name or local path); default: the packaged all-MiniLM-L6-v2")
+    g.add_argument("--method", nargs="+", default=["vanilla", "lnsr"], metavar="SPEC",
+                   help=f"methods ({', '.join(METHODS)}); NAME or NAME:key=value,... overrides an option for that "
+                        f"method only (e.g. lnsr:lam=0.003)")
+    g.add_argument("--seeds", nargs="+", type=int, default=[1, 2, 3])
+    g = p.add_argument_group("LNSR options (method lnsr)")
+    g.add_argument("--sigma", type=float, default=0.05)
+    g.add_argument("--noise", choices=NOISE_KINDS, default="relative")
+    g.add_argument("--inject-at", type=int, default=0)
+    g.add_argument("--lam", type=float, default=0.01)
+    g.add_argument("--normalize", choices=NORMALIZE_MODES, default="token")
+    g.add_argument("--dropout", choices=DROPOUT_MODES, default="paired")
+    g.add_argument("--detach-clean", action="store_true")
+    g.add_argument("--backend", choices=BACKENDS, default="auto")
+    g = p.add_argument_group("optimisation")
+    g.add_argument("--epochs", type=int, default=3)
+    g.add_argument("--lr", type=float, default=2e-5)
+    g.add_argument("--batch-size", type=int, default=16)
+    g.add_argument("--eval-batch-size", type=int, default=64)
+    g.add_argument("--max-length", type=int, default=128, help="truncation length; batches are padded dynamically")
+    g.add_argument("--schedule", default="linear",
+                   help="transformers.get_scheduler name: linear, cosine, constant_with_warmup, ...")
+    g.add_argument("--warmup-ratio", type=float, default=0.1)
+    g.add_argument("--weight-decay", type=float, default=0.01)
+    g.add_argument("--max-grad-norm", type=float, default=1.0, help="gradient clipping; 0 turns it off")
+    g = p.add_argument_group("output")
+    g.add_argument("--output-dir", default="runs/finetune",
+                   help="results go to OUTPUT_DIR/<task>/<method>/seed<k>.json; finished runs are skipped")
+    g.add_argument("--save-model", action="store_true",
+                   help="save each final model to OUTPUT_DIR/<task>/<method>/seed<k>-model (for lnsr profile)")
+    g.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda when available)")
+    g.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    g.add_argument("--no-progress", dest="progress", action="store_false", help="no tqdm progress bars")
+
+
+def finetune_main(args) -> dict:
+    """Run ``lnsr finetune`` from parsed arguments; returns ``{task: summary}``."""
+    import os
+    import sys
+
+    import torch
+
+    from .runner import run_task
+
+    specs = [get_task(t) for t in args.task]  # unknown tasks fail before anything runs
+    defaults = {"sigma": args.sigma, "noise": args.noise, "inject_at": args.inject_at, "lam": args.lam,
+                "normalize": args.normalize, "dropout": args.dropout, "detach_clean": args.detach_clean,
+                "backend": args.backend}
+    methods = [parse_method_spec(m, defaults) for m in args.method]
+    labels = [m[0] for m in methods]
+    if len(set(labels)) != len(labels):
+        raise SystemExit(f"--method lists the same method twice: {labels}")
+    if args.epochs < 1 or args.batch_size < 1:
+        raise SystemExit("--epochs and --batch-size must be >= 1")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    def log(msg):
+        print(msg, file=sys.stderr, flush=True)
+
+    out = {}
+    for spec in specs:
+        results = run_task(spec, args, methods, log=log)
+        out[spec.name] = write_summary(spec.name, results, spec.metrics, os.path.join(args.output_dir, spec.name),
+                                       log=log)
+    return out

@@ -1,0 +1,95 @@
+"""Summaries over seeds: a Markdown table (also printed) and a PNG of the per-seed scores."""
+from __future__ import annotations
+
+import os
+
+import numpy as np
+
+
+def summarize(results: list[dict]) -> dict:
+    """``{label: {"seeds": [...], "metrics": {name: [final values in seed order]}, "wall": [...], ...}}``.
+
+    Scores are the last epoch's (no selection of the best epoch on the evaluation split).
+    """
+    out: dict = {}
+    for r in results:
+        cfg = r["config"]
+        s = out.setdefault(cfg["label"], {"seeds": [], "metrics": {}, "wall": [], "ratio": []})
+        s["seeds"].append(cfg["seed"])
+        s["wall"].append(r["wall_time_s"])
+        last = r["epochs"][-1]
+        if "penalty_task_ratio" in last:
+            s["ratio"].append(last["penalty_task_ratio"])
+        for k, v in r["final"].items():
+            s["metrics"].setdefault(k, []).append(v)
+    return out
+
+
+def stats(values) -> dict:
+    v = np.asarray(values, dtype=np.float64)
+    # sample standard deviation (ddof=1) over seeds; 0 for a single seed
+    return {"n": len(v), "mean": float(v.mean()), "std": float(v.std(ddof=1)) if len(v) > 1 else 0.0,
+            "max": float(v.max()), "min": float(v.min())}
+
+
+def markdown_table(task: str, summary: dict, metric_names) -> str:
+    """Scores x100 (GLUE's convention), 2 decimals; mean wall time per run in seconds."""
+    lines = [f"### {task}: dev scores at the last epoch (x100), over seeds", "",
+             "| method | metric | n | mean | std | max | min | per seed | mean wall time / run (s) | "
+             "lam*P/task (last epoch) |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for label, s in summary.items():
+        for m in metric_names:
+            if m not in s["metrics"]:
+                continue
+            st = stats(s["metrics"][m])
+            per = ", ".join(f"s{seed}:{100 * v:.2f}" for seed, v in zip(s["seeds"], s["metrics"][m]))
+            ratio = f"{np.mean(s['ratio']):.3g}" if s["ratio"] else "-"
+            lines.append(f"| {label} | {m} | {st['n']} | {100 * st['mean']:.2f} | {100 * st['std']:.2f} | "
+                         f"{100 * st['max']:.2f} | {100 * st['min']:.2f} | {per} | {np.mean(s['wall']):.0f} | "
+                         f"{ratio} |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(task: str, summary: dict, metric_names, path: str) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = [m for m in metric_names if any(m in s["metrics"] for s in summary.values())]
+    fig, axes = plt.subplots(1, len(names), figsize=(1.6 + 1.6 * max(2, len(summary)) * len(names), 3.6),
+                             squeeze=False)
+    labels = list(summary)
+    for ax, m in zip(axes[0], names):
+        for i, label in enumerate(labels):
+            vals = 100 * np.asarray(summary[label]["metrics"].get(m, []), dtype=np.float64)
+            if not len(vals):
+                continue
+            x = i + np.linspace(-0.12, 0.12, len(vals)) if len(vals) > 1 else np.array([float(i)])
+            ax.scatter(x, vals, s=22, zorder=3, label=None)
+            st = stats(vals)
+            ax.errorbar([i + 0.28], [st["mean"]], yerr=[st["std"]], fmt="D", color="k", ms=5, capsize=4, zorder=4)
+        ax.set_xticks(range(len(labels)))
+        ax.set_xticklabels(labels, rotation=15)
+        ax.set_xlim(-0.6, len(labels) - 0.3)
+        ax.set_ylabel(f"{m} (x100)")
+        ax.grid(axis="y", alpha=0.3)
+    fig.suptitle(f"{task}: per-seed scores (dots) and mean ± std (black)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def write_summary(task: str, results: list[dict], metric_names, out_dir: str, log=print) -> dict:
+    """Print the table, write ``summary.md`` and ``summary.png`` under ``out_dir``; return the summary."""
+    summary = summarize(results)
+    table = markdown_table(task, summary, metric_names)
+    os.makedirs(out_dir, exist_ok=True)
+    with open(os.path.join(out_dir, "summary.md"), "w") as f:
+        f.write(table)
+    print(table)
+    try:
+        plot(task, summary, metric_names, os.path.join(out_dir, "summary.png"))
+    except ImportError:
+        log("matplotlib is not installed: no summary.png (`pip install matplotlib`, lnsr[finetune])")
+    return summary

