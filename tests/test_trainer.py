@@ -1,0 +1,127 @@
+"""LNSRTrainer: one argument turns LNSR on; same penalty as lnsr.LNSR in a hand-written loop."""
+import copy
+import os
+
+import pytest
+import torch
+
+pytest.importorskip("accelerate")
+import transformers as tf  # noqa: E402
+
+import lnsr  # noqa: E402
+from lnsr.integrations import LNSRTrainer  # noqa: E402
+from tiny_models import VOCAB, build  # noqa: E402
+
+LNSR_KW = dict(sigma=0.1, lam=0.3, inject_at=1, backend="torch")
+SEED = 1234
+
+
+def _data(n, t=10, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    rows = []
+    for i in range(n):
+        length = t - (i % 3)  # ragged: the collator pads, the mask matters
+        ids = torch.randint(3, VOCAB, (length,), generator=g).tolist()
+        rows.append({"input_ids": ids, "attention_mask": [1] * length, "labels": int(i % 2)})
+    return rows
+
+
+def _collate(rows):
+    t = max(len(r["input_ids"]) for r in rows)
+    return {"input_ids": torch.tensor([r["input_ids"] + [0] * (t - len(r["input_ids"])) for r in rows]),
+            "attention_mask": torch.tensor([r["attention_mask"] + [0] * (t - len(r["attention_mask"])) for r in rows]),
+            "labels": torch.tensor([r["labels"] for r in rows])}
+
+
+class _FixSeed(tf.TrainerCallback):
+    """torch.manual_seed right before each training step: the noise seed LNSR draws is then known."""
+
+    def on_step_begin(self, args, state, control, **kw):
+        torch.manual_seed(SEED + state.global_step)
+
+
+class _Recording(LNSRTrainer):
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        if model.training:
+            self.seen = getattr(self, "seen", [])
+            self.seen.append({k: v.detach().clone() for k, v in inputs.items()})
+        out = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        if model.training:
+            self.seen[-1]["_seed"] = self.lnsr_reg.seed
+            self.seen[-1]["_penalty"] = float(self.lnsr_reg.penalty)
+        return out
+
+
+def _args(tmp_path, **kw):
+    base = dict(output_dir=str(tmp_path / "tr"), per_device_train_batch_size=4, learning_rate=1e-3, max_steps=1,
+                logging_steps=1, save_strategy="no", report_to=[], use_cpu=True, seed=0, disable_tqdm=True,
+                dataloader_num_workers=0)
+    base.update(kw)
+    return tf.TrainingArguments(**base)
+
+
+def test_trainer_penalty_equals_hand_loop(tmp_path):
+    model = build("bert", layers=3, dropout=0.1)
+    init = copy.deepcopy(model)
+    tr = _Recording(model=model, args=_args(tmp_path), train_dataset=_data(4), data_collator=_collate,
+                    lnsr=LNSR_KW, callbacks=[_FixSeed()])
+    tr.train()
+    rec = tr.seen[0]
+    logged = [h for h in tr.state.log_history if "loss" in h][0]
+
+    # the hand-written loop: same weights, same batch, same torch seed before the forward
+    hand = init
+    hand.train()
+    reg = lnsr.LNSR(hand, **LNSR_KW)
+    inputs = {k: v for k, v in rec.items() if not k.startswith("_")}
+    torch.manual_seed(SEED)
+    out = hand(**inputs)
+    assert reg.seed == rec["_seed"]
+    assert float(reg.penalty) == pytest.approx(rec["_penalty"], rel=1e-6)
+    assert logged["lnsr_penalty"] == pytest.approx(float(reg.penalty), rel=1e-6)
+    assert logged["lnsr_loss"] == pytest.approx(LNSR_KW["lam"] * float(reg.penalty), rel=1e-6)
+    total = float((out.loss + reg.loss).detach())
+    assert logged["loss"] == pytest.approx(total, rel=1e-3, abs=1e-4)  # the Trainer logs task + lam*P
+    assert logged["lnsr_ratio"] == pytest.approx(float(reg.loss) / float(out.loss), rel=1e-5)
+    reg.remove()
+    # hooks are gone after training: the model is a plain model again
+    assert tr.lnsr_reg is None
+    assert all(not b._forward_hooks and not b._forward_pre_hooks for b in model.bert.encoder.layer)
+
+
+def test_trainer_without_lnsr_is_the_plain_trainer(tmp_path):
+    model = build("bert", layers=2)
+    tr = LNSRTrainer(model=model, args=_args(tmp_path), train_dataset=_data(4), data_collator=_collate)
+    tr.train()
+    assert tr.lnsr_reg is None and not any("lnsr_penalty" in h for h in tr.state.log_history)
+    with pytest.raises(TypeError, match=r"unknown option\(s\) \['lamda'\]"):
+        LNSRTrainer(model=model, args=_args(tmp_path), lnsr={"lamda": 1.0})
+
+
+def test_trainer_accumulation_eval_checkpoint(tmp_path):
+    """Gradient accumulation (penalty averaged over the micro-batches), evaluation in eval mode
+    during training (no penalty there), a checkpoint that loads."""
+    model = build("bert", layers=2, dropout=0.1)
+    args = _args(tmp_path, per_device_train_batch_size=2, gradient_accumulation_steps=2, max_steps=2,
+                 eval_strategy="steps", eval_steps=1, save_strategy="steps", save_steps=2,
+                 per_device_eval_batch_size=4)
+    tr = _Recording(model=model, args=args, train_dataset=_data(8), eval_dataset=_data(4, seed=5),
+                    data_collator=_collate, lnsr=dict(LNSR_KW, lam=0.05))
+    tr.train()
+    assert len(tr.seen) == 4  # 2 optimizer steps x 2 micro-batches
+    train_logs = [h for h in tr.state.log_history if "loss" in h]
+    eval_logs = [h for h in tr.state.log_history if "eval_loss" in h]
+    assert len(train_logs) == 2 and len(eval_logs) == 2
+    for step, log in enumerate(train_logs):
+        ps = [s["_penalty"] for s in tr.seen[2 * step:2 * step + 2]]
+        assert log["lnsr_penalty"] == pytest.approx(sum(ps) / 2, rel=1e-6)
+    assert not any(k.startswith("eval_lnsr") or k == "lnsr_penalty" for h in eval_logs for k in h)
+
+    # evaluation loss is the plain model's: LNSR does nothing in eval mode
+    ckpt = os.path.join(args.output_dir, "checkpoint-2")
+    assert os.path.isfile(os.path.join(ckpt, "config.json"))
+    reloaded = tf.BertForSequenceClassification.from_pretrained(ckpt).eval()
+    batch = _collate(_data(4, seed=5))
+    with torch.no_grad():
+        plain = reloaded(**batch).loss
+    assert tr.evaluate()["eval_loss"] == pytest.approx(float(plain), rel=1e-5)
