@@ -7,11 +7,16 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdlib>
 #include <cstring>
 #include <vector>
 
 #include "lnsr_kernels.h"
 #include "philox.h"
+
+#ifndef LNSR_CPU_SLEEF
+#define LNSR_CPU_SLEEF 1  // torch x86 builds export SLEEF from libtorch_cpu
+#endif
 
 namespace lnsr {
 namespace cpu {
@@ -31,8 +36,115 @@ constexpr int64_t kPenaltyRows = 16;
 
 int64_t row_grain(int64_t hidden) { return std::max<int64_t>(1, kGrainElems / std::max<int64_t>(1, hidden)); }
 
-// z[0:n] = elements [start, start + n) of the stream.  Philox words are produced for blocks of
-// 8 counters first (an integer loop the compiler vectorises), then turned into normals.
+// Philox words of 8 consecutive counters c .. c+7 (an integer loop the compiler vectorises).
+constexpr int kB = 8;
+inline void philox_block(uint64_t seed, uint64_t c, uint32_t x[4][kB]) {
+  uint32_t c0[kB], c1[kB], c2[kB], c3[kB];
+  for (int l = 0; l < kB; ++l) {
+    c0[l] = static_cast<uint32_t>(c + l);
+    c1[l] = static_cast<uint32_t>((c + l) >> 32);
+    c2[l] = 0u;
+    c3[l] = 0u;
+  }
+  uint32_t k0 = static_cast<uint32_t>(seed), k1 = static_cast<uint32_t>(seed >> 32);
+  for (int round = 0; round < 10; ++round) {
+    for (int l = 0; l < kB; ++l) {
+      const uint64_t pb = static_cast<uint64_t>(kPhiloxRoundB) * c2[l];
+      const uint64_t pa = static_cast<uint64_t>(kPhiloxRoundA) * c0[l];
+      const uint32_t n0 = static_cast<uint32_t>(pb >> 32) ^ c1[l] ^ k0;
+      const uint32_t n2 = static_cast<uint32_t>(pa >> 32) ^ c3[l] ^ k1;
+      c1[l] = static_cast<uint32_t>(pb);
+      c3[l] = static_cast<uint32_t>(pa);
+      c0[l] = n0;
+      c2[l] = n2;
+    }
+    k0 += kPhiloxKeyA;
+    k1 += kPhiloxKeyB;
+  }
+  for (int l = 0; l < kB; ++l) {
+    x[0][l] = c0[l];
+    x[1][l] = c1[l];
+    x[2][l] = c2[l];
+    x[3][l] = c3[l];
+  }
+}
+
+// 32 normals of counters c .. c+7, in stream order, with libm (portable path).
+void normals_block_scalar(uint64_t seed, uint64_t c, float* o) {
+  uint32_t x[4][kB];
+  philox_block(seed, c, x);
+  for (int l = 0; l < kB; ++l) {
+    box_muller(uint_to_uniform(x[0][l]), uint_to_uniform(x[1][l]), &o[4 * l], &o[4 * l + 1]);
+    box_muller(uint_to_uniform(x[2][l]), uint_to_uniform(x[3][l]), &o[4 * l + 2], &o[4 * l + 3]);
+  }
+}
+
+#if defined(__x86_64__) && defined(__GNUC__) && LNSR_CPU_SLEEF
+// AVX2 path: Philox vectorised by the compiler, log/sincos from the SLEEF that libtorch_cpu exports
+// (the same 1-ulp functions torch.log/sin/cos use on AVX2 CPUs), sqrt exact.  Picked at run time.
+}  // namespace
+}  // namespace cpu
+}  // namespace lnsr
+#pragma GCC push_options
+#pragma GCC target("avx2,fma")
+#include <immintrin.h>
+extern "C" {
+typedef struct {
+  __m256 x, y;
+} lnsr_m256_2;
+__m256 Sleef_logf8_u10(__m256);
+lnsr_m256_2 Sleef_sincosf8_u10(__m256);
+}
+namespace lnsr {
+namespace cpu {
+namespace {
+
+__m256 uniform8(const uint32_t* x) {
+  __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x));
+  // int32 view, negatives folded with ~v: v ^ (v >> 31) (arithmetic shift gives all-ones for v < 0).
+  v = _mm256_xor_si256(v, _mm256_srai_epi32(v, 31));
+  return _mm256_mul_ps(_mm256_cvtepi32_ps(v), _mm256_set1_ps(kUniformScale));
+}
+
+inline void box_muller8(__m256 u1, __m256 u2, __m256* n1, __m256* n2) {
+  u1 = _mm256_max_ps(_mm256_set1_ps(kMinU), u1);
+  const __m256 th = _mm256_mul_ps(u2, _mm256_set1_ps(kTwoPi));
+  const __m256 r = _mm256_sqrt_ps(_mm256_mul_ps(_mm256_set1_ps(-2.0f), Sleef_logf8_u10(u1)));
+  const lnsr_m256_2 sc = Sleef_sincosf8_u10(th);  // .x = sin, .y = cos
+  *n1 = _mm256_mul_ps(r, sc.y);
+  *n2 = _mm256_mul_ps(r, sc.x);
+}
+
+__attribute__((noinline)) void normals_block_avx2(uint64_t seed, uint64_t c, float* o) {
+  alignas(32) uint32_t x[4][kB];
+  philox_block(seed, c, x);
+  __m256 n1, n2, n3, n4;
+  box_muller8(uniform8(x[0]), uniform8(x[1]), &n1, &n2);
+  box_muller8(uniform8(x[2]), uniform8(x[3]), &n3, &n4);
+  // Interleave to stream order n1[l], n2[l], n3[l], n4[l] (4x4 transposes of each 128-bit half).
+  __m256 a = _mm256_unpacklo_ps(n1, n2), b = _mm256_unpackhi_ps(n1, n2);
+  __m256 c2 = _mm256_unpacklo_ps(n3, n4), d = _mm256_unpackhi_ps(n3, n4);
+  __m256 e0 = _mm256_shuffle_ps(a, c2, 0x44), e1 = _mm256_shuffle_ps(a, c2, 0xEE);
+  __m256 e2 = _mm256_shuffle_ps(b, d, 0x44), e3 = _mm256_shuffle_ps(b, d, 0xEE);
+  // e0 = lanes (0, 4), e1 = (1, 5), e2 = (2, 6), e3 = (3, 7) as 128-bit halves.
+  _mm256_storeu_ps(o + 0, _mm256_permute2f128_ps(e0, e1, 0x20));
+  _mm256_storeu_ps(o + 8, _mm256_permute2f128_ps(e2, e3, 0x20));
+  _mm256_storeu_ps(o + 16, _mm256_permute2f128_ps(e0, e1, 0x31));
+  _mm256_storeu_ps(o + 24, _mm256_permute2f128_ps(e2, e3, 0x31));
+}
+#pragma GCC pop_options
+
+bool use_avx2() {
+  static const bool ok = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
+                         std::getenv("LNSR_CPU_NO_AVX2") == nullptr;
+  return ok;
+}
+#else
+bool use_avx2() { return false; }
+void normals_block_avx2(uint64_t seed, uint64_t c, float* o) { normals_block_scalar(seed, c, o); }
+#endif
+
+// z[0:n] = elements [start, start + n) of the stream.
 void fill_noise(uint64_t seed, int64_t start, int64_t n, float* z) {
   int64_t i = start;
   const int64_t end = start + n;
@@ -42,43 +154,12 @@ void fill_noise(uint64_t seed, int64_t start, int64_t n, float* z) {
     normal4(seed, static_cast<uint64_t>(i >> 2), v);
     for (int r = static_cast<int>(i & 3); r < 4 && i < end; ++r, ++i) z[i - start] = v[r];
   }
-  constexpr int kB = 8;
+  const bool avx2 = use_avx2();
   while (end - i >= 4 * kB) {
-    const uint64_t c = static_cast<uint64_t>(i >> 2);
-    uint32_t x[4][kB];
-    uint32_t c0[kB], c1[kB], c2[kB], c3[kB];
-    for (int l = 0; l < kB; ++l) {
-      c0[l] = static_cast<uint32_t>(c + l);
-      c1[l] = static_cast<uint32_t>((c + l) >> 32);
-      c2[l] = 0u;
-      c3[l] = 0u;
-    }
-    uint32_t k0 = static_cast<uint32_t>(seed), k1 = static_cast<uint32_t>(seed >> 32);
-    for (int round = 0; round < 10; ++round) {
-      for (int l = 0; l < kB; ++l) {
-        const uint64_t pb = static_cast<uint64_t>(kPhiloxRoundB) * c2[l];
-        const uint64_t pa = static_cast<uint64_t>(kPhiloxRoundA) * c0[l];
-        const uint32_t n0 = static_cast<uint32_t>(pb >> 32) ^ c1[l] ^ k0;
-        const uint32_t n2 = static_cast<uint32_t>(pa >> 32) ^ c3[l] ^ k1;
-        c1[l] = static_cast<uint32_t>(pb);
-        c3[l] = static_cast<uint32_t>(pa);
-        c0[l] = n0;
-        c2[l] = n2;
-      }
-      k0 += kPhiloxKeyA;
-      k1 += kPhiloxKeyB;
-    }
-    for (int l = 0; l < kB; ++l) {
-      x[0][l] = c0[l];
-      x[1][l] = c1[l];
-      x[2][l] = c2[l];
-      x[3][l] = c3[l];
-    }
-    float* o = z + (i - start);
-    for (int l = 0; l < kB; ++l) {
-      box_muller(uint_to_uniform(x[0][l]), uint_to_uniform(x[1][l]), &o[4 * l], &o[4 * l + 1]);
-      box_muller(uint_to_uniform(x[2][l]), uint_to_uniform(x[3][l]), &o[4 * l + 2], &o[4 * l + 3]);
-    }
+    if (avx2)
+      normals_block_avx2(seed, static_cast<uint64_t>(i >> 2), z + (i - start));
+    else
+      normals_block_scalar(seed, static_cast<uint64_t>(i >> 2), z + (i - start));
     i += 4 * kB;
   }
   while (i < end) {

@@ -45,7 +45,7 @@ struct alignas(16) Pack {
   T v[N];
 };
 
-inline bool aligned16(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15u) == 0; }
+__host__ __device__ inline bool aligned16(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15u) == 0; }
 
 constexpr int kThreads = 256;
 constexpr int kWarps = kThreads / 32;

@@ -66,12 +66,24 @@ LNSR_HD float uint_to_uniform(uint32_t x) {
   return static_cast<float>(v) * kUniformScale;
 }
 
+// sinf and cosf of one angle: same results as the separate calls, about half the work.
+LNSR_HD void sincos_f32(float x, float* s, float* c) {
+#if defined(__CUDA_ARCH__) || (defined(__GLIBC__) && defined(_GNU_SOURCE))
+  sincosf(x, s, c);
+#else
+  *s = sinf(x);
+  *c = cosf(x);
+#endif
+}
+
 LNSR_HD void box_muller(float u1, float u2, float* n1, float* n2) {
   u1 = fmaxf(kMinU, u1);
   const float th = u2 * kTwoPi;
   const float r = sqrtf(-2.0f * logf(u1));
-  *n1 = r * cosf(th);
-  *n2 = r * sinf(th);
+  float s, c;
+  sincos_f32(th, &s, &c);
+  *n1 = r * c;
+  *n2 = r * s;
 }
 
 // The four normals (n1, n2, n3, n4) of counter c: elements 4c .. 4c+3 of the stream.
