@@ -370,3 +370,29 @@ def test_cuda_opcheck(gen):
     opcheck(torch.ops.lnsr.perturb.default, (h, 5, 0.1, "relative"))
     ys = [_randn((4, 3, 8), torch.float16, gen, device="cuda").requires_grad_()]
     opcheck(torch.ops.lnsr.layer_penalty.default, (ys, torch.ones(2, 3, device="cuda"), [1.0], False))
+
+
+def test_broken_build_warns_once_and_falls_back(monkeypatch):
+    """A built lnsr._C that fails to load (e.g. against another torch) warns once; auto uses torch."""
+    import sys
+    import warnings
+
+    import lnsr
+    from lnsr.ops import dispatch, extension
+
+    monkeypatch.setattr(extension, "_C", None)
+    monkeypatch.setattr(extension, "_LOAD_ERROR", None)
+    monkeypatch.setattr(extension, "_is_built", lambda: True)
+    monkeypatch.delattr(lnsr, "_C", raising=False)
+    monkeypatch.setitem(sys.modules, "lnsr._C", None)  # makes `from .. import _C` raise ImportError
+    monkeypatch.setattr(dispatch, "_CACHE", {})
+    monkeypatch.setattr(dispatch, "_ERRORS", {})
+    monkeypatch.delenv("LNSR_BACKEND", raising=False)
+    with pytest.warns(RuntimeWarning, match="failed to load"):
+        assert dispatch.resolve_backend("auto", "cpu").name == "torch"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no second warning
+        assert dispatch.resolve_backend("auto", "cpu").name == "torch"
+        assert "failed to load" in dispatch._ERRORS["cpu"]
+        with pytest.raises(RuntimeError, match="failed to load"):
+            dispatch.resolve_backend("cuda", "cuda")

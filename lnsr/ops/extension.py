@@ -33,6 +33,18 @@ def _as_int64(seed: int) -> int:
     return seed - (1 << 64) if seed >= (1 << 63) else seed
 
 
+def _is_built() -> bool:
+    try:
+        return importlib.util.find_spec("lnsr._C") is not None
+    except (ImportError, ValueError):
+        return False
+
+
+def load_error() -> str | None:
+    """Why lnsr._C could not be used (None when it loaded or was never tried)."""
+    return _LOAD_ERROR
+
+
 def load():
     """Import ``lnsr._C`` once and register the Python parts of the ops; ImportError if impossible."""
     global _C, _LOAD_ERROR
@@ -40,11 +52,7 @@ def load():
         return _C
     if _LOAD_ERROR is not None:
         raise ImportError(_LOAD_ERROR)
-    try:
-        spec = importlib.util.find_spec("lnsr._C")
-    except (ImportError, ValueError):
-        spec = None
-    if spec is None:
+    if not _is_built():
         _LOAD_ERROR = ("lnsr._C is not built (install with `pip install --no-build-isolation -e .`; "
                        "LNSR_NO_EXT=1 skips it)")
         raise ImportError(_LOAD_ERROR)
