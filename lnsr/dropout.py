@@ -24,7 +24,7 @@ class DropoutControl:
         if mode not in DROPOUT_MODES:
             raise ValueError(f"dropout must be one of {', '.join(DROPOUT_MODES)}, got {mode!r}")
         self.mode = mode
-        self._clean_batch = batch_of_clean_half  # callable -> B of the running regularised forward
+        self._clean_batch = batch_of_clean_half  # callable -> (B, m) of the running regularised forward, or None
         self.dropouts = []
         self.float_attrs = []
         seen = set()
@@ -101,8 +101,11 @@ class _PairedForward:
             return nn.Dropout.forward(mod, x)
         if not mod.training or p == 0.0:
             return x
-        b = self.control._clean_batch()
-        if b is None or x.dim() == 0 or x.shape[0] != 2 * b:
+        split = self.control._clean_batch()
+        if split is None or x.dim() == 0 or x.shape[0] != split[0] + split[1]:
             return F.dropout(x, p, True)  # not a doubled tensor: ordinary dropout
+        b, m = split
         keep = torch.empty_like(x[:b]).bernoulli_(1.0 - p).div_(1.0 - p)
-        return (x.view(2, *x[:b].shape) * keep).view(x.shape)
+        if m == b:
+            return (x.view(2, *x[:b].shape) * keep).view(x.shape)
+        return x * torch.cat([keep, keep[b - m:]], dim=0)  # noisy rows reuse their clean row's mask

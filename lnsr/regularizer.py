@@ -26,9 +26,11 @@ class _ForwardState:
     """What one regularised forward shares between its hooks; kept until the next forward so
     that an activation-checkpoint recomputation reuses the same seed and batch size."""
     active: bool = False          # the latest forward of the model is regularised
+    depth: int = 0                # nesting of entry modules (wrapper -> model) in the running forward
     in_forward: bool = False      # inside the model's own forward (not a recomputation)
     seed: int = 0
     batch: int | None = None      # B, the clean batch, known once block k has run
+    noisy: int | None = None      # m, the rows with a noisy copy (the last m of the batch; m = B by default)
     mask: torch.Tensor | None = None
     noise_energy: torch.Tensor | None = None   # s^2 of the `gain` normalisation
     ys: list = field(default_factory=list)
@@ -54,7 +56,8 @@ class LNSR:
     def __init__(self, model: nn.Module, *, sigma: float = 0.05, noise: str = "relative",
                  inject_at: int = 0, lam: float = 1.0, layer_weights=None, detach_clean: bool = False,
                  normalize: str = "token", dropout: str = "paired", n_anchors: int = ops.DEFAULT_ANCHORS,
-                 blocks=None, backend: str = "auto", check_finite: bool = True):
+                 blocks=None, backend: str = "auto", check_finite: bool = True, every: int = 1,
+                 noisy_fraction: float = 1.0):
         # Validate everything before touching the model: a bad argument changes nothing.
         self.sigma = ops.check_sigma(sigma)
         if noise not in ops.NOISE_KINDS:
@@ -69,8 +72,15 @@ class LNSR:
             raise ValueError(f"backend must be one of {', '.join(ops.BACKENDS)}, got {backend!r}")
         if isinstance(n_anchors, bool) or not isinstance(n_anchors, int) or n_anchors < 1:
             raise ValueError(f"n_anchors must be a positive int, got {n_anchors!r}")
+        if isinstance(every, bool) or not isinstance(every, int) or every < 1:
+            raise ValueError(f"every must be an int >= 1 (regularise one training forward in `every`), got {every!r}")
+        if isinstance(noisy_fraction, bool) or not isinstance(noisy_fraction, (int, float)) \
+                or not 0 < noisy_fraction <= 1:
+            raise ValueError(f"noisy_fraction must be in (0, 1] (the share of the batch given a noisy copy), "
+                             f"got {noisy_fraction!r}")
         if isinstance(inject_at, bool) or not isinstance(inject_at, int):
             raise TypeError(f"inject_at must be an int (block index; negative counts from the top), got {inject_at!r}")
+        self.wrapper = model
         self.entry, self.model = unwrap(model)
         self.blocks, self.blocks_found = find_blocks(self.model, blocks)
         n_blocks = len(self.blocks)
@@ -91,21 +101,28 @@ class LNSR:
         self.noise, self.lam, self.layer_weights = noise, float(lam), weights
         self.detach_clean, self.normalize, self.dropout = bool(detach_clean), normalize, dropout
         self.n_anchors, self.backend, self.check_finite = n_anchors, backend, bool(check_finite)
+        self.every, self.noisy_fraction = every, float(noisy_fraction)
 
         self.loss: torch.Tensor | None = None      # lam * P of the latest regularised forward
         self.penalty: torch.Tensor | None = None   # P (detached) of the latest regularised forward
         self.steps = 0                              # regularised forwards so far
+        self.training_forwards = 0                  # training forwards with gradients (counts `every`)
         self._state = _ForwardState()
         self._forward_params = self._entry_parameters()
-        self._dropout = DropoutControl(self.blocks[self.inject_at:], dropout, lambda: self._state.batch)
+        self._dropout = DropoutControl(self.blocks[self.inject_at:], dropout, self._batch_split)
         self._handles = []
         self._install()
 
     # -- life cycle ------------------------------------------------------------------------------
     def _install(self) -> None:
         h = self._handles
-        h.append(self.entry.register_forward_pre_hook(self._entry_pre, with_kwargs=True))
-        h.append(self.entry.register_forward_hook(self._entry_post, always_call=True))
+        # The forward starts at the outermost module that is called: the object the user passed
+        # (a DDP / PEFT / compile wrapper runs its hooks eagerly, with the user's kwargs) or the
+        # plain model when it is wrapped later or called directly.  A depth count makes the
+        # nested call a no-op.
+        for entry in dict.fromkeys([self.wrapper, self.entry, self.model]):
+            h.append(entry.register_forward_pre_hook(self._entry_pre, with_kwargs=True))
+            h.append(entry.register_forward_hook(self._entry_post, always_call=True))
         for j in range(self.inject_at, len(self.blocks)):
             h.append(self.blocks[j].register_forward_pre_hook(self._make_block_pre(j), with_kwargs=True))
             h.append(self.blocks[j].register_forward_hook(self._make_block_post(j), always_call=True))
@@ -118,6 +135,11 @@ class LNSR:
         self._handles = []
         self._dropout.uninstall()
         self._state = _ForwardState()
+
+    def _batch_split(self):
+        """``(B, m)`` of the running regularised forward (rows ``B-m:B`` have noisy copies), else None."""
+        st = self._state
+        return None if st.batch is None else (st.batch, st.noisy)
 
     @property
     def seed(self) -> int:
@@ -140,9 +162,13 @@ class LNSR:
                 f"detach_clean={self.detach_clean}, backend={self.backend!r}, blocks: {self.blocks_found})")
 
     # -- entry (the model's own forward) ----------------------------------------------------------
+    def _device(self):
+        p = next(self.model.parameters(), None)
+        return p.device if p is not None else torch.device("cpu")
+
     def _entry_parameters(self):
         try:
-            return inspect.signature(self.entry.forward).parameters
+            return inspect.signature(self.model.forward).parameters
         except (TypeError, ValueError):
             return {}
 
@@ -157,10 +183,25 @@ class LNSR:
 
     def _entry_pre(self, module, args, kwargs):
         st = self._state
+        if st.depth:
+            st.depth += 1  # a nested entry of the same forward (wrapper -> model)
+            return None
+        result = self._start_forward(args, kwargs)
+        st.depth = 1
+        return result
+
+    def _start_forward(self, args, kwargs):
+        st = self._state
         self._dropout.deactivate()  # the previous forward's window ends here
         st.doubled.clear()
         st.ys = []
-        st.active = module.training and torch.is_grad_enabled()
+        st.active = self.model.training and torch.is_grad_enabled()
+        if st.active:
+            self.training_forwards += 1
+            if (self.training_forwards - 1) % self.every:
+                # `every`: this training forward runs plain; reg.loss is a zero that adds nothing.
+                st.active = False
+                self.loss = torch.zeros((), dtype=torch.float32, device=self._device())
         st.in_forward = st.active
         if not st.active:
             return None
@@ -180,7 +221,7 @@ class LNSR:
         mask = self._kwarg("attention_mask", args, kwargs)
         st.mask = mask.detach() if isinstance(mask, torch.Tensor) and mask.dim() == 2 else None
         st.seed = _draw_seed()
-        st.batch = None
+        st.batch = st.noisy = None
         st.noise_energy = None
         self._dropout.activate()
         if use_cache is None and getattr(config, "use_cache", False):
@@ -189,6 +230,11 @@ class LNSR:
 
     def _entry_post(self, module, args, output):
         st = self._state
+        if st.depth == 0:
+            return None  # the pre-hook raised: nothing was started
+        st.depth -= 1
+        if st.depth:
+            return None
         if st.active and st.in_forward:
             # The forward ended before the penalty was computed (an exception): undo everything.
             st.active = False
@@ -200,13 +246,13 @@ class LNSR:
 
     # -- blocks -----------------------------------------------------------------------------------
     def _double(self, x):
-        """cat([x, x]) for batch-sized tensors (also inside tuples/lists), cached per forward."""
+        """cat([x, x[B-m:]]) for batch-sized tensors (also inside tuples/lists), cached per forward."""
         st = self._state
         if isinstance(x, torch.Tensor):
             if x.dim() >= 2 and x.shape[0] == st.batch:
                 hit = st.doubled.get(id(x))
                 if hit is None or hit[0] is not x:
-                    hit = (x, torch.cat([x, x], dim=0))
+                    hit = (x, torch.cat([x, x[st.batch - st.noisy:]], dim=0))
                     st.doubled[id(x)] = hit
                 return hit[1]
             return x
@@ -236,9 +282,9 @@ class LNSR:
             self._check_no_cache(kwargs)
             if first:
                 h = self._perturb(j, module, h)
-            elif st.batch is None or h.shape[0] != 2 * st.batch:
+            elif st.batch is None or h.shape[0] != st.batch + st.noisy:
                 raise RuntimeError(f"block {j} received a batch of {h.shape[0]} where the doubled batch of "
-                                   f"{None if st.batch is None else 2 * st.batch} was expected; are the blocks "
+                                   f"{None if st.batch is None else st.batch + st.noisy} was expected; are the blocks "
                                    f"in execution order? pass blocks= bottom first")
             new_args = tuple(self._double(a) for a in args)
             new_kwargs = {key: self._double(v) for key, v in kwargs.items()}
@@ -254,6 +300,7 @@ class LNSR:
         st = self._state
         if st.batch is None:
             st.batch = h.shape[0]
+            st.noisy = max(1, min(st.batch, math.ceil(self.noisy_fraction * st.batch - 1e-9)))
         mask = st.mask
         if mask is not None and tuple(mask.shape) != tuple(h.shape[:-1]):
             raise ValueError(f"attention_mask has shape {tuple(mask.shape)} but the hidden state entering block "
@@ -263,14 +310,18 @@ class LNSR:
             raise ValueError(f"non-finite values (NaN/Inf) in the hidden state entering block {j} "
                              f"({type(module).__name__}), where LNSR injects noise; check the inputs, the "
                              f"learning rate or the loss scale")
-        out = ops.perturb(h, st.seed, sigma=self.sigma, kind=self.noise, mask=mask,
+        b, first_noisy = st.batch, st.batch - st.noisy
+        part = h[first_noisy:] if first_noisy else h
+        pmask = None if mask is None else mask[first_noisy:]
+        out = ops.perturb(part, st.seed, sigma=self.sigma, kind=self.noise, mask=pmask,
                           n_anchors=self.n_anchors, backend=self.backend)
+        if first_noisy:  # noisy_fraction < 1: [h, noisy copies of the last m rows]
+            out = torch.cat([h[:first_noisy], out], dim=0)
         if self.normalize == "gain" and st.in_forward:
             with torch.no_grad():
-                b = h.shape[0]
-                m = None if mask is None else mask.to(torch.float32)
-                eps_sq = (out[b:].float() - h.float()).pow(2).sum(-1)
-                h_sq = h.float().pow(2).sum(-1)
+                m = None if pmask is None else pmask.to(torch.float32)
+                eps_sq = (out[b:].float() - part.float()).pow(2).sum(-1)
+                h_sq = part.float().pow(2).sum(-1)
                 if m is not None:
                     eps_sq, h_sq = eps_sq * m, h_sq * m
                 st.noise_energy = eps_sq.sum() / h_sq.sum().clamp_min(torch.finfo(torch.float32).tiny)
@@ -284,10 +335,10 @@ class LNSR:
             if not st.active or st.batch is None:
                 return None
             y = output if isinstance(output, torch.Tensor) else output[0] if isinstance(output, (tuple, list)) else None
-            if not isinstance(y, torch.Tensor) or y.shape[0] != 2 * st.batch:
+            if not isinstance(y, torch.Tensor) or y.shape[0] != st.batch + st.noisy:
                 return None  # an exception inside the block; _entry_post cleans up
             if st.in_forward:
-                st.ys.append(y)
+                st.ys.append(y[st.batch - st.noisy:])  # [2m, ...]: clean rows then their noisy copies
                 if last:
                     self._finish()
             if not last:
@@ -295,7 +346,7 @@ class LNSR:
             b = st.batch
             if isinstance(output, torch.Tensor):
                 return output[:b]
-            halves = [v[:b] if isinstance(v, torch.Tensor) and v.dim() >= 1 and v.shape[0] == 2 * b else v
+            halves = [v[:b] if isinstance(v, torch.Tensor) and v.dim() >= 1 and v.shape[0] == b + st.noisy else v
                       for v in output]
             return type(output)(halves) if isinstance(output, tuple) and not hasattr(output, "_fields") \
                 else halves if isinstance(output, list) else type(output)(*halves)
@@ -311,8 +362,9 @@ class LNSR:
             return [wj / y.shape[-1] for wj, y in zip(w, ys)]
         st = self._state
         with torch.no_grad():  # gain: divide by s^2 * mean masked ||y_clean||^2 (detached)
-            b = st.batch
-            m = None if st.mask is None else st.mask.to(torch.float32)
+            b = st.noisy  # ys hold [2m, ...]
+            m = self._penalty_mask()
+            m = None if m is None else m.to(torch.float32)
             out = []
             for wj, y in zip(w, ys):
                 sq = y[:b].float().pow(2).sum(-1)
@@ -321,10 +373,14 @@ class LNSR:
                 out.append(wj / denom if denom > 0 else 0.0)
             return out
 
+    def _penalty_mask(self):
+        st = self._state
+        return None if st.mask is None else st.mask[st.batch - st.noisy:]
+
     def _finish(self) -> None:
         st = self._state
         ys = st.ys
-        penalty = ops.layer_penalty(ys, mask=st.mask, weights=self.layer_weights_for(ys),
+        penalty = ops.layer_penalty(ys, mask=self._penalty_mask(), weights=self.layer_weights_for(ys),
                                     detach_clean=self.detach_clean, backend=self.backend)
         self.penalty = penalty.detach()
         self.loss = self.lam * penalty
