@@ -185,6 +185,12 @@ def test_finetune_end_to_end_and_resume(tmp_path, capsys):
         assert (out_dir / key[0] / f"seed{key[1]}.json").stat().st_mtime_ns == mtime
     assert _table_rows(cap.out) == rows
 
+    # --summary-only trains nothing and leaves out what has not run
+    main(args + ["--summary-only", "--seeds", "1", "2", "3"])
+    cap = capsys.readouterr()
+    assert "[mrpc lnsr seed 3] not finished" in cap.err and _table_rows(cap.out) == rows
+    assert not (out_dir / "lnsr" / "seed3.json").exists()
+
     # a changed LNSR option re-runs lnsr only
     main([a if a != "0.5" else "0.25" for a in args][:] + ["--seeds", "1"])
     cap = capsys.readouterr()

@@ -59,6 +59,8 @@ def add_finetune_args(p) -> None:
                    help="save each final model to OUTPUT_DIR/<task>/<method>/seed<k>-model (for lnsr profile)")
     g.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda when available)")
     g.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    g.add_argument("--summary-only", action="store_true",
+                   help="train nothing: summarise the finished runs of these methods and seeds")
     g.add_argument("--no-progress", dest="progress", action="store_false", help="no tqdm progress bars")
 
 
@@ -90,6 +92,9 @@ def finetune_main(args) -> dict:
     out = {}
     for spec in specs:
         results = run_task(spec, args, methods, log=log)
+        if not results:
+            log(f"[{spec.name}] no finished runs to summarise")
+            continue
         out[spec.name] = write_summary(spec.name, results, spec.metrics, os.path.join(args.output_dir, spec.name),
                                        log=log)
     return out

@@ -258,11 +258,17 @@ def run_task(spec: TaskSpec, args, methods: list[tuple[str, str, dict]], log=pri
         train = [train[i] for i in idx]
     if args.max_eval_samples and args.max_eval_samples < len(dev):
         dev = dev[:args.max_eval_samples]
-    tokenizer = AutoTokenizer.from_pretrained(model_path)
-    if tokenizer.pad_token_id is None and tokenizer.eos_token is not None:
-        tokenizer.pad_token = tokenizer.eos_token
-    train_feats = encode(tokenizer, train, args.max_length)
-    eval_feats = encode(tokenizer, dev, args.max_length)
+    cache = {}
+
+    def prepared():  # tokenise once per task, and only when something has to run
+        if not cache:
+            tok = AutoTokenizer.from_pretrained(model_path)
+            if tok.pad_token_id is None and tok.eos_token is not None:
+                tok.pad_token = tok.eos_token
+            cache.update(tokenizer=tok, train_feats=encode(tok, train, args.max_length),
+                         eval_feats=encode(tok, dev, args.max_length))
+        return cache
+
     device = torch.device(args.device if args.device else ("cuda" if torch.cuda.is_available() else "cpu"))
     log(f"[{spec.name}] {len(train)} train / {len(dev)} eval ({eval_split}) examples from {source}; "
         f"model {model_path}; device {device_name(device)}")
@@ -281,10 +287,14 @@ def run_task(spec: TaskSpec, args, methods: list[tuple[str, str, dict]], log=pri
                 log(f"[{spec.name} {label} seed {seed}] skipping: finished run with the same config in {json_path}")
                 results.append(old)
                 continue
+            if getattr(args, "summary_only", False):
+                log(f"[{spec.name} {label} seed {seed}] not finished (no {json_path} with this config): "
+                    f"left out of the summary (--summary-only)")
+                continue
             if os.path.isfile(json_path):
                 log(f"[{spec.name} {label} seed {seed}] {json_path} exists with another config (or without the "
                     f"saved model): re-running and overwriting it")
-            results.append(run_one(spec=spec, config=config, model_path=model_path, tokenizer=tokenizer,
-                                   train_feats=train_feats, eval_feats=eval_feats, json_path=json_path,
-                                   save_model_dir=model_dir, progress=args.progress, device=device, log=log))
+            results.append(run_one(spec=spec, config=config, model_path=model_path, json_path=json_path,
+                                   save_model_dir=model_dir, progress=args.progress, device=device, log=log,
+                                   **prepared()))
     return results
