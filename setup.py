@@ -2,9 +2,12 @@
 
 The Python package is ``lnsr``; the Triton kernels in ``kernels/`` install as ``lnsr.kernels``
 (never as a top-level ``kernels`` module, which would clobber the package transformers uses).
-The compiled extension ``lnsr._C`` (``csrc/``) is built by ``lnsr_build.py`` when present.
+The compiled extension ``lnsr._C`` (``csrc/``) is built by ``csrc/build_ext.py`` when present: the
+C++ CPU kernels always, the CUDA kernels when torch has CUDA and a toolkit is found (``pip install -v``
+shows a ``lnsr build:`` line per part).
 
-Environment knobs: LNSR_NO_EXT=1 skips the extension.
+Environment knobs: LNSR_NO_EXT=1 skips the extension; LNSR_NO_CUDA=1 builds the CPU kernels only;
+CUDA_HOME, TORCH_CUDA_ARCH_LIST (default 8.0;9.0+PTX) and MAX_JOBS as in torch.utils.cpp_extension.
 """
 import os
 import sys

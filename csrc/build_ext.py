@@ -102,7 +102,7 @@ def _nvidia_include_dirs() -> list[str]:
         pass
     out = []
     for root in sorted(roots):
-        out += sorted(glob.glob(os.path.join(root, "nvidia", "cu*", "include")))
+        out += sorted(glob.glob(os.path.join(root, "nvidia", "cu[0-9]*", "include")))
     return list(dict.fromkeys(p for p in out if os.path.isdir(p)))
 
 

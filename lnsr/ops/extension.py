@@ -206,6 +206,6 @@ def backend(kind: str) -> ExtensionBackend:
         raise ValueError(f"extension backends are 'cpu' and 'cuda', got {kind!r}")
     mod = load()
     if kind == "cuda" and not mod.WITH_CUDA:
-        raise ImportError("lnsr._C was built without CUDA kernels (no CUDA toolkit at build time); rebuild "
+        raise ImportError("lnsr._C was built without CUDA kernels (no CUDA toolkit at build time, or LNSR_NO_CUDA=1); rebuild "
                           "with `CUDA_HOME=/path/to/cuda pip install --no-build-isolation -e .`")
     return ExtensionBackend(kind)
