@@ -82,7 +82,7 @@ def test_trainer_penalty_equals_hand_loop(tmp_path):
     assert logged["lnsr_loss"] == pytest.approx(LNSR_KW["lam"] * float(reg.penalty), rel=1e-6)
     total = float((out.loss + reg.loss).detach())
     assert logged["loss"] == pytest.approx(total, rel=1e-3, abs=1e-4)  # the Trainer logs task + lam*P
-    assert logged["lnsr_ratio"] == pytest.approx(float(reg.loss) / float(out.loss), rel=1e-5)
+    assert logged["lnsr_ratio"] == pytest.approx(float(reg.loss.detach()) / float(out.loss.detach()), rel=1e-5)
     reg.remove()
     # hooks are gone after training: the model is a plain model again
     assert tr.lnsr_reg is None
