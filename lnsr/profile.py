@@ -170,7 +170,16 @@ def profile_main(args) -> dict:
     models = list(args.model or []) + list(args.compare or [])
     if not models:
         models = [default_model_path()]
-    labels = args.label or [os.path.basename(os.path.normpath(m)) or m for m in models]
+    packaged = None
+    try:
+        packaged = os.path.normpath(default_model_path())
+    except SystemExit:
+        pass
+
+    def name(m):  # the packaged model's folder is just "model"
+        return "all-MiniLM-L6-v2" if os.path.normpath(m) == packaged else os.path.basename(os.path.normpath(m)) or m
+
+    labels = args.label or [name(m) for m in models]
     if len(labels) != len(models):
         raise SystemExit(f"--label gives {len(labels)} names for {len(models)} models")
     if len(set(labels)) != len(labels):  # e.g. two runs' seed1-model folders: use the parent folder too
