@@ -7,6 +7,14 @@ when training begins and removed when it ends (also on an exception).  The train
 task loss plus ``lam * P``; ``lnsr_penalty`` (mean P per forward), ``lnsr_loss`` (mean lam*P) and
 ``lnsr_ratio`` (the penalty term over the task loss) are logged next to ``loss``, averaged over the
 forwards since the previous log.  Evaluation runs the model in eval mode, where LNSR does nothing.
+
+Gradient accumulation: the per-micro-batch penalty is scaled exactly as the Trainer believes the
+task loss is (``loss_is_scaled_for_ga``, else ``model_accepts_loss_kwargs`` and
+``num_items_in_batch``), so that ``lam`` keeps its meaning.  Some models accept loss kwargs but
+ignore ``num_items_in_batch`` (``BertForSequenceClassification`` in transformers 5.x): the plain
+Trainer then sums their task loss over the micro-batches (the logged loss grows with the number of
+accumulation steps); set ``trainer.loss_is_scaled_for_ga = False`` for such models, which fixes the
+task loss and keeps the penalty consistent with it.
 """
 from __future__ import annotations
 
