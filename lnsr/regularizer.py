@@ -42,6 +42,11 @@ def _draw_seed() -> int:
     return int(torch.randint(0, 2**63 - 1, (), dtype=torch.int64).item())
 
 
+def _fold_rank(seed: int, rank: int) -> int:
+    # Each rank draws distinct noise although ranks usually share torch's seed: a Weyl step per rank.
+    return (seed + rank * 0x9E3779B97F4A7C15) % 2**64
+
+
 class LNSR:
     """Layerwise Noise Stability Regularization on a model's blocks.
 
@@ -57,7 +62,7 @@ class LNSR:
                  inject_at: int = 0, lam: float = 1.0, layer_weights=None, detach_clean: bool = False,
                  normalize: str = "token", dropout: str = "paired", n_anchors: int = ops.DEFAULT_ANCHORS,
                  blocks=None, backend: str = "auto", check_finite: bool = True, every: int = 1,
-                 noisy_fraction: float = 1.0):
+                 noisy_fraction: float = 1.0, rank: int | None = None):
         # Validate everything before touching the model: a bad argument changes nothing.
         self.sigma = ops.check_sigma(sigma)
         if noise not in ops.NOISE_KINDS:
@@ -102,6 +107,9 @@ class LNSR:
         self.detach_clean, self.normalize, self.dropout = bool(detach_clean), normalize, dropout
         self.n_anchors, self.backend, self.check_finite = n_anchors, backend, bool(check_finite)
         self.every, self.noisy_fraction = every, float(noisy_fraction)
+        if rank is not None and (isinstance(rank, bool) or not isinstance(rank, int) or rank < 0):
+            raise ValueError(f"rank must be None (from torch.distributed) or an int >= 0, got {rank!r}")
+        self.rank = rank
 
         self.loss: torch.Tensor | None = None      # lam * P of the latest regularised forward
         self.penalty: torch.Tensor | None = None   # P (detached) of the latest regularised forward
@@ -162,6 +170,12 @@ class LNSR:
                 f"detach_clean={self.detach_clean}, backend={self.backend!r}, blocks: {self.blocks_found})")
 
     # -- entry (the model's own forward) ----------------------------------------------------------
+    def _rank(self) -> int:
+        if self.rank is not None:
+            return self.rank
+        dist = torch.distributed
+        return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
     def _device(self):
         p = next(self.model.parameters(), None)
         return p.device if p is not None else torch.device("cpu")
@@ -220,7 +234,7 @@ class LNSR:
                              "training forward; pass use_cache=False and no past_key_values when training")
         mask = self._kwarg("attention_mask", args, kwargs)
         st.mask = mask.detach() if isinstance(mask, torch.Tensor) and mask.dim() == 2 else None
-        st.seed = _draw_seed()
+        st.seed = _fold_rank(_draw_seed(), self._rank())
         st.batch = st.noisy = None
         st.noise_energy = None
         self._dropout.activate()
