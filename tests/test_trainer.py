@@ -125,3 +125,37 @@ def test_trainer_accumulation_eval_checkpoint(tmp_path):
     with torch.no_grad():
         plain = reloaded(**batch).loss
     assert tr.evaluate()["eval_loss"] == pytest.approx(float(plain), rel=1e-5)
+
+
+@pytest.mark.parametrize("scaled_for_ga", [None, False])
+def test_trainer_accumulated_gradient_matches_hand_loop(tmp_path, scaled_for_ga):
+    """The gradient of one accumulated step (lr 0, so the logged grad_norm is the first step's).
+    None: the Trainer's default for BERT in transformers 5 (task losses summed over micro-batches; the
+    penalty is scaled as the Trainer believes the task loss is, i.e. divided by the steps).
+    False: the Trainer divides the whole loss by the accumulation steps: the mean of task + lam*P."""
+    model = build("bert", layers=2)
+    init = copy.deepcopy(model)
+    args = _args(tmp_path, per_device_train_batch_size=2, gradient_accumulation_steps=2, learning_rate=0.0,
+                 max_grad_norm=1e9)
+    tr = _Recording(model=model, args=args, train_dataset=_data(4), data_collator=_collate, lnsr=LNSR_KW,
+                    callbacks=[_FixSeed()])
+    if scaled_for_ga is not None:
+        tr.loss_is_scaled_for_ga = scaled_for_ga
+    tr.train()
+    logged = [h for h in tr.state.log_history if "grad_norm" in h][0]
+
+    hand = init
+    hand.train()
+    reg = lnsr.LNSR(hand, **LNSR_KW)
+    torch.manual_seed(SEED)
+    for rec in tr.seen:
+        out = hand(**{k: v for k, v in rec.items() if not k.startswith("_")})
+        assert reg.seed == rec["_seed"]
+        if scaled_for_ga is None and tr.model_accepts_loss_kwargs:
+            loss = out.loss + reg.loss / 2
+        else:
+            loss = (out.loss + reg.loss) / 2
+        loss.backward()
+    reg.remove()
+    norm = torch.sqrt(sum((p.grad.double() ** 2).sum() for p in hand.parameters() if p.grad is not None))
+    assert float(logged["grad_norm"]) == pytest.approx(float(norm), rel=1e-4)
