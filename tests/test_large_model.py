@@ -141,3 +141,17 @@ def test_torch_compile_trains_like_eager():
         losses[compiled] = vals
     for (l0, p0), (l1, p1) in zip(losses[False], losses[True]):
         assert l0 == pytest.approx(l1, rel=1e-4) and p0 == pytest.approx(p1, rel=1e-4)
+
+
+def test_accelerate_lora_example_runs_on_a_tiny_llama():
+    pytest.importorskip("accelerate")
+    pytest.importorskip("peft")
+    import importlib.util
+    import os
+
+    path = os.path.join(os.path.dirname(__file__), "..", "examples", "accelerate_lora.py")
+    spec = importlib.util.spec_from_file_location("accelerate_lora", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    loss = mod.main(["--tiny", "--steps", "6", "--noisy-fraction", "0.5", "--every", "2", "--checkpointing"])
+    assert 0 < loss < 10
