@@ -87,6 +87,10 @@ class LNSR:
             raise TypeError(f"inject_at must be an int (block index; negative counts from the top), got {inject_at!r}")
         self.wrapper = model
         self.entry, self.model = unwrap(model)
+        if backend != "auto":
+            ops.dispatch.load_backend(backend)  # a missing explicit backend fails here, naming what to install
+        else:  # load (and register the ops of) the device's backends now, not inside a traced forward
+            ops.available_backends(self._device_of(model))
         self.blocks, self.blocks_found = find_blocks(self.model, blocks)
         n_blocks = len(self.blocks)
         if not -n_blocks <= inject_at < n_blocks:
@@ -176,9 +180,13 @@ class LNSR:
         dist = torch.distributed
         return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
 
-    def _device(self):
-        p = next(self.model.parameters(), None)
+    @staticmethod
+    def _device_of(model):
+        p = next(model.parameters(), None)
         return p.device if p is not None else torch.device("cpu")
+
+    def _device(self):
+        return self._device_of(self.model)
 
     def _entry_parameters(self):
         try:
@@ -320,7 +328,8 @@ class LNSR:
             raise ValueError(f"attention_mask has shape {tuple(mask.shape)} but the hidden state entering block "
                              f"{j} has token dims {tuple(h.shape[:-1])}; pass a [batch, seq_len] mask that "
                              f"matches the inputs")
-        if self.check_finite and not bool(torch.isfinite(h).all()):
+        # One reduction and a host sync; skipped while torch.compile traces (it would break the graph).
+        if self.check_finite and not torch.compiler.is_compiling() and not bool(torch.isfinite(h).all()):
             raise ValueError(f"non-finite values (NaN/Inf) in the hidden state entering block {j} "
                              f"({type(module).__name__}), where LNSR injects noise; check the inputs, the "
                              f"learning rate or the loss scale")

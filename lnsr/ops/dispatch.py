@@ -90,6 +90,17 @@ def available_backends(device: torch.device | str | None = None) -> list[str]:
     return out
 
 
+def load_backend(name: str):
+    """Load the named backend (not ``auto``) or raise, naming what to install."""
+    if name not in BACKENDS or name == "auto":
+        raise ValueError(f"unknown backend {name!r}; choose one of {', '.join(BACKENDS[1:])}")
+    impl = _load(name)
+    if impl is None:
+        raise RuntimeError(f"lnsr backend {name!r} is not available ({_ERRORS.get(name)}); "
+                           f"{INSTALL_HINT.get(name, '')}".rstrip("; "))
+    return impl
+
+
 def resolve_backend(backend: str, device: torch.device | str):
     """The backend object for ``backend`` on ``device``; ``auto`` honours ``LNSR_BACKEND``."""
     if backend not in BACKENDS:
@@ -106,10 +117,7 @@ def resolve_backend(backend: str, device: torch.device | str):
             if impl is not None and impl.supports(device):
                 return impl
         return _load("torch")
-    impl = _load(backend)
-    if impl is None:
-        raise RuntimeError(f"lnsr backend {backend!r} is not available ({_ERRORS.get(backend)}); "
-                           f"{INSTALL_HINT.get(backend, '')}".rstrip("; "))
+    impl = load_backend(backend)
     if not impl.supports(device):
         raise RuntimeError(f"lnsr backend {backend!r} does not run on {device.type} tensors; "
                            f"use backend='auto' or move the model to a device it supports")

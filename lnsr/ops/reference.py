@@ -176,7 +176,8 @@ def pair_penalty(cleans: Sequence[torch.Tensor], noisys: Sequence[torch.Tensor],
         if detach_clean:
             clean = clean.detach()
         sq = (noisy.to(acc) - clean.to(acc)).pow(2).sum(dim=-1)
-        term = sq.mean() if m is None else (sq * m).sum() / n
+        # masked tokens contribute nothing, even when non-finite (padding may hold anything)
+        term = sq.mean() if m is None else torch.where(m != 0, sq * m, 0.0).sum() / n
         total = total + (1.0 if weights is None else weights[j]) * term
     return total
 
