@@ -257,6 +257,8 @@ def run_task(spec: TaskSpec, args, methods: list[tuple[str, str, dict]], log=pri
     from transformers import AutoTokenizer
 
     model_path = args.model or default_model_path()
+    if os.path.isdir(model_path):
+        model_path = os.path.realpath(model_path)  # recorded in the config: one spelling per folder
     train, dev, source = load_task(spec, args.data_dir)
     eval_split = "dev"
     if args.holdout:
