@@ -82,6 +82,8 @@ def test_clear_errors(tmp_path):
         main(["finetune", "--task", "rtee", "--data-dir", str(tmp_path / "rte")])
     with pytest.raises(SystemExit, match=r"unknown method 'l2sp'"):
         main(_ft(tmp_path, tmp_path / "rte", "--method", "l2sp"))
+    with pytest.raises(SystemExit, match=r"method lnsr: sigma and lam must be >= 0"):
+        main(_ft(tmp_path, tmp_path / "rte", "--method", "vanilla", "lnsr", "--lam", "-1"))
     with pytest.raises(SystemExit, match=r"bad method spec"):
         main(_ft(tmp_path, tmp_path / "rte", "--method", "lnsr:lamda=1"))
     # a wrong label value names the file and line
