@@ -98,7 +98,8 @@ def run_case(spec: dict) -> dict:
     method = spec["method"]
     reg = None
     if method.startswith("lnsr-"):
-        reg = lnsr.LNSR(model, sigma=0.05, inject_at=k, lam=0.01, backend=method[5:])
+        backend, extra = parse_lnsr_method(method)
+        reg = lnsr.LNSR(model, sigma=0.05, inject_at=k, lam=0.01, backend=backend, **extra)
     amp = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
 
     def step():
@@ -138,7 +139,7 @@ def run_case(spec: dict) -> dict:
     else:
         out["peak_mem_mb"] = peak_rss
     if reg is not None:
-        out["backend_used"] = method[5:]
+        out["backend_used"] = parse_lnsr_method(method)[0]
         reg.remove()
     return out
 
@@ -155,15 +156,35 @@ def _child(spec: dict, timeout: float) -> dict:
     return {**spec, "error": (proc.stderr.strip().splitlines() or ["no output"])[-1]}
 
 
-def methods_for(device: str) -> list[str]:
+def parse_lnsr_method(method: str):
+    """``lnsr-<backend>[:frac=<r>][:every=<n>]`` -> (backend, LNSR keyword arguments)."""
+    backend, *opts = method[len("lnsr-"):].split(":")
+    extra = {}
+    for opt in opts:
+        key, _, value = opt.partition("=")
+        if key == "frac":
+            extra["noisy_fraction"] = float(value)
+        elif key == "every":
+            extra["every"] = int(value)
+        else:
+            raise SystemExit(f"unknown option {opt!r} in method {method!r}: use frac=<r> or every=<n>")
+    return backend, extra
+
+
+def methods_for(device: str, schedules: bool = False) -> list[str]:
     import lnsr
 
-    return ["plain", "two-pass"] + [f"lnsr-{b}" for b in lnsr.ops.available_backends(device)]
+    backends = lnsr.ops.available_backends(device)
+    out = ["plain", "two-pass"] + [f"lnsr-{b}" for b in backends]
+    if schedules:  # the cheaper schedules with the fastest backend (auto's choice)
+        best = lnsr.ops.resolve_backend("auto", device).name
+        out += [f"lnsr-{best}:frac=0.5", f"lnsr-{best}:frac=0.25", f"lnsr-{best}:every=4"]
+    return out
 
 
 def run(models, *, device="cpu", batch=16, seq=128, steps=5, warmup=2, inject=("0", "half"),
-        methods=None, checkpointing=False, timeout=1800.0, log=print) -> list[dict]:
-    methods = methods or methods_for(device)
+        methods=None, checkpointing=False, schedules=False, timeout=1800.0, log=print) -> list[dict]:
+    methods = methods or methods_for(device, schedules)
     rows = []
     for model in models:
         plain = None
@@ -180,7 +201,7 @@ def run(models, *, device="cpu", batch=16, seq=128, steps=5, warmup=2, inject=("
                 if method == "plain":
                     plain = r
                 rows.append(r)
-                log(f"  {model:11s} k={k:4s} {method:12s} "
+                log(f"  {model:11s} k={k:4s} {method:22s} "
                     + (r["error"] if "error" in r else f"{r['step_s'] * 1e3:9.1f} ms  peak {r['peak_mem_mb']:8.0f} MB"))
     return add_ratios(rows)
 
@@ -200,7 +221,12 @@ def add_ratios(rows: list[dict]) -> list[dict]:
         if plain:
             r["vs_plain"] = r["step_s"] / plain["step_s"]
             r["mem_vs_plain"] = r["peak_mem_mb"] / plain["peak_mem_mb"]
-            r["efficiency"] = (r["step_s"] - plain["step_s"]) / (plain["step_s"] * frac) if r["method"] != "plain" else None
+            share = 1.0  # the share of the extra branch the schedule asks for
+            if r["method"].startswith("lnsr-"):
+                extra = parse_lnsr_method(r["method"])[1]
+                share = extra.get("noisy_fraction", 1.0) / extra.get("every", 1)
+            r["efficiency"] = ((r["step_s"] - plain["step_s"]) / (plain["step_s"] * frac * share)
+                               if r["method"] != "plain" else None)
             if r["device"] == "cpu":  # training memory: peak RSS above the loaded model
                 base = plain["peak_rss_mb"] - plain["rss_after_model_mb"]
                 r["train_mem_vs_plain"] = (r["peak_rss_mb"] - r["rss_after_model_mb"]) / base if base > 0 else None
@@ -211,16 +237,16 @@ def add_ratios(rows: list[dict]) -> list[dict]:
 
 
 def format_table(rows: list[dict]) -> str:
-    head = (f"{'model':11s} {'k':>4s} {'method':12s} {'step ms':>9s} {'x plain':>8s} {'eff':>6s} "
+    head = (f"{'model':11s} {'k':>4s} {'method':22s} {'step ms':>9s} {'x plain':>8s} {'eff':>6s} "
             f"{'2pass/x':>8s} {'peak MB':>8s} {'mem/plain':>9s} {'mem/2pass':>9s}")
     lines = [head, "-" * len(head)]
     f = lambda v, fmt: "" if v is None else format(v, fmt)  # noqa: E731
     for r in rows:
         k = str(r.get("k", r["inject_at_spec"]))
         if "error" in r:
-            lines.append(f"{r['model']:11s} {k:>4s} {r['method']:12s} ERROR {r['error']}")
+            lines.append(f"{r['model']:11s} {k:>4s} {r['method']:22s} ERROR {r['error']}")
             continue
-        lines.append(f"{r['model']:11s} {k:>4s} {r['method']:12s} {r['step_s'] * 1e3:9.1f} "
+        lines.append(f"{r['model']:11s} {k:>4s} {r['method']:22s} {r['step_s'] * 1e3:9.1f} "
                      f"{f(r.get('vs_plain'), '8.3f'):>8s} {f(r.get('efficiency'), '6.2f'):>6s} "
                      f"{f(r.get('speedup_vs_two_pass'), '8.3f'):>8s} {r['peak_mem_mb']:8.0f} "
                      f"{f(r.get('mem_vs_plain'), '9.3f'):>9s} {f(r.get('mem_vs_two_pass'), '9.3f'):>9s}")
@@ -238,6 +264,7 @@ def main(argv=None):
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--methods", nargs="+", default=None)
     ap.add_argument("--checkpointing", action="store_true")
+    ap.add_argument("--schedules", action="store_true", help="also time noisy_fraction 0.5/0.25 and every=4")
     ap.add_argument("--csv", default=None, help="append rows to this CSV")
     args = ap.parse_args(argv)
     if args.worker:
@@ -245,7 +272,7 @@ def main(argv=None):
         return
     models = args.models or ["minilm", "bert-base", "llama-small"]
     rows = run(models, device=args.device, batch=args.batch, seq=args.seq, steps=args.steps, warmup=args.warmup,
-               methods=args.methods, checkpointing=args.checkpointing)
+               methods=args.methods, checkpointing=args.checkpointing, schedules=args.schedules)
     print(format_table(rows))
     if args.csv:
         from .common import append_csv
