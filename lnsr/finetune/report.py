@@ -14,7 +14,8 @@ def summarize(results: list[dict]) -> dict:
     out: dict = {}
     for r in results:
         cfg = r["config"]
-        s = out.setdefault(cfg["label"], {"seeds": [], "metrics": {}, "wall": [], "ratio": []})
+        s = out.setdefault(cfg["label"], {"seeds": [], "metrics": {}, "wall": [], "ratio": [],
+                                          "eval_split": cfg.get("eval_split", "dev")})
         s["seeds"].append(cfg["seed"])
         s["wall"].append(r["wall_time_s"])
         last = r["epochs"][-1]
@@ -34,7 +35,8 @@ def stats(values) -> dict:
 
 def markdown_table(task: str, summary: dict, metric_names) -> str:
     """Scores x100 (GLUE's convention), 2 decimals; mean wall time per run in seconds."""
-    lines = [f"### {task}: dev scores at the last epoch (x100), over seeds", "",
+    splits = sorted({s.get("eval_split", "dev") for s in summary.values()})
+    lines = [f"### {task}: {' / '.join(splits)} scores at the last epoch (x100), over seeds", "",
              "| method | metric | n | mean | std | max | min | per seed | mean wall time / run (s) | "
              "lam*P/task (last epoch) |",
              "|---|---|---|---|---|---|---|---|---|---|"]
