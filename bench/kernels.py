@@ -39,12 +39,51 @@ def parse_args(argv=None):
     p.add_argument("--ops", default="perturb,layer_penalty")
     p.add_argument("--providers", default=None, help="comma list to keep (default: all available)")
     p.add_argument("--no-compile", action="store_true", help="skip the torch-compile provider")
+    p.add_argument("--compile-perturb-cpu", action="store_true",
+                   help="also torch.compile the reference perturb on CPU (takes > 10 minutes on 2 cores)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch CPU threads (1 gives stable numbers on a shared machine)")
     p.add_argument("--csv", default=os.path.join(ROOT, "bench", "results", "kernels.csv"))
     p.add_argument("--extra-csv", default=None, help="also append the rows here (e.g. $OUT/kernels.csv)")
+    p.add_argument("--summary", default=None, metavar="CSV",
+                   help="only print a side-by-side table of the rows in CSV (e.g. of several runs) and exit")
     return p.parse_args(argv)
 
 
+def summary(path):
+    """Providers side by side per case: ms, the best lnsr backend's %copy, its speed-ups."""
+    with open(path, newline="") as f:
+        rows = list(csv.DictReader(f))
+    if not rows:
+        print(f"(no rows in {path})")
+        return
+    cases, provs = {}, []
+    for r in rows:
+        key = (r["op"], r["pass"], r["shape"], r["dtype"])
+        cases.setdefault(key, {})[r["provider"]] = float(r["median_ms"])
+        cases[key]["_copy"] = float(r["copy_GBps"])
+        cases[key]["_gbs_" + r["provider"]] = float(r["GBps"])
+        if r["provider"] not in provs:
+            provs.append(r["provider"])
+    print(f"# {rows[-1]['device']} | copy {rows[-1]['copy_GBps']} GB/s | torch {rows[-1]['torch']} "
+          f"triton {rows[-1]['triton']} | ms per provider; best lnsr: %copy, x torch, x torch-compile")
+    head = f"{'op':<14}{'pass':<8}{'shape':<30}{'dtype':<9}" + "".join(f"{p:>14}" for p in provs)
+    print(head + f"{'best':>13}{'%copy':>7}{'x torch':>9}{'x comp':>8}")
+    for (op, pas, shape, dt), res in cases.items():
+        line = f"{op:<14}{pas:<8}{shape[:29]:<30}{dt:<9}" + "".join(f"{res.get(p, math.nan):>14.3f}" for p in provs)
+        lnsr_ms = {p: res[p] for p in provs if p.startswith("lnsr-") and res.get(p, math.nan) == res.get(p, math.nan)}
+        if lnsr_ms:
+            best = min(lnsr_ms, key=lnsr_ms.get)
+            ms = lnsr_ms[best]
+            line += (f"{best:>13}{100 * res['_gbs_' + best] / res['_copy']:>6.0f}%"
+                     f"{res.get('torch', math.nan) / ms:>9.2f}{res.get('torch-compile', math.nan) / ms:>8.2f}")
+        print(line)
+
+
 ARGS = parse_args()
+if ARGS.summary:
+    summary(ARGS.summary)
+    sys.exit(0)
 DEVICE = ARGS.device or ("cuda" if __import__("torch").cuda.is_available() else "cpu")
 if DEVICE == "cpu":
     # Lets lnsr-triton run on CPU tensors (tiny shapes only); must precede any kernel definition.
@@ -126,37 +165,40 @@ def cases(device, dtypes, shapes):
         esize = torch.empty((), dtype=dtype).element_size()
         for sname, b, t, hid in shapes:
             n = b * t * hid
-            if "perturb" in ops:
-                for kind in kinds:
-                    def build(perturb, _pl, backward, b=b, t=t, hid=hid, kind=kind, dtype=dtype):
-                        h = torch.randn(b, t, hid, device=device, dtype=dtype, requires_grad=backward)
+            for op in ops:  # in the order asked for
+                if op == "perturb":
+                    for kind in kinds:
+                        def build(perturb, _pl, backward, b=b, t=t, hid=hid, kind=kind, dtype=dtype):
+                            h = torch.randn(b, t, hid, device=device, dtype=dtype, requires_grad=backward)
+                            mask = torch.ones(b, t, device=device, dtype=torch.long)
+                            g = torch.randn(2 * b, t, hid, device=device, dtype=dtype) if backward else None
+
+                            def fn():
+                                out = perturb(h, 12345, sigma=0.05, kind=kind, mask=mask, n_anchors=64)
+                                if backward:
+                                    torch.autograd.grad(out, h, g)
+                            return fn
+                        label = f"{sname} {b}x{t}x{hid} {kind}"
+                        yield "perturb", "fwd", label, dtype, n, build, 3 * n * esize
+                        yield "perturb", "fwd+bwd", label, dtype, n, build, 6 * n * esize  # + read g[2n], write grad[n]
+                elif op == "layer_penalty":
+                    def build(_pt, layer_penalty, backward, b=b, t=t, hid=hid, dtype=dtype):
+                        ys = [torch.randn(2 * b, t, hid, device=device, dtype=dtype, requires_grad=backward)
+                              for _ in range(N_LAYERS)]
                         mask = torch.ones(b, t, device=device, dtype=torch.long)
-                        g = torch.randn(2 * b, t, hid, device=device, dtype=dtype) if backward else None
+                        mask[:, int(0.9 * t):] = 0  # some padding, as in a real batch
 
                         def fn():
-                            out = perturb(h, 12345, sigma=0.05, kind=kind, mask=mask, n_anchors=64)
+                            loss = layer_penalty(ys, mask=mask, weights=None, detach_clean=False)
                             if backward:
-                                torch.autograd.grad(out, h, g)
+                                torch.autograd.grad(loss, ys)
                         return fn
-                    label = f"{sname} {b}x{t}x{hid} {kind}"
-                    yield "perturb", "fwd", label, dtype, n, build, 3 * n * esize
-                    yield "perturb", "fwd+bwd", label, dtype, n, build, 6 * n * esize  # + read g[2n], write grad[n]
-            if "layer_penalty" in ops:
-                def build(_pt, layer_penalty, backward, b=b, t=t, hid=hid, dtype=dtype):
-                    ys = [torch.randn(2 * b, t, hid, device=device, dtype=dtype, requires_grad=backward)
-                          for _ in range(N_LAYERS)]
-                    mask = torch.ones(b, t, device=device, dtype=torch.long)
-                    mask[:, int(0.9 * t):] = 0  # some padding, as in a real batch
-
-                    def fn():
-                        loss = layer_penalty(ys, mask=mask, weights=None, detach_clean=False)
-                        if backward:
-                            torch.autograd.grad(loss, ys)
-                    return fn
-                label = f"{sname} {N_LAYERS}x{2 * b}x{t}x{hid}"
-                ybytes = N_LAYERS * 2 * n * esize
-                yield "layer_penalty", "fwd", label, dtype, 2 * n, build, ybytes
-                yield "layer_penalty", "fwd+bwd", label, dtype, 2 * n, build, 3 * ybytes  # + read ys, write grads
+                    label = f"{sname} {N_LAYERS}x{2 * b}x{t}x{hid}"
+                    ybytes = N_LAYERS * 2 * n * esize
+                    yield "layer_penalty", "fwd", label, dtype, 2 * n, build, ybytes
+                    yield "layer_penalty", "fwd+bwd", label, dtype, 2 * n, build, 3 * ybytes  # + read ys, write grads
+                else:
+                    raise SystemExit(f"unknown op {op!r}; choose perturb, layer_penalty")
 
 
 # --------------------------------------------------------------------------------------------- main
@@ -167,6 +209,8 @@ def main():
         sys.exit("--device cuda but torch sees no CUDA device")
     dtypes = [getattr(torch, DTYPES[d]) for d in (ARGS.dtype or ("bf16" if device == "cuda" else "fp32")).split(",")]
     shapes = SHAPES_QUICK if ARGS.quick else SHAPES_GPU if device == "cuda" else SHAPES_CPU
+    if ARGS.threads:
+        torch.set_num_threads(ARGS.threads)
     provs = providers(device)
     name = device_name(device)
     copy_gbs = copy_bandwidth(device)
@@ -197,6 +241,10 @@ def main():
             note = ""
             if prov == "lnsr-triton" and device == "cpu" and elems > INTERPRETER_MAX_ELEMS:
                 res[prov] = (math.nan, "skipped: interpreter")
+                continue
+            if prov == "torch-compile" and device == "cpu" and op == "perturb" and not ARGS.compile_perturb_cpu:
+                # Inductor spends > 10 minutes on the reference's integer Philox on a 2-core CPU.
+                res[prov] = (math.nan, "skipped: compile too slow on CPU (--compile-perturb-cpu)")
                 continue
             try:
                 fn = build(pt, pl, pas == "fwd+bwd")

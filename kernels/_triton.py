@@ -173,14 +173,15 @@ def _penalty_fwd_kernel(ref_ptr, delta_ptr, hid_ptr, H_arg, w_ptr, mask_ptr, par
     base, H = _layer_base(ref_ptr, delta_ptr, hid_ptr, H_arg, j, DELTA_DIV, UNIFORM_H)
     w = tl.load(w_ptr + j)
     row_ok = rows < M
-    noisy_off = M * H
+    noisy_rows = rows + M  # int64: M * H alone would be an int32 product and overflow past 2**31
     cols = tl.arange(0, BLOCK_H)
     acc = tl.zeros([ROWS, BLOCK_H], dtype=tl.float32)
     for k0 in range(0, H, BLOCK_H):
         offs = rows[:, None] * H + (k0 + cols)[None, :]
+        noffs = noisy_rows[:, None] * H + (k0 + cols)[None, :]
         ok = row_ok[:, None] & ((k0 + cols) < H)[None, :]
         c = tl.load(base + offs, mask=ok, other=0.0).to(tl.float32)
-        d = tl.load(base + noisy_off + offs, mask=ok, other=0.0).to(tl.float32) - c
+        d = tl.load(base + noffs, mask=ok, other=0.0).to(tl.float32) - c
         acc += d * d
     sq = tl.sum(acc, axis=1)
     if HAS_MASK:
@@ -226,15 +227,16 @@ def _penalty_bwd_kernel(ref_ptr, delta_ptr, gref_ptr, gdelta_ptr, hid_ptr, H_arg
         rcoef = coef * tl.load(mask_ptr + rows, mask=row_ok, other=0.0)
     else:
         rcoef = coef + tl.zeros([ROWS], dtype=tl.float32)
-    noisy_off = M * H
+    noisy_rows = rows + M  # int64: M * H alone would be an int32 product and overflow past 2**31
     cols = tl.arange(0, BLOCK_H)
     for k0 in range(0, H, BLOCK_H):
         offs = rows[:, None] * H + (k0 + cols)[None, :]
+        noffs = noisy_rows[:, None] * H + (k0 + cols)[None, :]
         ok = row_ok[:, None] & ((k0 + cols) < H)[None, :]
         c = tl.load(base + offs, mask=ok, other=0.0)
-        d = tl.load(base + noisy_off + offs, mask=ok, other=0.0).to(tl.float32) - c.to(tl.float32)
+        d = tl.load(base + noffs, mask=ok, other=0.0).to(tl.float32) - c.to(tl.float32)
         gn = rcoef[:, None] * d
-        tl.store(gbase + noisy_off + offs, gn.to(c.dtype), mask=ok)
+        tl.store(gbase + noffs, gn.to(c.dtype), mask=ok)
         if DETACH:
             tl.store(gbase + offs, tl.zeros_like(gn).to(c.dtype), mask=ok)
         else:
