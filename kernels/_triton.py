@@ -67,7 +67,7 @@ def _noise_at(seed, idx):
     return tl.where(r == 0, n1, tl.where(r == 1, n2, tl.where(r == 2, n3, n4)))
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["seed"])  # a new seed every step must not mean a new compile
 def _flat_kernel(h_ptr, eps_ptr, out_ptr, n, seed, sigma, MODE: tl.constexpr, BLOCK: tl.constexpr):
     """MODE 0: out[i] = z[i] (fp32).  MODE 1: out = cat([h, h + sigma*z]).  MODE 2: out = cat([h, h + eps])."""
     start = tl.program_id(0).to(tl.int64) * BLOCK
@@ -85,7 +85,7 @@ def _flat_kernel(h_ptr, eps_ptr, out_ptr, n, seed, sigma, MODE: tl.constexpr, BL
         tl.store(out_ptr + n + offs, (x.to(tl.float32) + eps).to(x.dtype), mask=inb)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["seed"])
 def _relative_kernel(h_ptr, out_ptr, n, M, H, seed, sigma, ROWS: tl.constexpr, BLOCK_H: tl.constexpr,
                      SINGLE: tl.constexpr, ALIGNED: tl.constexpr):
     """out = cat([h, h + sigma*rms(row)*z]) over a [ROWS, BLOCK_H] tile of the [M, H] view of h."""
