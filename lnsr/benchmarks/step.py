@@ -87,7 +87,8 @@ def run_case(spec: dict) -> dict:
     from lnsr.twopass import two_pass
 
     device = torch.device(spec["device"])
-    model, decoder = build_model(spec["model"])
+    with torch.device(device):  # build on the device: a 1B model's init on the CPU takes long
+        model, decoder = build_model(spec["model"])
     if spec.get("checkpointing"):
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.to(device).train()
@@ -174,10 +175,12 @@ def parse_lnsr_method(method: str):
     return backend, extra
 
 
-def methods_for(device: str, schedules: bool = False) -> list[str]:
+def methods_for(device: str, schedules: bool = False, best_only: bool = False) -> list[str]:
     import lnsr
 
     backends = lnsr.ops.available_backends(device)
+    if best_only:
+        backends = [lnsr.ops.resolve_backend("auto", device).name]
     out = ["plain", "two-pass"] + [f"lnsr-{b}" for b in backends]
     if schedules:  # the cheaper schedules with the fastest backend (auto's choice)
         best = lnsr.ops.resolve_backend("auto", device).name
@@ -186,8 +189,9 @@ def methods_for(device: str, schedules: bool = False) -> list[str]:
 
 
 def run(models, *, device="cpu", batch=16, seq=128, steps=5, warmup=2, inject=("0", "half"),
-        methods=None, checkpointing=False, schedules=False, timeout=1800.0, log=print) -> list[dict]:
-    methods = methods or methods_for(device, schedules)
+        methods=None, checkpointing=False, schedules=False, best_only=False, timeout=1800.0,
+        log=print) -> list[dict]:
+    methods = methods or methods_for(device, schedules, best_only)
     rows = []
     for model in models:
         plain = None
@@ -268,6 +272,7 @@ def main(argv=None):
     ap.add_argument("--methods", nargs="+", default=None)
     ap.add_argument("--checkpointing", action="store_true")
     ap.add_argument("--schedules", action="store_true", help="also time noisy_fraction 0.5/0.25 and every=4")
+    ap.add_argument("--best-only", action="store_true", help="only the backend that auto picks")
     ap.add_argument("--csv", default=None, help="append rows to this CSV")
     args = ap.parse_args(argv)
     if args.worker:
@@ -275,7 +280,8 @@ def main(argv=None):
         return
     models = args.models or ["minilm", "bert-base", "llama-small"]
     rows = run(models, device=args.device, batch=args.batch, seq=args.seq, steps=args.steps, warmup=args.warmup,
-               methods=args.methods, checkpointing=args.checkpointing, schedules=args.schedules)
+               methods=args.methods, checkpointing=args.checkpointing, schedules=args.schedules,
+               best_only=args.best_only)
     print(format_table(rows))
     if args.csv:
         from .common import append_csv
