@@ -11,7 +11,7 @@
 set -u
 
 START=$(date +%s)
-DEADLINE=$((START + ${GPU_CHECK_BUDGET_S:-450}))   # leaves margin under 8 minutes
+DEADLINE=$((START + ${GPU_CHECK_BUDGET_S:-480}))   # leaves margin under 9 minutes
 STAMP=$(date +%Y%m%d_%H%M%S)
 OUT="${OUT:-bench/results/gpu_check_$STAMP}"
 mkdir -p "$OUT" bench/results
@@ -63,19 +63,26 @@ for name, err in dispatch._ERRORS.items():
 EOF
 
 # 2. GPU tests (all of the project's, not only the Triton ones)
-run_step pytest_gpu 200 $PY -m pytest -m gpu -q -rfEs -p no:cacheprovider --junitxml="$OUT/pytest_gpu.xml" tests
+run_step pytest_gpu 150 $PY -m pytest -m gpu -q -rfEs -p no:cacheprovider --junitxml="$OUT/pytest_gpu.xml" tests
 grep -E "passed|failed|error|skipped" "$OUT/pytest_gpu.log" | tail -n 3 | tee -a "$SUMMARY"
 
 # 3. kernel benchmark: every lnsr backend and eager torch first (bounded time) ...
 CSV="$OUT/kernels.csv"
-run_step bench_kernels 150 $PY bench/kernels.py --device cuda --dtype bf16,fp32 --kinds relative,gaussian \
+run_step bench_kernels 110 $PY bench/kernels.py --device cuda --dtype bf16,fp32 --kinds relative,gaussian \
     --no-compile --extra-csv "$CSV"
+# training step, bf16 autocast: BERT-base B=32 T=128; a 1.1B Llama with activation checkpointing
+STEP_CSV="$OUT/step_gpu.csv"
+run_step bench_step_bert 90 $PY -m lnsr.benchmarks.step --models bert-base --device cuda --batch 32 --seq 128 \
+    --steps 10 --warmup 3 --best-only --csv "$STEP_CSV"
+run_step bench_step_llama 100 $PY -m lnsr.benchmarks.step --models llama-1b --device cuda --batch 8 --seq 512 \
+    --steps 6 --warmup 2 --best-only --checkpointing --csv "$STEP_CSV"
 # ... then torch.compile of the reference, which may take long to compile: whatever time is left.
 run_step bench_compile 120 $PY bench/kernels.py --device cuda --dtype bf16 --kinds relative \
     --ops layer_penalty,perturb --providers torch-compile --extra-csv "$CSV"
 
 # 4. the table, last
 note "done in $(($(date +%s) - START))s; logs in $OUT"
+for f in "$OUT"/bench_step_*.log; do [ -f "$f" ] && grep -A 12 "^model" "$f"; done
 if [ -s "$CSV" ]; then
     $PY bench/kernels.py --summary "$CSV" 2>&1 | tee "$OUT/table.txt"
 else
