@@ -258,9 +258,13 @@ class LNSR:
         if st.depth:
             return None
         if st.active and st.in_forward:
-            # The forward ended before the penalty was computed (an exception): undo everything.
-            st.active = False
-            self._dropout.deactivate()
+            if len(st.ys) == len(self.blocks) - self.inject_at:
+                # The penalty is computed here, outside every block: a block whose __call__ runs
+                # inside an activation checkpoint must save the same tensors when recomputed.
+                self._finish()
+            else:  # the forward ended early (an exception): undo everything
+                st.active = False
+                self._dropout.deactivate()
         st.in_forward = False
         st.ys = []
         st.doubled.clear()
@@ -362,8 +366,6 @@ class LNSR:
                 return None  # an exception inside the block; _entry_post cleans up
             if st.in_forward:
                 st.ys.append(y[st.batch - st.noisy:])  # [2m, ...]: clean rows then their noisy copies
-                if last:
-                    self._finish()
             if not last:
                 return None
             b = st.batch

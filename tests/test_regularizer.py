@@ -269,3 +269,45 @@ def test_backend_is_passed_through(monkeypatch):
     with pytest.raises(ValueError, match="backend"):
         lnsr.LNSR(model, backend="nope")
     assert _hook_count(model) == 0
+
+
+class _CheckpointedStack(torch.nn.Module):
+    """Blocks called through torch.utils.checkpoint around their __call__, so that LNSR's block
+    hooks run again during the recomputation (older transformers checkpoint this way)."""
+
+    def __init__(self, checkpoint, h=16, n=3):
+        super().__init__()
+        self.checkpoint = checkpoint
+        self.emb = torch.nn.Linear(6, h)
+        self.layers = torch.nn.ModuleList(
+            torch.nn.Sequential(torch.nn.Linear(h, h), torch.nn.GELU(), torch.nn.Dropout(0.2)) for _ in range(n))
+        self.head = torch.nn.Linear(h, 1)
+
+    def forward(self, x, attention_mask=None):
+        h = self.emb(x)
+        for blk in self.layers:
+            if self.checkpoint:
+                h = torch.utils.checkpoint.checkpoint(blk, h, use_reentrant=False)
+            else:
+                h = blk(h)
+        return self.head(h).mean()
+
+
+@pytest.mark.parametrize("inject_at", [0, 2])
+def test_hooks_inside_checkpointed_block_calls(inject_at):
+    x = torch.randn(3, 5, 6)
+    mask = torch.ones(3, 5)
+    mask[0, 3:] = 0
+    results = []
+    for ckpt in (False, True):
+        torch.manual_seed(0)
+        model = _CheckpointedStack(ckpt)
+        model.train()
+        reg = lnsr.LNSR(model, sigma=0.1, inject_at=inject_at, lam=0.5)
+        torch.manual_seed(1)
+        out = model(x, attention_mask=mask)
+        (out + reg.loss).backward()
+        results.append((reg.penalty, _grads(model)))
+        reg.remove()
+    torch.testing.assert_close(results[0][0], results[1][0], rtol=1e-6, atol=0)
+    _assert_grads_close(results[0][1], results[1][1], rtol=1e-5, atol=1e-7)
