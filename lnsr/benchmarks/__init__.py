@@ -66,6 +66,11 @@ def main(argv=None) -> int:
     ap.add_argument("--only", choices=("kernels", "step"), default=None)
     ap.add_argument("--models", nargs="+", default=None, help="step benchmark models (see lnsr.benchmarks.step)")
     ap.add_argument("--out", default=None, help="folder for CSVs and the PNG")
+    ap.add_argument("--batch", type=int, default=None, help="step benchmark batch (default: 32 GPU, 16 CPU, 8 quick)")
+    ap.add_argument("--seq", type=int, default=None, help="step benchmark sequence length (default 128, 64 quick)")
+    ap.add_argument("--steps", type=int, default=None, help="timed steps per case")
+    ap.add_argument("--schedules", action="store_true", help="also time noisy_fraction 0.5/0.25 and every=4")
+    ap.add_argument("--best-only", action="store_true", help="only the backend that auto picks")
     args = ap.parse_args(argv)
     out = args.out or default_out()
     os.makedirs(out, exist_ok=True)
@@ -73,24 +78,30 @@ def main(argv=None) -> int:
     if args.only in (None, "kernels"):
         from . import kernels
         print("== kernels ==")
-        kargv = ["--device", args.device, "--csv", os.path.join(out, f"kernels_{tag}.csv")]
-        kernels.main(kargv + (["--quick"] if args.quick else []))
+        kargv = ["--device", args.device, "--csv", os.path.join(out, "kernels.csv")]
+        kargv += ["--quick"] if args.quick else ["--threads", "1"] if args.device == "cpu" else []
+        kernels.main(kargv)
     if args.only in (None, "step"):
         from . import step
         from .common import append_csv
         print("== training step ==")
+        opts = dict(device=args.device, schedules=args.schedules, best_only=args.best_only)
         if args.quick:
             models = args.models or (["minilm"] if _has_minilm() else ["tiny-bert"])
-            rows = step.run(models, device=args.device, batch=8, seq=64, steps=3, warmup=1)
+            rows = step.run(models, batch=args.batch or 8, seq=args.seq or 64, steps=args.steps or 3, warmup=1,
+                            **opts)
         elif args.device.startswith("cuda"):
-            rows = step.run(args.models or ["bert-base"], device=args.device, batch=32, seq=128, steps=20, warmup=5)
+            rows = step.run(args.models or ["bert-base"], batch=args.batch or 32, seq=args.seq or 128,
+                            steps=args.steps or 20, warmup=5, **opts)
         else:
             models = args.models or (["minilm", "bert-base", "llama-small"] if _has_minilm()
                                      else ["bert-base", "llama-small"])
-            rows = step.run(models, device=args.device, batch=16, seq=128, steps=5, warmup=2)
+            rows = step.run(models, batch=args.batch or 16, seq=args.seq or 128, steps=args.steps or 5, warmup=2,
+                            **opts)
         print(step.format_table(rows))
         append_csv(os.path.join(out, f"step_{tag}.csv"), rows, kind="step")
-        png = plot_steps(rows, os.path.join(out, f"step_{tag}.png"))
+        name = "_".join(sorted({r["model"] for r in rows}))
+        png = plot_steps(rows, os.path.join(out, f"step_{tag}_{name}.png"))
         if png:
             print(f"plot: {png}")
     return 0

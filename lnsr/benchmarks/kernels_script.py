@@ -1,0 +1,293 @@
+"""Kernel microbenchmark: perturb and layer_penalty, every backend against the torch reference.
+
+    python bench/kernels.py                    # the device's default shapes (CUDA if present)
+    python bench/kernels.py --device cpu --quick   # tiny shape; Triton runs under the interpreter
+    lnsr bench --only kernels                  # the same, through the CLI
+
+A script, not a library module: it reads its arguments and sets TRITON_INTERPRET (CPU) before
+any kernel module is imported, so it always runs in a process of its own
+(``lnsr.benchmarks.kernels.main`` starts one).
+
+Providers: ``lnsr-<backend>`` for every non-reference backend that loads on the device (so
+lnsr-triton, lnsr-cuda, lnsr-cpu appear by themselves), ``torch`` (lnsr.ops.reference) and
+``torch-compile`` (torch.compile of the reference).  Bytes count each input read once and each
+output written once; the fraction is of the device-to-device copy bandwidth measured in the same
+run (bytes read + bytes written).  Rows are appended to bench/results/kernels.csv.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import datetime as _dt
+import math
+import os
+import statistics
+import sys
+import time
+
+DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
+# (name, batch, seq, hidden): BERT-base up to a 7B decoder's hidden size.
+SHAPES_GPU = [("bert-base", 32, 128, 768), ("7b", 8, 2048, 4096)]
+SHAPES_CPU = [("bert-base", 32, 128, 768)]
+SHAPES_QUICK = [("tiny", 2, 32, 768)]
+INTERPRETER_MAX_ELEMS = 1 << 17  # Triton's interpreter takes seconds per call beyond this
+N_LAYERS = 12
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
+    p.add_argument("--quick", action="store_true", help="one tiny shape, few repetitions")
+    p.add_argument("--dtype", default=None, help="comma list of fp32,fp16,bf16 (default bf16 on cuda, fp32 on cpu)")
+    p.add_argument("--kinds", default="relative", help="noise kinds of perturb (comma list)")
+    p.add_argument("--ops", default="perturb,layer_penalty")
+    p.add_argument("--providers", default=None, help="comma list to keep (default: all available)")
+    p.add_argument("--no-compile", action="store_true", help="skip the torch-compile provider")
+    p.add_argument("--compile-perturb-cpu", action="store_true",
+                   help="also torch.compile the reference perturb on CPU (takes > 10 minutes on 2 cores)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch CPU threads (1 gives stable numbers on a shared machine)")
+    p.add_argument("--csv", default=None, help="append rows here (default: <results folder>/kernels.csv)")
+    p.add_argument("--extra-csv", default=None, help="also append the rows here (e.g. $OUT/kernels.csv)")
+    p.add_argument("--summary", default=None, metavar="CSV",
+                   help="only print a side-by-side table of the rows in CSV (e.g. of several runs) and exit")
+    return p.parse_args(argv)
+
+
+def summary(path):
+    """Providers side by side per case: ms, the best lnsr backend's %copy, its speed-ups."""
+    with open(path, newline="") as f:
+        rows = list(csv.DictReader(f))
+    if not rows:
+        print(f"(no rows in {path})")
+        return
+    cases, provs = {}, []
+    for r in rows:
+        key = (r["op"], r["pass"], r["shape"], r["dtype"])
+        cases.setdefault(key, {})[r["provider"]] = float(r["median_ms"])
+        cases[key]["_copy"] = float(r["copy_GBps"])
+        cases[key]["_gbs_" + r["provider"]] = float(r["GBps"])
+        if r["provider"] not in provs:
+            provs.append(r["provider"])
+    print(f"# {rows[-1]['device']} | copy {rows[-1]['copy_GBps']} GB/s | torch {rows[-1]['torch']} "
+          f"triton {rows[-1]['triton']} | ms per provider; best lnsr: %copy, x torch, x torch-compile")
+    head = f"{'op':<14}{'pass':<8}{'shape':<30}{'dtype':<9}" + "".join(f"{p:>14}" for p in provs)
+    print(head + f"{'best':>13}{'%copy':>7}{'x torch':>9}{'x comp':>8}")
+    for (op, pas, shape, dt), res in cases.items():
+        line = f"{op:<14}{pas:<8}{shape[:29]:<30}{dt:<9}" + "".join(f"{res.get(p, math.nan):>14.3f}" for p in provs)
+        lnsr_ms = {p: res[p] for p in provs if p.startswith("lnsr-") and res.get(p, math.nan) == res.get(p, math.nan)}
+        if lnsr_ms:
+            best = min(lnsr_ms, key=lnsr_ms.get)
+            ms = lnsr_ms[best]
+            line += (f"{best:>13}{100 * res['_gbs_' + best] / res['_copy']:>6.0f}%"
+                     f"{res.get('torch', math.nan) / ms:>9.2f}{res.get('torch-compile', math.nan) / ms:>8.2f}")
+        print(line)
+
+
+ARGS = parse_args()
+if ARGS.summary:
+    summary(ARGS.summary)
+    sys.exit(0)
+DEVICE = ARGS.device or ("cuda" if __import__("torch").cuda.is_available() else "cpu")
+if DEVICE == "cpu":
+    # Lets lnsr-triton run on CPU tensors (tiny shapes only); must precede any kernel definition.
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import torch  # noqa: E402
+
+import lnsr  # noqa: E402
+from lnsr.benchmarks import default_out  # noqa: E402
+
+if ARGS.csv is None:
+    ARGS.csv = os.path.join(default_out(), "kernels.csv")
+from lnsr.ops import reference  # noqa: E402
+from lnsr.ops.dispatch import available_backends, resolve_backend  # noqa: E402
+
+try:
+    import triton
+    import triton.testing
+except ImportError:  # the torch providers still run
+    triton = None
+
+
+# --------------------------------------------------------------------------------------------- timing
+
+def timeit(fn, device) -> float:
+    """Median milliseconds of fn()."""
+    if device == "cuda" and triton is not None:
+        return float(triton.testing.do_bench(fn, warmup=25, rep=100 if ARGS.quick else 200, return_mode="median"))
+    fn()  # warm-up (and compilation)
+    if device == "cuda":
+        torch.cuda.synchronize()
+    times, budget, t_start = [], (0.5 if ARGS.quick else 2.0), time.perf_counter()
+    while len(times) < 3 or (time.perf_counter() - t_start < budget and len(times) < 50):
+        t0 = time.perf_counter()
+        fn()
+        if device == "cuda":
+            torch.cuda.synchronize()
+        times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times)
+
+
+def copy_bandwidth(device) -> float:
+    """Device-to-device copy bandwidth in GB/s, counting bytes read + bytes written."""
+    n = (1 << 28) if device == "cuda" else (1 << 25)  # 1 GiB / 128 MiB of fp32
+    src = torch.empty(n, dtype=torch.float32, device=device).fill_(1.0)
+    dst = torch.empty_like(src)
+    ms = timeit(lambda: dst.copy_(src), device)
+    return 2 * src.numel() * 4 / ms / 1e6
+
+
+def device_name(device) -> str:
+    if device == "cuda":
+        return torch.cuda.get_device_name()
+    import platform
+
+    return f"cpu ({platform.processor() or platform.machine()}, {os.cpu_count()} threads, torch {torch.get_num_threads()})"
+
+
+# --------------------------------------------------------------------------------------------- providers
+
+def providers(device):
+    out = {}
+    for name in available_backends(device):
+        if name != "torch":
+            impl = resolve_backend(name, device)
+            out[f"lnsr-{name}"] = (impl.perturb, impl.layer_penalty)
+    out["torch"] = (reference.perturb, reference.layer_penalty)
+    if not ARGS.no_compile:
+        out["torch-compile"] = (torch.compile(reference.perturb, dynamic=False),
+                                torch.compile(reference.layer_penalty, dynamic=False))
+    if ARGS.providers:
+        keep = set(ARGS.providers.split(","))
+        out = {k: v for k, v in out.items() if k in keep}
+    return out
+
+
+def cases(device, dtypes, shapes):
+    """(op, pass, label, dtype, fn builder, bytes) for every case."""
+    kinds = ARGS.kinds.split(",")
+    ops = ARGS.ops.split(",")
+    for dtype in dtypes:
+        esize = torch.empty((), dtype=dtype).element_size()
+        for sname, b, t, hid in shapes:
+            n = b * t * hid
+            for op in ops:  # in the order asked for
+                if op == "perturb":
+                    for kind in kinds:
+                        def build(perturb, _pl, backward, b=b, t=t, hid=hid, kind=kind, dtype=dtype):
+                            h = torch.randn(b, t, hid, device=device, dtype=dtype, requires_grad=backward)
+                            mask = torch.ones(b, t, device=device, dtype=torch.long)
+                            g = torch.randn(2 * b, t, hid, device=device, dtype=dtype) if backward else None
+
+                            def fn():
+                                out = perturb(h, 12345, sigma=0.05, kind=kind, mask=mask, n_anchors=64)
+                                if backward:
+                                    torch.autograd.grad(out, h, g)
+                            return fn
+                        label = f"{sname} {b}x{t}x{hid} {kind}"
+                        yield "perturb", "fwd", label, dtype, n, build, 3 * n * esize
+                        yield "perturb", "fwd+bwd", label, dtype, n, build, 6 * n * esize  # + read g[2n], write grad[n]
+                elif op == "layer_penalty":
+                    def build(_pt, layer_penalty, backward, b=b, t=t, hid=hid, dtype=dtype):
+                        ys = [torch.randn(2 * b, t, hid, device=device, dtype=dtype, requires_grad=backward)
+                              for _ in range(N_LAYERS)]
+                        mask = torch.ones(b, t, device=device, dtype=torch.long)
+                        mask[:, int(0.9 * t):] = 0  # some padding, as in a real batch
+
+                        def fn():
+                            loss = layer_penalty(ys, mask=mask, weights=None, detach_clean=False)
+                            if backward:
+                                torch.autograd.grad(loss, ys)
+                        return fn
+                    label = f"{sname} {N_LAYERS}x{2 * b}x{t}x{hid}"
+                    ybytes = N_LAYERS * 2 * n * esize
+                    yield "layer_penalty", "fwd", label, dtype, 2 * n, build, ybytes
+                    yield "layer_penalty", "fwd+bwd", label, dtype, 2 * n, build, 3 * ybytes  # + read ys, write grads
+                else:
+                    raise SystemExit(f"unknown op {op!r}; choose perturb, layer_penalty")
+
+
+# --------------------------------------------------------------------------------------------- main
+
+def main():
+    device = DEVICE
+    if device == "cuda" and not torch.cuda.is_available():
+        sys.exit("--device cuda but torch sees no CUDA device")
+    dtypes = [getattr(torch, DTYPES[d]) for d in (ARGS.dtype or ("bf16" if device == "cuda" else "fp32")).split(",")]
+    shapes = SHAPES_QUICK if ARGS.quick else SHAPES_GPU if device == "cuda" else SHAPES_CPU
+    if ARGS.threads:
+        torch.set_num_threads(ARGS.threads)
+    provs = providers(device)
+    name = device_name(device)
+    copy_gbs = copy_bandwidth(device)
+    versions = dict(torch=torch.__version__, triton=getattr(triton, "__version__", "-"), lnsr=lnsr.__version__)
+    date = _dt.datetime.now().isoformat(timespec="seconds")
+    print(f"# {name} | copy bandwidth {copy_gbs:.1f} GB/s (read+write) | torch {versions['torch']} "
+          f"triton {versions['triton']} | providers: {', '.join(provs)}", flush=True)
+
+    fields = ["date", "device", "torch", "triton", "op", "pass", "shape", "dtype", "provider", "median_ms",
+              "GBps", "frac_copy", "copy_GBps", "speedup_vs_torch", "note"]
+    paths = [p for p in (ARGS.csv, ARGS.extra_csv) if p]
+    for p in paths:
+        os.makedirs(os.path.dirname(os.path.abspath(p)), exist_ok=True)
+
+    def write_rows(rows):
+        for p in paths:
+            new = not os.path.exists(p) or os.path.getsize(p) == 0
+            with open(p, "a", newline="") as f:
+                w = csv.DictWriter(f, fieldnames=fields)
+                if new:
+                    w.writeheader()
+                w.writerows(rows)
+
+    table = []
+    for op, pas, label, dtype, elems, build, nbytes in cases(device, dtypes, shapes):
+        res = {}
+        for prov, (pt, pl) in provs.items():
+            note = ""
+            if prov == "lnsr-triton" and device == "cpu" and elems > INTERPRETER_MAX_ELEMS:
+                res[prov] = (math.nan, "skipped: interpreter")
+                continue
+            if prov == "torch-compile" and device == "cpu" and op == "perturb" and not ARGS.compile_perturb_cpu:
+                # Inductor spends > 10 minutes on the reference's integer Philox on a 2-core CPU.
+                res[prov] = (math.nan, "skipped: compile too slow on CPU (--compile-perturb-cpu)")
+                continue
+            try:
+                fn = build(pt, pl, pas == "fwd+bwd")
+                ms = timeit(fn, device)
+                if prov == "lnsr-triton" and device == "cpu":
+                    note = "interpreter"
+            except Exception as exc:  # one failing provider must not end the run
+                ms, note = math.nan, f"error: {type(exc).__name__}: {str(exc).splitlines()[0][:120] if str(exc) else ''}"
+            res[prov] = (ms, note)
+            if device == "cuda":
+                torch.cuda.empty_cache()
+        base = res.get("torch", (math.nan, ""))[0]
+        rows = []
+        for prov, (ms, note) in res.items():
+            gbs = nbytes / ms / 1e6 if ms == ms else math.nan
+            rows.append(dict(date=date, device=name, torch=versions["torch"], triton=versions["triton"], op=op,
+                             **{"pass": pas}, shape=label, dtype=str(dtype).replace("torch.", ""), provider=prov,
+                             median_ms=f"{ms:.4f}", GBps=f"{gbs:.4g}", frac_copy=f"{gbs / copy_gbs:.4g}",
+                             copy_GBps=f"{copy_gbs:.1f}", speedup_vs_torch=f"{base / ms:.2f}", note=note))
+        write_rows(rows)
+        table.append((op, pas, label, str(dtype).replace("torch.", ""), res, nbytes))
+        print(f"  done {op} {pas} {label}", flush=True)
+
+    # A table with the providers side by side: ms, GB/s, fraction of copy bandwidth, speed-ups.
+    print()
+    print(f"{'op':<14}{'pass':<8}{'shape':<32}{'dtype':<9}{'provider':<15}{'ms':>10}{'GB/s':>9}{'%copy':>7}"
+          f"{'x torch':>9}{'x compile':>10}  note")
+    for op, pas, label, dt, res, nbytes in table:
+        base = res.get("torch", (math.nan,))[0]
+        comp = res.get("torch-compile", (math.nan,))[0]
+        for prov, (ms, note) in res.items():
+            gbs = nbytes / ms / 1e6 if ms == ms else math.nan
+            print(f"{op:<14}{pas:<8}{label:<32}{dt:<9}{prov:<15}{ms:>10.3f}{gbs:>9.3g}{100 * gbs / copy_gbs:>6.0f}%"
+                  f"{base / ms:>9.2f}{comp / ms:>10.2f}  {note}")
+    print(f"\nrows appended to {', '.join(paths)}")
+
+
+if __name__ == "__main__":
+    main()
