@@ -155,3 +155,23 @@ def test_accelerate_lora_example_runs_on_a_tiny_llama():
     spec.loader.exec_module(mod)
     loss = mod.main(["--tiny", "--steps", "6", "--noisy-fraction", "0.5", "--every", "2", "--checkpointing"])
     assert 0 < loss < 10
+
+
+def test_fp16_autocast_with_grad_scaler():
+    model = build("bert")
+    model.train()
+    inputs = batch("bert")
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**8)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    with lnsr.LNSR(model, sigma=0.1, inject_at=1) as reg:
+        for _ in range(2):
+            with torch.autocast("cpu", dtype=torch.float16):
+                out = model(**inputs)
+                loss = out.loss + reg.loss
+            assert reg.loss.dtype == torch.float32 and torch.isfinite(reg.loss)
+            scaler.scale(loss).backward()
+            scaler.step(opt)
+            scaler.update()
+            opt.zero_grad(set_to_none=True)
+    assert any(not torch.equal(p, before[n]) for n, p in model.named_parameters())
