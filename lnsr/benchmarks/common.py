@@ -9,19 +9,22 @@ from datetime import datetime, timezone
 import torch
 
 
-def device_name(device: str) -> str:
-    if str(device).startswith("cuda") and torch.cuda.is_available():
-        return torch.cuda.get_device_name()
-    model = platform.processor() or platform.machine()
+def cpu_name() -> str:
+    """The processor's model name (``/proc/cpuinfo``), else what ``platform`` knows."""
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
                 if line.startswith("model name"):
-                    model = line.split(":", 1)[1].strip()
-                    break
+                    return line.split(":", 1)[1].strip()
     except OSError:
         pass
-    return f"{model} ({os.cpu_count()} cores)"
+    return platform.processor() or platform.machine()
+
+
+def device_name(device: str) -> str:
+    if str(device).startswith("cuda") and torch.cuda.is_available():
+        return torch.cuda.get_device_name()
+    return f"{cpu_name()} ({os.cpu_count()} cores)"
 
 
 def environment(device: str) -> dict:

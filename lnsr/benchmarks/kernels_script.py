@@ -96,7 +96,7 @@ if DEVICE == "cpu":
 import torch  # noqa: E402
 
 import lnsr  # noqa: E402
-from lnsr.benchmarks import default_out  # noqa: E402
+from lnsr.benchmarks import common, default_out  # noqa: E402
 
 if ARGS.csv is None:
     ARGS.csv = os.path.join(default_out(), "kernels.csv")
@@ -140,13 +140,9 @@ def copy_bandwidth(device) -> float:
 
 def device_name(device) -> str:
     if device == "cuda":
-        return torch.cuda.get_device_name()
-    import platform
+        return common.device_name(device)
+    return f"cpu ({common.cpu_name()}, {os.cpu_count()} threads, torch {torch.get_num_threads()})"
 
-    return f"cpu ({platform.processor() or platform.machine()}, {os.cpu_count()} threads, torch {torch.get_num_threads()})"
-
-
-# --------------------------------------------------------------------------------------------- providers
 
 def providers(device):
     out = {}

@@ -5,7 +5,6 @@ import datetime
 import json
 import math
 import os
-import platform
 import random
 import sys
 import time
@@ -13,6 +12,7 @@ import time
 import numpy as np
 import torch
 
+from ..benchmarks.common import cpu_name
 from .glue import TaskSpec, load_task, split_holdout
 from .methods import METHODS
 from .metrics import compute_metrics
@@ -41,17 +41,6 @@ def set_seed(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
-
-
-def cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def device_name(device: torch.device) -> str:
