@@ -120,7 +120,7 @@ class LNSR:
         self.steps = 0                              # regularised forwards so far
         self.training_forwards = 0                  # training forwards with gradients (counts `every`)
         self._state = _ForwardState()
-        self._forward_params = self._entry_parameters()
+        self._positional = self._positional_names()  # the model's forward, for args given positionally
         self._dropout = DropoutControl(self.blocks[self.inject_at:], dropout, self._batch_split)
         self._handles = []
         self._install()
@@ -188,17 +188,17 @@ class LNSR:
     def _device(self):
         return self._device_of(self.model)
 
-    def _entry_parameters(self):
+    def _positional_names(self) -> list[str]:
         try:
-            return inspect.signature(self.model.forward).parameters
+            params = inspect.signature(self.model.forward).parameters
         except (TypeError, ValueError):
-            return {}
+            return []
+        return [n for n, p in params.items() if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
 
     def _kwarg(self, name, args, kwargs):
         if name in kwargs:
             return kwargs[name]
-        names = [n for n, p in self._forward_params.items()
-                 if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+        names = self._positional
         if name in names and names.index(name) < len(args):
             return args[names.index(name)]
         return None
