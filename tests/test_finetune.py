@@ -80,8 +80,8 @@ def test_clear_errors(tmp_path):
     write_glue(tmp_path / "rte", "rte")
     with pytest.raises(SystemExit, match=r"unknown task 'rtee'.*rte"):
         main(["finetune", "--task", "rtee", "--data-dir", str(tmp_path / "rte")])
-    with pytest.raises(SystemExit, match=r"unknown method 'l2sp'"):
-        main(_ft(tmp_path, tmp_path / "rte", "--method", "l2sp"))
+    with pytest.raises(SystemExit, match=r"unknown method 'l2s': choose from vanilla, lnsr, l2sp, mixout, r3f, smart"):
+        main(_ft(tmp_path, tmp_path / "rte", "--method", "l2s"))
     with pytest.raises(SystemExit, match=r"method lnsr: sigma and lam must be >= 0"):
         main(_ft(tmp_path, tmp_path / "rte", "--method", "vanilla", "lnsr", "--lam", "-1"))
     with pytest.raises(SystemExit, match=r"bad method spec"):

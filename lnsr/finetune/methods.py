@@ -1,4 +1,4 @@
-"""Fine-tuning methods: a registry so that more regularisers (L2-SP, Mixout, SMART, R3F) plug in.
+"""Fine-tuning methods: a registry; vanilla and lnsr here, the papers' baselines in ``baselines.py``.
 
 A method is a class registered under a name.  ``OPTIONS`` lists the command-line options it reads
 (their values go into the run's config, so a changed option re-runs and an unrelated one does not).
@@ -27,10 +27,16 @@ def register_method(name: str):
 
 class Method:
     name = "base"
-    OPTIONS: dict[str, type] = {}   # option -> type, read from the command line / spec overrides
+    OPTIONS: dict[str, type] = {}   # option -> type, settable as name:key=value
+    DEFAULTS: dict = {}             # the method's own default for each option
+    FROM_CLI: tuple = ()            # options whose default comes from a shared command-line flag (--lam, ...)
 
     def __init__(self, **options):
         self.options = options
+
+    @classmethod
+    def validate(cls, label: str, options: dict) -> None:
+        """Raise SystemExit for bad option values (runs before any training)."""
 
     def attach(self, model: torch.nn.Module) -> None:
         pass
@@ -55,6 +61,13 @@ class LNSRMethod(Method):
     """Layerwise Noise Stability Regularization (``lnsr.LNSR``) on the model's blocks."""
     OPTIONS = {"sigma": float, "noise": str, "inject_at": int, "lam": float, "normalize": str,
                "dropout": str, "detach_clean": bool, "backend": str}
+    FROM_CLI = tuple(OPTIONS)
+
+    @classmethod
+    def validate(cls, label, options):
+        if not (options.get("sigma", 0) >= 0 and options.get("lam", 0) >= 0):
+            raise SystemExit(f"method {label}: sigma and lam must be >= 0, got sigma={options.get('sigma')} "
+                             f"lam={options.get('lam')}")
 
     def attach(self, model):
         import lnsr
@@ -86,13 +99,15 @@ def _convert(typ, raw: str):
 
 
 def parse_method_spec(spec: str, defaults: dict) -> tuple[str, str, dict]:
-    """``(label, name, options)`` of ``name`` or ``name:k=v,k=v``; options start from ``defaults``."""
+    """``(label, name, options)`` of ``name`` or ``name:k=v,k=v``; options start from the method's
+    ``DEFAULTS``, then ``defaults`` (the command line's flags) for its ``FROM_CLI`` options."""
     name, _, rest = spec.partition(":")
     if name not in METHODS:
         raise SystemExit(f"unknown method {name!r}: choose from {', '.join(METHODS)} "
                          f"(register more with lnsr.finetune.register_method)")
     cls = METHODS[name]
-    options = {k: defaults[k] for k in cls.OPTIONS if k in defaults}
+    options = dict(cls.DEFAULTS)
+    options.update({k: defaults[k] for k in cls.FROM_CLI if k in defaults})
     label = name
     if rest:
         parts = []
@@ -109,4 +124,5 @@ def parse_method_spec(spec: str, defaults: dict) -> tuple[str, str, dict]:
                                  f"{cls.OPTIONS[key].__name__}") from None
             parts.append(f"{key}{raw.strip()}")
         label = name + "_" + "_".join(parts)
+    cls.validate(label, options)
     return label, name, options
