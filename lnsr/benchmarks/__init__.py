@@ -71,6 +71,8 @@ def main(argv=None) -> int:
     ap.add_argument("--steps", type=int, default=None, help="timed steps per case")
     ap.add_argument("--schedules", action="store_true", help="also time noisy_fraction 0.5/0.25 and every=4")
     ap.add_argument("--best-only", action="store_true", help="only the backend that auto picks")
+    ap.add_argument("--baselines", action="store_true",
+                    help="also time the papers' baselines (l2sp, mixout, r3f, smart) in the step benchmark")
     args = ap.parse_args(argv)
     out = args.out or default_out()
     os.makedirs(out, exist_ok=True)
@@ -85,7 +87,7 @@ def main(argv=None) -> int:
         from . import step
         from .common import append_csv
         print("== training step ==")
-        opts = dict(device=args.device, schedules=args.schedules, best_only=args.best_only)
+        opts = dict(device=args.device, schedules=args.schedules, best_only=args.best_only, baselines=args.baselines)
         if args.quick:
             models = args.models or (["minilm"] if _has_minilm() else ["tiny-bert"])
             rows = step.run(models, batch=args.batch or 8, seq=args.seq or 64, steps=args.steps or 3, warmup=1,

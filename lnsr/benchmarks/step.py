@@ -5,6 +5,8 @@ Cases, for each model and ``inject_at`` in {0, L/2}:
   two-pass      the obvious eager implementation (``lnsr.twopass``: a clean pass, a noisy pass
                 restarted at block k, a Python loop of masked squared errors)
   lnsr-<name>   ``lnsr.LNSR`` with each backend present on the device
+  l2sp, mixout, r3f, smart   with ``--baselines``: the papers' baselines (``lnsr.finetune.baselines``,
+                their default options), timed once per model (they have no injection point)
 
 Each case runs in its own child process, so that the peak RSS on CPU belongs to that case
 alone; on a GPU peak memory is ``torch.cuda.max_memory_allocated``.  Step time is the median
@@ -26,6 +28,7 @@ import time
 import torch
 
 MODELS = ("bert-base", "minilm", "llama-small", "llama-1b", "tiny-bert")
+BASELINES = ("l2sp", "mixout", "r3f", "smart")
 
 
 def build_model(name: str):
@@ -100,10 +103,14 @@ def run_case(spec: dict) -> dict:
     batch = make_batch(model.config.vocab_size, spec["batch"], spec["seq"], decoder, device)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-5)
     method = spec["method"]
-    reg = None
+    reg = baseline = None
     if method.startswith("lnsr-"):
         backend, extra = parse_lnsr_method(method)
         reg = lnsr.LNSR(model, sigma=0.05, inject_at=k, lam=0.01, backend=backend, **extra)
+    elif method in BASELINES:
+        from lnsr.finetune import METHODS
+        baseline = METHODS[method](**METHODS[method].DEFAULTS)
+        baseline.attach(model)
     amp = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
 
     def step():
@@ -115,6 +122,9 @@ def run_case(spec: dict) -> dict:
             else:
                 out = model(**batch)
                 loss = out.loss if reg is None else out.loss + reg.loss
+                if baseline is not None:
+                    extra_loss = baseline.extra_loss(model, batch, out)
+                    loss = loss if extra_loss is None else loss + extra_loss
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -148,6 +158,8 @@ def run_case(spec: dict) -> dict:
     if reg is not None:
         out["backend_used"] = parse_lnsr_method(method)[0]
         reg.remove()
+    if baseline is not None:
+        baseline.detach()
     return out
 
 
@@ -178,7 +190,7 @@ def parse_lnsr_method(method: str):
     return backend, extra
 
 
-def methods_for(device: str, schedules: bool = False, best_only: bool = False) -> list[str]:
+def methods_for(device: str, schedules: bool = False, best_only: bool = False, baselines: bool = False) -> list[str]:
     import lnsr
 
     backends = lnsr.ops.available_backends(device)
@@ -188,18 +200,22 @@ def methods_for(device: str, schedules: bool = False, best_only: bool = False) -
     if schedules:  # the cheaper schedules with the fastest backend (auto's choice)
         best = lnsr.ops.resolve_backend("auto", device).name
         out += [f"lnsr-{best}:frac=0.5", f"lnsr-{best}:frac=0.25", f"lnsr-{best}:every=4"]
+    if baselines:
+        out += list(BASELINES)
     return out
 
 
 def run(models, *, device="cpu", batch=16, seq=128, steps=5, warmup=2, inject=("0", "half"),
-        methods=None, checkpointing=False, schedules=False, best_only=False, timeout=1800.0,
+        methods=None, checkpointing=False, schedules=False, best_only=False, baselines=False, timeout=1800.0,
         log=print) -> list[dict]:
-    methods = methods or methods_for(device, schedules, best_only)
+    methods = methods or methods_for(device, schedules, best_only, baselines)
     rows = []
     for model in models:
         plain = None
         for k in inject:
             for method in methods:
+                if method in BASELINES and k != inject[0]:
+                    continue  # no injection point: once per model, beside the first k's rows
                 if method == "plain" and plain is not None:
                     rows.append({**plain, "inject_at_spec": k, "reused": True})
                     continue
@@ -236,7 +252,7 @@ def add_ratios(rows: list[dict]) -> list[dict]:
                 extra = parse_lnsr_method(r["method"])[1]
                 share = extra.get("noisy_fraction", 1.0) / extra.get("every", 1)
             r["efficiency"] = ((r["step_s"] - plain["step_s"]) / (plain["step_s"] * frac * share)
-                               if r["method"] != "plain" else None)
+                               if r["method"] != "plain" and r["method"] not in BASELINES else None)
             if r["device"] == "cpu":  # training memory: peak RSS above the loaded model
                 base = plain["peak_rss_mb"] - plain["rss_after_model_mb"]
                 r["train_mem_vs_plain"] = (r["peak_rss_mb"] - r["rss_after_model_mb"]) / base if base > 0 else None
@@ -276,6 +292,7 @@ def main(argv=None):
     ap.add_argument("--checkpointing", action="store_true")
     ap.add_argument("--schedules", action="store_true", help="also time noisy_fraction 0.5/0.25 and every=4")
     ap.add_argument("--best-only", action="store_true", help="only the backend that auto picks")
+    ap.add_argument("--baselines", action="store_true", help="also time l2sp, mixout, r3f, smart")
     ap.add_argument("--csv", default=None, help="append rows to this CSV")
     args = ap.parse_args(argv)
     if args.worker:
@@ -284,7 +301,7 @@ def main(argv=None):
     models = args.models or ["minilm", "bert-base", "llama-small"]
     rows = run(models, device=args.device, batch=args.batch, seq=args.seq, steps=args.steps, warmup=args.warmup,
                methods=args.methods, checkpointing=args.checkpointing, schedules=args.schedules,
-               best_only=args.best_only)
+               best_only=args.best_only, baselines=args.baselines)
     print(format_table(rows))
     if args.csv:
         from .common import append_csv
