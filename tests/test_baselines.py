@@ -42,6 +42,7 @@ def test_registered_with_defaults():
 @pytest.mark.parametrize("spec,msg", [("l2sp:alpha=-1", "alpha must be >= 0"), ("mixout:p=1", r"p must be in \[0, 1\)"),
                                       ("r3f:noise_type=cauchy", "uniform or normal"), ("r3f:eps=nan", "eps must be"),
                                       ("smart:steps=0", "steps must be >= 1"), ("smart:alpha=1", "keys from lam"),
+                                      ("smart:beta=1", r"beta must be in \[0, 1\)"),
                                       ("lnsr:lam=-1", "sigma and lam")])
 def test_bad_options_are_clear_errors(spec, msg):
     with pytest.raises(SystemExit, match=msg):
@@ -149,7 +150,7 @@ def test_smart_matches_hand_computation_and_detaches():
     snap = _snapshot(model)
     with torch.no_grad():
         plain = model(**batch).logits
-    o = dict(lam=3.0, sigma=0.1, step_size=0.5, steps=1)
+    o = dict(lam=3.0, sigma=0.1, step_size=0.5, steps=1, mu=0.0, beta=0.99)
     m = SMART(**o)
     m.attach(model)
     out = model(**batch)
@@ -180,6 +181,30 @@ def test_smart_matches_hand_computation_and_detaches():
     with torch.no_grad():
         assert torch.equal(model(**batch).logits, plain)
     assert _same_state(model, snap)
+
+
+def test_smart_bregman_teacher_is_a_moving_average():
+    model, batch = _model(), _batch()
+    m = SMART(lam=0.0, sigma=1e-5, step_size=1e-3, steps=1, mu=2.0, beta=0.9)
+    m.attach(model)
+    assert all(not p.requires_grad for p in m.teacher.parameters()) and not m.teacher.training
+    start = [p.detach().clone() for p in model.parameters()]
+    # step 1: the teacher equals the model (no dropout here), so the proximal term is 0
+    assert float(m.extra_loss(model, batch, model(**batch)).detach()) == pytest.approx(0.0, abs=1e-6)
+    with torch.no_grad():  # an optimiser step
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    out = model(**batch)
+    loss = m.extra_loss(model, batch, out)
+    for t, p, p0 in zip(m.teacher.parameters(), model.parameters(), start):
+        assert torch.allclose(t, 0.9 * p0 + 0.1 * p.detach(), atol=1e-6)
+    with torch.no_grad():
+        target = m.teacher(**{k: v for k, v in batch.items() if k != "labels"}).logits
+    assert float(loss.detach()) > 0 and torch.allclose(loss, 2.0 * output_divergence(out.logits, target), rtol=1e-5)
+    loss.backward()
+    assert model.classifier.weight.grad.abs().sum() > 0
+    m.detach()
+    assert m.teacher is None
 
 
 def test_baselines_need_a_classification_model():

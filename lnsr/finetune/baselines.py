@@ -171,27 +171,41 @@ class R3F(Method):
 
 @register_method("smart")
 class SMART(Method):
-    """SMART's smoothness-inducing adversarial regulariser (Jiang et al., ACL 2020), as in the authors'
-    mt-dnn code: noise ``delta ~ N(0, sigma^2)`` on the first block's input (the embeddings' output),
-    ``steps`` ascent steps ``delta <- normalise(delta + step_size * grad symKL(f(x + delta), f(x)))`` with
-    the per-token inf-norm, then ``lam * symKL(f(x), f(x + delta))``.  Defaults as there: lam 1,
-    sigma 1e-5, step_size 1e-3, 1 step.  The Bregman proximal point part of SMART is not included."""
-    OPTIONS = {"lam": float, "sigma": float, "step_size": float, "steps": int}
-    DEFAULTS = {"lam": 1.0, "sigma": 1e-5, "step_size": 1e-3, "steps": 1}
+    """SMART (Jiang et al., ACL 2020), both parts.
+
+    Smoothness-inducing adversarial regulariser, as in the authors' mt-dnn code: noise
+    ``delta ~ N(0, sigma^2)`` on the first block's input (the embeddings' output), ``steps`` ascent steps
+    ``delta <- normalise(delta + step_size * grad symKL(f(x + delta), f(x)))`` with the per-token inf-norm,
+    then ``lam * symKL(f(x), f(x + delta))``.
+    Bregman proximal point with momentum: ``mu * symKL(f(x), f_teacher(x))`` where the teacher holds the
+    moving average ``theta~ <- beta * theta~ + (1 - beta) * theta`` of the weights (a copy of the model,
+    in eval mode); ``mu = 0`` turns it off (no copy).
+    The paper's numbers: lam 1, sigma 1e-5, step_size 1e-3, 1 step, mu 1, beta 0.99."""
+    OPTIONS = {"lam": float, "sigma": float, "step_size": float, "steps": int, "mu": float, "beta": float}
+    DEFAULTS = {"lam": 1.0, "sigma": 1e-5, "step_size": 1e-3, "steps": 1, "mu": 1.0, "beta": 0.99}
     NORM_EPS = 1e-6
 
     @classmethod
     def validate(cls, label, options):
-        _check_nonneg(label, lam=options["lam"], sigma=options["sigma"], step_size=options["step_size"])
+        _check_nonneg(label, lam=options["lam"], sigma=options["sigma"], step_size=options["step_size"],
+                      mu=options["mu"])
         if options["steps"] < 1:
             raise SystemExit(f"method {label}: steps must be >= 1, got {options['steps']}")
+        if not 0 <= options["beta"] < 1:
+            raise SystemExit(f"method {label}: beta must be in [0, 1), got {options['beta']}")
 
     def attach(self, model):
+        import copy
+
         from ..models import block_batch_arg, find_blocks, unwrap
         self._block_arg = block_batch_arg
         blocks, _ = find_blocks(unwrap(model)[1])
         self.delta = None
         self._last = None
+        self.teacher = None
+        if self.options["mu"] > 0:  # copied before our hook goes on, so the teacher never sees the noise
+            self.teacher = copy.deepcopy(model).eval().requires_grad_(False)
+            self._pairs = [(t, p) for t, p in zip(self.teacher.parameters(), model.parameters())]
         self._handle = blocks[0].register_forward_pre_hook(self._add_delta, with_kwargs=True)
 
     def _add_delta(self, module, args, kwargs):
@@ -226,8 +240,15 @@ class SMART(Method):
             step = delta.detach() + o["step_size"] * grad
             delta = (step / (step.abs().amax(-1, keepdim=True) + self.NORM_EPS)).requires_grad_()
         div = output_divergence(self._perturbed(model, batch, delta.detach()), logits)
-        self._last = (float(div.detach()), o["lam"] * float(div.detach()))
-        return o["lam"] * div
+        loss = o["lam"] * div
+        if self.teacher is not None:
+            with torch.no_grad():  # the weights now hold the previous step's update: fold it into the average
+                teacher_params, params = zip(*self._pairs)
+                torch._foreach_lerp_(list(teacher_params), [p.detach() for p in params], 1 - o["beta"])
+                target = self.teacher(**{k: v for k, v in batch.items() if k != "labels"}).logits
+            loss = loss + o["mu"] * output_divergence(logits, target)
+        self._last = (float(div.detach()), float(loss.detach()))
+        return loss
 
     def stats(self):
         return {} if self._last is None else {"penalty": self._last[0], "reg_loss": self._last[1]}
@@ -236,3 +257,4 @@ class SMART(Method):
         if getattr(self, "_handle", None) is not None:
             self._handle.remove()
             self._handle = None
+        self.teacher, self._pairs = None, []
