@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils import parametrize
 
+from ..models import block_batch_arg, find_blocks, unwrap
 from .methods import Method, register_method
 
 
@@ -38,9 +39,9 @@ def output_divergence(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return ((la.exp() - lb.exp()) * (la - lb)).sum(-1).mean()  # KL(p||q) + KL(q||p)
 
 
-def _model_inputs(batch: dict) -> dict:
-    """The batch without token ids and labels: the inputs that go with ``inputs_embeds``."""
-    return {k: v for k, v in batch.items() if k not in ("input_ids", "labels")}
+def _without(batch: dict, *keys: str) -> dict:
+    """The model inputs of ``batch`` less ``keys`` (labels: no task loss in the extra forwards)."""
+    return {k: v for k, v in batch.items() if k not in keys}
 
 
 def _check_nonneg(label: str, **values):
@@ -49,8 +50,16 @@ def _check_nonneg(label: str, **values):
             raise SystemExit(f"method {label}: {k} must be >= 0, got {v}")
 
 
+class _PenaltyMethod(Method):
+    """A method whose ``extra_loss`` records ``(penalty, reg_loss)`` of the step in ``_last`` for ``stats``."""
+    _last = None
+
+    def stats(self):
+        return {} if self._last is None else {"penalty": self._last[0], "reg_loss": self._last[1]}
+
+
 @register_method("l2sp")
-class L2SP(Method):
+class L2SP(_PenaltyMethod):
     """L2-SP (Li, Grandvalet & Davoine, ICML 2018): ``alpha/2 * ||w - w0||^2`` over the pretrained weights
     (``w0`` = their values when training starts) plus ``beta/2 * ||w_head||^2`` over the new head; the
     paper's alpha 0.1, beta 0.01.  (AdamW's weight decay still applies on top; pass --weight-decay 0 for
@@ -68,7 +77,6 @@ class L2SP(Method):
         self.params = [p for p in base.parameters() if p.requires_grad]
         self.start = [p.detach().clone() for p in self.params]
         self.head = [p for p in model.parameters() if p.requires_grad and id(p) not in pre]
-        self._last = None
 
     def extra_loss(self, model, batch, outputs):
         o = self.options
@@ -77,11 +85,6 @@ class L2SP(Method):
         loss = o["alpha"] / 2 * sp + o["beta"] / 2 * head
         self._last = (float(sp.detach()), float(loss.detach()))
         return loss
-
-    def stats(self):
-        if self._last is None:
-            return {}
-        return {"penalty": self._last[0], "reg_loss": self._last[1]}
 
     def detach(self):
         self.params = self.start = self.head = []
@@ -136,7 +139,7 @@ class Mixout(Method):
 
 
 @register_method("r3f")
-class R3F(Method):
+class R3F(_PenaltyMethod):
     """R3F (Aghajanyan et al., ICLR 2021): ``lam * symKL(f(x), f(x + z))`` with ``z`` uniform in
     ``[-eps, eps]`` (or normal with std eps) added to the token embeddings (``inputs_embeds``); one more
     forward per step.  fairseq's defaults: lam 1, eps 1e-5, uniform noise."""
@@ -151,7 +154,6 @@ class R3F(Method):
 
     def attach(self, model):
         self.embed = model.get_input_embeddings()
-        self._last = None
 
     def extra_loss(self, model, batch, outputs):
         o = self.options
@@ -160,17 +162,14 @@ class R3F(Method):
             z = torch.empty_like(emb).uniform_(-o["eps"], o["eps"])
         else:
             z = torch.randn_like(emb) * o["eps"]
-        noisy = model(**_model_inputs(batch), inputs_embeds=emb + z).logits
+        noisy = model(**_without(batch, "input_ids", "labels"), inputs_embeds=emb + z).logits
         div = output_divergence(noisy, outputs.logits)
         self._last = (float(div.detach()), o["lam"] * float(div.detach()))
         return o["lam"] * div
 
-    def stats(self):
-        return {} if self._last is None else {"penalty": self._last[0], "reg_loss": self._last[1]}
-
 
 @register_method("smart")
-class SMART(Method):
+class SMART(_PenaltyMethod):
     """SMART (Jiang et al., ACL 2020), both parts.
 
     Smoothness-inducing adversarial regulariser, as in the authors' mt-dnn code: noise
@@ -197,11 +196,12 @@ class SMART(Method):
     def attach(self, model):
         import copy
 
-        from ..models import block_batch_arg, find_blocks, unwrap
-        self._block_arg = block_batch_arg
+        self.hidden = getattr(model.config, "hidden_size", None)
+        if self.hidden is None:
+            raise ValueError(f"smart: {type(model).__name__}'s config has no hidden_size (the width of the first "
+                             f"block's input, which the noise needs)")
         blocks, _ = find_blocks(unwrap(model)[1])
         self.delta = None
-        self._last = None
         self.teacher = None
         if self.options["mu"] > 0:  # copied before our hook goes on, so the teacher never sees the noise
             self.teacher = copy.deepcopy(model).eval().requires_grad_(False)
@@ -211,7 +211,7 @@ class SMART(Method):
     def _add_delta(self, module, args, kwargs):
         if self.delta is None:
             return None
-        h, (kind, key) = self._block_arg(args, kwargs)
+        h, (kind, key) = block_batch_arg(args, kwargs)
         if kind == "args":
             return (h + self.delta.to(h.dtype),) + tuple(args[1:]), kwargs
         return args, {**kwargs, key: h + self.delta.to(h.dtype)}
@@ -219,18 +219,14 @@ class SMART(Method):
     def _perturbed(self, model, batch, delta):
         self.delta = delta
         try:
-            return model(**{k: v for k, v in batch.items() if k != "labels"}).logits
+            return model(**_without(batch, "labels")).logits
         finally:
             self.delta = None
 
     def extra_loss(self, model, batch, outputs):
         o = self.options
         logits = outputs.logits
-        hidden = getattr(model.config, "hidden_size", None)
-        if hidden is None:
-            raise ValueError(f"smart: {type(model).__name__}'s config has no hidden_size (the width of the first "
-                             f"block's input, which the noise needs)")
-        delta = (torch.randn(*batch["input_ids"].shape, hidden, device=logits.device) * o["sigma"]).requires_grad_()
+        delta = (torch.randn(*batch["input_ids"].shape, self.hidden, device=logits.device) * o["sigma"]).requires_grad_()
         for _ in range(o["steps"]):
             adv = self._perturbed(model, batch, delta)
             grad, = torch.autograd.grad(output_divergence(adv, logits.detach()), delta)
@@ -245,13 +241,10 @@ class SMART(Method):
             with torch.no_grad():  # the weights now hold the previous step's update: fold it into the average
                 teacher_params, params = zip(*self._pairs)
                 torch._foreach_lerp_(list(teacher_params), [p.detach() for p in params], 1 - o["beta"])
-                target = self.teacher(**{k: v for k, v in batch.items() if k != "labels"}).logits
+                target = self.teacher(**_without(batch, "labels")).logits
             loss = loss + o["mu"] * output_divergence(logits, target)
         self._last = (float(div.detach()), float(loss.detach()))
         return loss
-
-    def stats(self):
-        return {} if self._last is None else {"penalty": self._last[0], "reg_loss": self._last[1]}
 
     def detach(self):
         if getattr(self, "_handle", None) is not None:
