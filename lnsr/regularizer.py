@@ -1,4 +1,4 @@
-"""``lnsr.LNSR``: the hooks that run LNSR inside a model's own forward (DESIGN §3).
+"""``lnsr.LNSR``: the hooks that run LNSR inside a model's own forward (docs/design.md §3).
 
 Blocks below ``k`` run once on the batch of ``B``.  A pre-hook on block ``k`` replaces its input
 ``h`` by ``cat([h, h + eps])``; pre-hooks on blocks ``>= k`` double every other batch-sized tensor
@@ -35,6 +35,7 @@ class _ForwardState:
     noise_energy: torch.Tensor | None = None   # s^2 of the `gain` normalisation
     ys: list = field(default_factory=list)
     doubled: dict = field(default_factory=dict)  # id(tensor) -> (tensor, cat([tensor, tensor]))
+    loss_share: torch.Tensor | None = None  # add_to_loss: this call's share of num_items_in_batch
 
 
 def _draw_seed() -> int:
@@ -47,6 +48,16 @@ def _fold_rank(seed: int, rank: int) -> int:
     return (seed + rank * 0x9E3779B97F4A7C15) % 2**64
 
 
+def _loss_shifts_labels(model) -> bool:
+    """Whether the model's loss shifts labels (a causal LM), by the rule the Trainer counts items with."""
+    try:
+        from transformers.loss.loss_utils import LOSS_MAPPING, ForCausalLMLoss
+    except Exception:  # no transformers (or an older layout): count labels as they are
+        return False
+    return (LOSS_MAPPING.get(getattr(model, "loss_type", None)) is ForCausalLMLoss
+            and not getattr(getattr(model, "config", None), "is_encoder_decoder", False))
+
+
 class LNSR:
     """Layerwise Noise Stability Regularization on a model's blocks.
 
@@ -56,13 +67,22 @@ class LNSR:
 
     Only training forwards with gradients enabled are regularised; eval mode and
     ``torch.no_grad()`` run the model untouched.
+
+    ``add_to_loss=True`` adds ``lam * P`` to the loss the model computes itself (``outputs.loss`` of
+    a ModelOutput, or a dict's ``"loss"``), so that any loop or trainer reading ``outputs.loss``
+    (Hugging Face ``Trainer``, TRL's ``SFTTrainer``, Accelerate, Lightning) is regularised by
+    attaching alone; do not add ``reg.loss`` again.  When the caller passes ``num_items_in_batch``
+    (the Trainer under gradient accumulation) the term is weighted by this micro-batch's share of
+    the items, i.e. divided by the accumulation steps for equal micro-batches, as in
+    ``LNSRTrainer``; otherwise the caller's own division by the steps applies to it.  Nothing is
+    added when the model returns no loss (no labels, a tuple, or a ``compute_loss_func``).
     """
 
     def __init__(self, model: nn.Module, *, sigma: float = 0.05, noise: str = "relative",
                  inject_at: int = 0, lam: float = 1.0, layer_weights=None, detach_clean: bool = False,
                  normalize: str = "token", dropout: str = "paired", n_anchors: int = ops.DEFAULT_ANCHORS,
                  blocks=None, backend: str = "auto", check_finite: bool = True, every: int = 1,
-                 noisy_fraction: float = 1.0, rank: int | None = None):
+                 noisy_fraction: float = 1.0, rank: int | None = None, add_to_loss: bool = False):
         # Validate everything before touching the model: a bad argument changes nothing.
         self.sigma = ops.check_sigma(sigma)
         if noise not in ops.NOISE_KINDS:
@@ -114,6 +134,10 @@ class LNSR:
         if rank is not None and (isinstance(rank, bool) or not isinstance(rank, int) or rank < 0):
             raise ValueError(f"rank must be None (from torch.distributed) or an int >= 0, got {rank!r}")
         self.rank = rank
+        if not isinstance(add_to_loss, bool):
+            raise TypeError(f"add_to_loss must be True or False, got {add_to_loss!r}")
+        self.add_to_loss = add_to_loss
+        self._shifts_labels = add_to_loss and _loss_shifts_labels(self.model)
 
         self.loss: torch.Tensor | None = None      # lam * P of the latest regularised forward
         self.penalty: torch.Tensor | None = None   # P (detached) of the latest regularised forward
@@ -242,6 +266,7 @@ class LNSR:
                              "training forward; pass use_cache=False and no past_key_values when training")
         mask = self._kwarg("attention_mask", args, kwargs)
         st.mask = mask.detach() if isinstance(mask, torch.Tensor) and mask.dim() == 2 else None
+        st.loss_share = self._loss_share(args, kwargs) if self.add_to_loss else None
         st.seed = _fold_rank(_draw_seed(), self._rank())
         st.batch = st.noisy = None
         st.noise_energy = None
@@ -262,6 +287,8 @@ class LNSR:
                 # The penalty is computed here, outside every block: a block whose __call__ runs
                 # inside an activation checkpoint must save the same tensors when recomputed.
                 self._finish()
+                if self.add_to_loss:
+                    self._add_to_output_loss(output)
             else:  # the forward ended early (an exception): undo everything
                 st.active = False
                 self._dropout.deactivate()
@@ -269,6 +296,35 @@ class LNSR:
         st.ys = []
         st.doubled.clear()
         return None
+
+    def _loss_share(self, args, kwargs):
+        """``n / num_items_in_batch`` when the caller passes ``num_items_in_batch`` (the Hugging Face
+        Trainer does under gradient accumulation): the model's loss is then a sum over this call's
+        ``n`` label items divided by the accumulated batch's count, and the caller does not divide
+        by the accumulation steps, so the penalty is weighted by the same share (``1 / steps`` for
+        equal micro-batches, as ``LNSRTrainer``).  ``n`` counts labels != -100 as the Trainer does
+        (``labels[..., 1:]`` for a causal LM's shifted loss, or ``shift_labels``)."""
+        total = self._kwarg("num_items_in_batch", args, kwargs)
+        labels = self._kwarg("shift_labels", args, kwargs)
+        if labels is None:
+            labels = self._kwarg("labels", args, kwargs)
+            if isinstance(labels, torch.Tensor) and self._shifts_labels:
+                labels = labels[..., 1:]
+        if total is None or not isinstance(labels, torch.Tensor):
+            return None
+        n = labels.ne(-100).sum().to(torch.float32)
+        total = torch.as_tensor(total, device=n.device).to(torch.float32).reshape(-1)[0]
+        return (n / total.clamp_min(1.0)).detach()
+
+    def _add_to_output_loss(self, output) -> None:
+        """``output.loss += lam * P`` (times the accumulation share) when the model computed a loss."""
+        if not isinstance(output, dict):  # ModelOutput is a dict; tuples cannot be told apart
+            return
+        loss = output.get("loss")
+        if not isinstance(loss, torch.Tensor):
+            return
+        term = self.loss if self._state.loss_share is None else self.loss * self._state.loss_share
+        output["loss"] = loss + term  # ModelOutput.__setitem__ also sets the attribute
 
     # -- blocks -----------------------------------------------------------------------------------
     def _double(self, x):

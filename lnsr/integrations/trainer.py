@@ -59,6 +59,9 @@ class LNSRTrainer(Trainer):
         unknown = set(kw) - allowed
         if unknown:
             raise TypeError(f"lnsr= got unknown option(s) {sorted(unknown)}; lnsr.LNSR takes {sorted(allowed)}")
+        if kw.get("add_to_loss"):
+            raise ValueError("LNSRTrainer adds lam * P to the loss itself: drop add_to_loss from lnsr=, or attach "
+                             "lnsr.LNSR(model, add_to_loss=True) and use the plain Trainer")
 
     # -- life cycle ----------------------------------------------------------------------------------
     def _lnsr_attach(self) -> None:
