@@ -53,6 +53,12 @@ def add_finetune_args(p) -> None:
     g.add_argument("--warmup-ratio", type=float, default=0.1)
     g.add_argument("--weight-decay", type=float, default=0.01)
     g.add_argument("--max-grad-norm", type=float, default=1.0, help="gradient clipping; 0 turns it off")
+    prec = g.add_mutually_exclusive_group()
+    prec.add_argument("--bf16", dest="precision", action="store_const", const="bf16",
+                      help="bf16 autocast (CPU with AVX-512 BF16/AMX, or CUDA); the LNSR penalty stays fp32")
+    prec.add_argument("--fp16", dest="precision", action="store_const", const="fp16",
+                      help="fp16 autocast with a GradScaler (CUDA only)")
+    p.set_defaults(precision="fp32")
     g = p.add_argument_group("output")
     g.add_argument("--output-dir", default="runs/finetune",
                    help="results go to OUTPUT_DIR/<task>/<method>/seed<k>.json; finished runs are skipped")

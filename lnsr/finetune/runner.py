@@ -37,6 +37,27 @@ def load_pretrained(loader, path: str, **kwargs):
                          f"a local Hugging Face folder, or a hub name with network access") from None
 
 
+def autocast_context(precision: str, device: torch.device):
+    """``torch.autocast`` for ``bf16``/``fp16`` on the device's type; a null context for ``fp32``.
+
+    The LNSR penalty stays fp32 under autocast (the ops accumulate and return fp32)."""
+    import contextlib
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def check_precision(precision: str, device: torch.device) -> None:
+    """Raise SystemExit before training when the precision cannot run on the device."""
+    if precision not in ("fp32", "bf16", "fp16"):
+        raise SystemExit(f"precision must be fp32, bf16 or fp16, got {precision!r}")
+    if precision == "fp16" and device.type != "cuda":
+        raise SystemExit("--fp16 needs a CUDA device (fp16 autocast with a GradScaler); on the CPU use --bf16")
+    if precision == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        raise SystemExit("--bf16: this GPU does not support bfloat16; use --fp16")
+
+
 def set_seed(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
@@ -75,7 +96,8 @@ def collate(features: list[dict], pad_id: int, regression: bool, padding_side: s
     return out
 
 
-def evaluate(model, features, spec: TaskSpec, *, batch_size: int, pad_id: int, device, padding_side="right") -> dict:
+def evaluate(model, features, spec: TaskSpec, *, batch_size: int, pad_id: int, device, padding_side="right",
+             precision: str = "fp32") -> dict:
     """The task's metrics on ``features`` in eval mode; batches sorted by length (less padding)."""
     model.eval()
     order = sorted(range(len(features)), key=lambda i: len(features[i]["input_ids"]))
@@ -85,7 +107,8 @@ def evaluate(model, features, spec: TaskSpec, *, batch_size: int, pad_id: int, d
             idx = order[s:s + batch_size]
             batch = collate([features[i] for i in idx], pad_id, spec.is_regression, padding_side)
             batch.pop("labels")
-            logits = model(**{k: v.to(device) for k, v in batch.items()}).logits.float().cpu()
+            with autocast_context(precision, device):
+                logits = model(**{k: v.to(device) for k, v in batch.items()}).logits.float().cpu()
             preds[idx] = (logits[:, 0] if spec.is_regression else logits.argmax(-1)).numpy()
     labels = np.array([f["labels"] for f in features])
     return compute_metrics(spec.metrics, preds if spec.is_regression else preds.astype(np.int64), labels)
@@ -130,6 +153,9 @@ def run_one(*, spec: TaskSpec, config: dict, model_path: str, tokenizer, train_f
     gen = torch.Generator().manual_seed(seed)  # data order
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     side = getattr(tokenizer, "padding_side", "right")
+    precision = hp.get("precision", "fp32")
+    # fp16 needs loss scaling; for bf16/fp32 the scaler is a pass-through
+    scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
     epochs = []
     method.attach(model)
     try:
@@ -145,17 +171,20 @@ def run_one(*, spec: TaskSpec, config: dict, model_path: str, tokenizer, train_f
                 batch = collate([train_feats[i] for i in perm[step * bs:(step + 1) * bs]], pad_id,
                                 spec.is_regression, side)
                 batch = {k: v.to(device) for k, v in batch.items()}
-                out = model(**batch)
-                task_loss = out.loss
-                extra = method.extra_loss(model, batch, out)
+                with autocast_context(precision, device):
+                    out = model(**batch)
+                    task_loss = out.loss.float()
+                    extra = method.extra_loss(model, batch, out)
                 loss = task_loss if extra is None else task_loss + extra
                 if not torch.isfinite(loss):
                     raise RuntimeError(f"{tag} non-finite loss at epoch {epoch} step {step}: lower --lr or --lam")
                 opt.zero_grad(set_to_none=True)
-                loss.backward()
+                scaler.scale(loss).backward()
                 if hp["max_grad_norm"] > 0:
+                    scaler.unscale_(opt)
                     torch.nn.utils.clip_grad_norm_(model.parameters(), hp["max_grad_norm"])
-                opt.step()
+                scaler.step(opt)
+                scaler.update()
                 sched.step()
                 t, l = float(task_loss.detach()), float(loss.detach())
                 sums["loss"] += l
@@ -176,7 +205,7 @@ def run_one(*, spec: TaskSpec, config: dict, model_path: str, tokenizer, train_f
             train_time = time.time() - t0
             t1 = time.time()
             metrics = evaluate(model, eval_feats, spec, batch_size=hp["eval_batch_size"], pad_id=pad_id,
-                               device=device, padding_side=side)
+                               device=device, padding_side=side, precision=precision)
             rec = {"epoch": epoch, "train_loss": sums["loss"] / steps_per_epoch,
                    "task_loss": sums["task_loss"] / steps_per_epoch, "metrics": metrics,
                    "train_time_s": train_time, "eval_time_s": time.time() - t1, "steps": steps_per_epoch}
@@ -238,7 +267,7 @@ def finished(json_path: str, config: dict, need_model: str | None):
 
 # -- the loop over tasks, methods, seeds --------------------------------------------------------------
 HP_KEYS = ("epochs", "lr", "batch_size", "eval_batch_size", "max_length", "schedule", "warmup_ratio",
-           "weight_decay", "max_grad_norm", "max_train_samples", "max_eval_samples", "holdout")
+           "weight_decay", "max_grad_norm", "max_train_samples", "max_eval_samples", "holdout", "precision")
 
 
 def run_task(spec: TaskSpec, args, methods: list[tuple[str, str, dict]], log=print) -> list[dict]:
@@ -271,6 +300,7 @@ def run_task(spec: TaskSpec, args, methods: list[tuple[str, str, dict]], log=pri
         return cache
 
     device = torch.device(args.device if args.device else ("cuda" if torch.cuda.is_available() else "cpu"))
+    check_precision(args.precision, device)
     log(f"[{spec.name}] {len(train)} train / {len(dev)} eval ({eval_split}) examples from {source}; "
         f"model {model_path}; device {device_name(device)}")
     results = []
