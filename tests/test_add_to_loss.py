@@ -214,3 +214,44 @@ def test_lnsr_trainer_refuses_add_to_loss():
     with pytest.raises(ValueError, match="add_to_loss"):
         LNSRTrainer(model=build("bert"), args=tf.TrainingArguments(output_dir="unused", report_to=[], use_cpu=True),
                     lnsr=dict(OPTS, add_to_loss=True))
+
+
+# -- examples/sft_loop.py: an Accelerate SFT loop regularised by attaching alone -----------------------
+def _load_example(name):
+    import importlib.util
+    import os
+
+    path = os.path.join(os.path.dirname(__file__), "..", "examples", f"{name}.py")
+    spec = importlib.util.spec_from_file_location(name, path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+@pytest.mark.parametrize("accumulation", [1, 2])
+def test_sft_example_learns_and_its_penalty_is_the_definition(accumulation):
+    pytest.importorskip("accelerate")
+    import transformers as tf
+    from lnsr.twopass import two_pass
+
+    mod = _load_example("sft_loop")
+    steps = 30 // accumulation
+    last = {}
+
+    def on_step(i, batch, out, reg, model):  # after backward, before the update: the weights of this forward
+        last.update(batch={k: v.clone() for k, v in batch.items()}, loss=float(out.loss.detach()), seed=reg.seed,
+                    penalty=float(reg.penalty), state={k: v.clone() for k, v in model.state_dict().items()},
+                    config=model.config)
+
+    history = mod.main(["--tiny", "--steps", str(steps), "--accumulation", str(accumulation), "--log-every", "5",
+                        "--lam", "0.5", "--sigma", "0.1"], on_step=on_step)
+    losses = [h["loss"] for h in history]
+    assert len(history) == steps // 5 and losses[-1] < 0.8 * losses[0]
+    assert all(h["lnsr_penalty"] > 0 for h in history)
+    # the last forward's penalty and loss, recomputed by the two-pass definition on the same weights and batch
+    model = tf.LlamaForCausalLM(last["config"])
+    model.load_state_dict(last["state"])
+    model.train()
+    clean, p_def = two_pass(model, last["batch"], seed=last["seed"], sigma=0.1, inject_at=0)
+    assert last["penalty"] == pytest.approx(float(p_def.detach()), rel=1e-5)
+    assert last["loss"] == pytest.approx(float(clean.loss) + 0.5 * float(p_def.detach()), rel=1e-5)
