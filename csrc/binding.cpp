@@ -59,15 +59,17 @@ std::vector<int64_t> doubled_shape(const at::Tensor& h) {
 struct PenaltyArgs {
   std::vector<at::Tensor> ys;  // contiguous
   c10::optional<at::Tensor> mask;  // fp32 contiguous
+  at::Tensor weights;  // fp32 contiguous, one per layer, on the device of ys
   std::vector<lnsr::PenaltyLayer> layers;
   int64_t rows = 0;
 };
 
 PenaltyArgs penalty_args(const at::TensorList& ys_in, const c10::optional<at::Tensor>& mask_in,
-                         c10::ArrayRef<double> weights) {
+                         const at::Tensor& weights) {
   TORCH_CHECK(!ys_in.empty(), "lnsr::layer_penalty: ys is empty");
-  TORCH_CHECK(weights.size() == ys_in.size(), "lnsr::layer_penalty: ", weights.size(), " weights for ",
-              ys_in.size(), " tensors");
+  TORCH_CHECK(weights.dim() == 1 && weights.numel() == static_cast<int64_t>(ys_in.size()),
+              "lnsr::layer_penalty: weights must be a 1-d tensor with one entry per tensor in ys, got shape ",
+              weights.sizes(), " for ", ys_in.size(), " tensors");
   PenaltyArgs a;
   const at::Tensor& first = ys_in[0];
   TORCH_CHECK(first.dim() >= 2 && first.size(0) % 2 == 0, "lnsr::layer_penalty: ys[0] must be [2B, ..., H]");
@@ -80,9 +82,9 @@ PenaltyArgs penalty_args(const at::TensorList& ys_in, const c10::optional<at::Te
                 "lnsr::layer_penalty: ys[", j, "] has shape ", y.sizes(), ", token dims differ from ys[0] ",
                 first.sizes());
     a.ys.push_back(y.contiguous());
-    a.layers.push_back({a.ys.back().const_data_ptr(), nullptr, last_dim(y), static_cast<float>(weights[j]),
-                        dtype_code(y, "ys")});
+    a.layers.push_back({a.ys.back().const_data_ptr(), nullptr, last_dim(y), dtype_code(y, "ys")});
   }
+  a.weights = weights.to(first.device(), at::kFloat).contiguous();
   if (mask_in.has_value() && mask_in->defined()) {
     TORCH_CHECK(mask_in->numel() == a.rows, "lnsr::layer_penalty: mask has ", mask_in->numel(),
                 " entries for ", a.rows, " tokens");
@@ -94,6 +96,7 @@ PenaltyArgs penalty_args(const at::TensorList& ys_in, const c10::optional<at::Te
 }
 
 const float* mask_ptr(const PenaltyArgs& a) { return a.mask.has_value() ? a.mask->const_data_ptr<float>() : nullptr; }
+const float* weights_ptr(const PenaltyArgs& a) { return a.weights.const_data_ptr<float>(); }
 
 // ---------------------------------------------------------------------------------------------
 // CPU
@@ -131,19 +134,19 @@ at::Tensor perturb_backward_cpu(const at::Tensor& g_in) {
 }
 
 std::tuple<at::Tensor, at::Tensor> layer_penalty_cpu(at::TensorList ys, const c10::optional<at::Tensor>& mask,
-                                                     c10::ArrayRef<double> weights, bool detach_clean) {
+                                                     const at::Tensor& weights, bool detach_clean) {
   (void)detach_clean;  // backward only
   PenaltyArgs a = penalty_args(ys, mask, weights);
   at::Tensor loss = at::empty({}, at::TensorOptions().dtype(at::kFloat));
   at::Tensor count = at::empty({}, at::TensorOptions().dtype(at::kFloat));
   lnsr::cpu::layer_penalty_forward(a.layers.data(), static_cast<int>(a.layers.size()), a.rows, mask_ptr(a),
-                                   loss.mutable_data_ptr<float>(), count.mutable_data_ptr<float>());
+                                   weights_ptr(a), loss.mutable_data_ptr<float>(), count.mutable_data_ptr<float>());
   return {loss, count};
 }
 
 std::vector<at::Tensor> layer_penalty_backward_cpu(const at::Tensor& grad, const at::Tensor& count,
                                                    at::TensorList ys, const c10::optional<at::Tensor>& mask,
-                                                   c10::ArrayRef<double> weights, bool detach_clean) {
+                                                   const at::Tensor& weights, bool detach_clean) {
   PenaltyArgs a = penalty_args(ys, mask, weights);
   std::vector<at::Tensor> grads;
   for (size_t j = 0; j < a.ys.size(); ++j) {
@@ -151,7 +154,7 @@ std::vector<at::Tensor> layer_penalty_backward_cpu(const at::Tensor& grad, const
     a.layers[j].grad = grads.back().mutable_data_ptr();
   }
   lnsr::cpu::layer_penalty_backward(a.layers.data(), static_cast<int>(a.layers.size()), a.rows, mask_ptr(a),
-                                    grad.item<float>(), count.item<float>(), detach_clean);
+                                    weights_ptr(a), grad.item<float>(), count.item<float>(), detach_clean);
   return grads;
 }
 
@@ -203,7 +206,7 @@ at::Tensor perturb_backward_cuda(const at::Tensor& g_in) {
 }
 
 std::tuple<at::Tensor, at::Tensor> layer_penalty_cuda(at::TensorList ys, const c10::optional<at::Tensor>& mask,
-                                                      c10::ArrayRef<double> weights, bool detach_clean) {
+                                                      const at::Tensor& weights, bool detach_clean) {
   (void)detach_clean;
   TORCH_CHECK(!ys.empty(), "lnsr::layer_penalty: ys is empty");
   c10::cuda::CUDAGuard guard(ys[0].device());
@@ -213,16 +216,16 @@ std::tuple<at::Tensor, at::Tensor> layer_penalty_cuda(at::TensorList ys, const c
   at::Tensor ws = at::empty({lnsr::cuda::layer_penalty_workspace(n, a.rows)}, opts);
   at::Tensor loss = at::empty({}, opts);
   at::Tensor count = at::empty({}, opts);
-  check_cuda(lnsr::cuda::layer_penalty_forward(a.layers.data(), n, a.rows, mask_ptr(a), ws.mutable_data_ptr<float>(),
-                                               loss.mutable_data_ptr<float>(), count.mutable_data_ptr<float>(),
-                                               stream_of(ws)),
+  check_cuda(lnsr::cuda::layer_penalty_forward(a.layers.data(), n, a.rows, mask_ptr(a), weights_ptr(a),
+                                               ws.mutable_data_ptr<float>(), loss.mutable_data_ptr<float>(),
+                                               count.mutable_data_ptr<float>(), stream_of(ws)),
              "layer_penalty");
   return {loss, count};
 }
 
 std::vector<at::Tensor> layer_penalty_backward_cuda(const at::Tensor& grad, const at::Tensor& count,
                                                     at::TensorList ys, const c10::optional<at::Tensor>& mask,
-                                                    c10::ArrayRef<double> weights, bool detach_clean) {
+                                                    const at::Tensor& weights, bool detach_clean) {
   TORCH_CHECK(!ys.empty(), "lnsr::layer_penalty_backward: ys is empty");
   c10::cuda::CUDAGuard guard(ys[0].device());
   PenaltyArgs a = penalty_args(ys, mask, weights);
@@ -234,8 +237,8 @@ std::vector<at::Tensor> layer_penalty_backward_cuda(const at::Tensor& grad, cons
     a.layers[j].grad = grads.back().mutable_data_ptr();
   }
   check_cuda(lnsr::cuda::layer_penalty_backward(a.layers.data(), static_cast<int>(a.layers.size()), a.rows,
-                                                mask_ptr(a), g.const_data_ptr<float>(), c.const_data_ptr<float>(),
-                                                detach_clean, stream_of(g)),
+                                                mask_ptr(a), weights_ptr(a), g.const_data_ptr<float>(),
+                                                c.const_data_ptr<float>(), detach_clean, stream_of(g)),
              "layer_penalty_backward");
   return grads;
 }
@@ -258,8 +261,9 @@ TORCH_LIBRARY(lnsr, m) {
   m.def("noise(int numel, int seed, Device device) -> Tensor");
   m.def("perturb(Tensor h, int seed, float sigma, str kind) -> Tensor");
   m.def("perturb_backward(Tensor grad) -> Tensor");
-  m.def("layer_penalty(Tensor[] ys, Tensor? mask, float[] weights, bool detach_clean) -> (Tensor, Tensor)");
-  m.def("layer_penalty_backward(Tensor grad, Tensor count, Tensor[] ys, Tensor? mask, float[] weights, "
+  // The schema of lnsr.ops.backend.OP_SCHEMAS, shared with the Triton ops (tests compare them).
+  m.def("layer_penalty(Tensor[] ys, Tensor? mask, Tensor weights, bool detach_clean) -> (Tensor, Tensor)");
+  m.def("layer_penalty_backward(Tensor grad, Tensor count, Tensor[] ys, Tensor? mask, Tensor weights, "
         "bool detach_clean) -> Tensor[]");
   m.impl("noise", c10::DispatchKey::CompositeExplicitAutograd, TORCH_FN(noise_any));
 }

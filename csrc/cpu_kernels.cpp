@@ -309,7 +309,7 @@ void perturb_backward(int dtype, const void* grad, void* grad_h, int64_t numel) 
 }
 
 void layer_penalty_forward(const PenaltyLayer* layers, int n_layers, int64_t rows, const float* mask,
-                           float* loss, float* count) {
+                           const float* weights, float* loss, float* count) {
   const int64_t chunks = (rows + kPenaltyRows - 1) / kPenaltyRows;
   const int64_t items = chunks * n_layers;
   std::vector<double> partial(static_cast<size_t>(items), 0.0);
@@ -319,9 +319,10 @@ void layer_penalty_forward(const PenaltyLayer* layers, int n_layers, int64_t row
   at::parallel_for(0, items, grain, [&](int64_t b, int64_t e) {
     for (int64_t it = b; it < e; ++it) {
       const PenaltyLayer& L = layers[it / chunks];
+      const float w = weights[it / chunks];
       const int64_t r0 = (it % chunks) * kPenaltyRows, r1 = std::min(rows, r0 + kPenaltyRows);
       by_dtype(L.dtype, [&](auto tag) {
-        partial[static_cast<size_t>(it)] = L.weight * penalty_chunk<decltype(tag)>(L, rows, r0, r1, mask);
+        partial[static_cast<size_t>(it)] = w * penalty_chunk<decltype(tag)>(L, rows, r0, r1, mask);
       });
     }
   });
@@ -337,7 +338,7 @@ void layer_penalty_forward(const PenaltyLayer* layers, int n_layers, int64_t row
 }
 
 void layer_penalty_backward(const PenaltyLayer* layers, int n_layers, int64_t rows, const float* mask,
-                            float grad_loss, float count, bool detach_clean) {
+                            const float* weights, float grad_loss, float count, bool detach_clean) {
   const int64_t chunks = (rows + kPenaltyRows - 1) / kPenaltyRows;
   const int64_t items = chunks * n_layers;
   int64_t max_hidden = 1;
@@ -348,7 +349,7 @@ void layer_penalty_backward(const PenaltyLayer* layers, int n_layers, int64_t ro
     for (int64_t it = b; it < e; ++it) {
       const PenaltyLayer& L = layers[it / chunks];
       const int64_t r0 = (it % chunks) * kPenaltyRows, r1 = std::min(rows, r0 + kPenaltyRows);
-      const float scale = 2.f * L.weight * inv_n;
+      const float scale = 2.f * weights[it / chunks] * inv_n;
       by_dtype(L.dtype, [&](auto tag) {
         penalty_grad_chunk<decltype(tag)>(L, rows, r0, r1, mask, scale, detach_clean);
       });

@@ -242,7 +242,6 @@ struct LayerTable {
   const void* y[kMaxLayers];
   void* grad[kMaxLayers];
   int64_t hidden[kMaxLayers];
-  float weight[kMaxLayers];
   int mode[kMaxLayers];  // dtype * 2 + (16-byte path usable)
 };
 
@@ -297,8 +296,9 @@ __device__ float penalty_rows(const void* y, int64_t hidden, int64_t rows, int64
 }
 
 // Stage 1: block (chunk, layer) -> w_j * sum over its rows of m_r ||noisy_r - clean_r||^2.
+// `weights` points at this launch's first layer (a device array: new weights need no new table).
 __global__ void penalty_stage1(LayerTable tbl, int64_t rows, int64_t chunk_rows, const float* __restrict__ mask,
-                               float* __restrict__ partial) {
+                               const float* __restrict__ weights, float* __restrict__ partial) {
   __shared__ float smem[32];
   const int j = blockIdx.y;
   const int64_t chunk = blockIdx.x;
@@ -318,7 +318,7 @@ __global__ void penalty_stage1(LayerTable tbl, int64_t rows, int64_t chunk_rows,
     default: break;
   }
   acc = block_sum(acc, smem);
-  if (threadIdx.x == 0) partial[static_cast<int64_t>(j) * gridDim.x + chunk] = tbl.weight[j] * acc;
+  if (threadIdx.x == 0) partial[static_cast<int64_t>(j) * gridDim.x + chunk] = weights[j] * acc;
 }
 
 // Stage 2: one block sums the partials and the mask in a fixed order.
@@ -385,13 +385,14 @@ __device__ void penalty_grad_rows(const void* y, void* grad, int64_t hidden, int
 }
 
 __global__ void penalty_backward_kernel(LayerTable tbl, int64_t rows, int64_t chunk_rows,
-                                        const float* __restrict__ mask, const float* __restrict__ grad_loss,
-                                        const float* __restrict__ count, bool detach_clean) {
+                                        const float* __restrict__ mask, const float* __restrict__ weights,
+                                        const float* __restrict__ grad_loss, const float* __restrict__ count,
+                                        bool detach_clean) {
   const int j = blockIdx.y;
   const int64_t r0 = static_cast<int64_t>(blockIdx.x) * chunk_rows;
   const int64_t r1 = r0 + chunk_rows < rows ? r0 + chunk_rows : rows;
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-  const float scale = 2.f * tbl.weight[j] * (*grad_loss / fmaxf(*count, 1.f));
+  const float scale = 2.f * weights[j] * (*grad_loss / fmaxf(*count, 1.f));
   const void* y = tbl.y[j];
   void* g = tbl.grad[j];
   const int64_t H = tbl.hidden[j];
@@ -419,7 +420,6 @@ LayerTable make_table(const PenaltyLayer* layers, int first, int count, int64_t 
     t.y[q] = L.y;
     t.grad[q] = L.grad;
     t.hidden[q] = L.hidden;
-    t.weight[q] = L.weight;
     t.mode[q] = 2 * L.dtype + (vec ? 1 : 0);
   }
   (void)rows;
@@ -497,7 +497,7 @@ int64_t layer_penalty_workspace(int n_layers, int64_t rows) {
 }
 
 int layer_penalty_forward(const PenaltyLayer* layers, int n_layers, int64_t rows, const float* mask,
-                          float* workspace, float* loss, float* count, void* stream) {
+                          const float* weights, float* workspace, float* loss, float* count, void* stream) {
   cudaStream_t st = static_cast<cudaStream_t>(stream);
   const int64_t chunks = penalty_chunks(n_layers, rows);
   const int64_t chunk_rows = kWarps * rows_per_warp(n_layers, rows);
@@ -506,7 +506,7 @@ int layer_penalty_forward(const PenaltyLayer* layers, int n_layers, int64_t rows
       const int cnt = n_layers - first < kMaxLayers ? n_layers - first : kMaxLayers;
       const LayerTable tbl = make_table(layers, first, cnt, rows);
       penalty_stage1<<<dim3(static_cast<unsigned>(chunks), cnt), kThreads, 0, st>>>(
-          tbl, rows, chunk_rows, mask, workspace + static_cast<int64_t>(first) * chunks);
+          tbl, rows, chunk_rows, mask, weights + first, workspace + static_cast<int64_t>(first) * chunks);
     }
   }
   penalty_stage2<<<1, 1024, 0, st>>>(workspace, rows > 0 ? n_layers * chunks : 0, mask, rows, loss, count);
@@ -514,7 +514,8 @@ int layer_penalty_forward(const PenaltyLayer* layers, int n_layers, int64_t rows
 }
 
 int layer_penalty_backward(const PenaltyLayer* layers, int n_layers, int64_t rows, const float* mask,
-                           const float* grad_loss, const float* count, bool detach_clean, void* stream) {
+                           const float* weights, const float* grad_loss, const float* count, bool detach_clean,
+                           void* stream) {
   if (rows <= 0) return 0;
   cudaStream_t st = static_cast<cudaStream_t>(stream);
   const int64_t chunks = penalty_chunks(n_layers, rows);
@@ -523,7 +524,7 @@ int layer_penalty_backward(const PenaltyLayer* layers, int n_layers, int64_t row
     const int cnt = n_layers - first < kMaxLayers ? n_layers - first : kMaxLayers;
     const LayerTable tbl = make_table(layers, first, cnt, rows);
     penalty_backward_kernel<<<dim3(static_cast<unsigned>(chunks), cnt), kThreads, 0, st>>>(
-        tbl, rows, chunk_rows, mask, grad_loss, count, detach_clean);
+        tbl, rows, chunk_rows, mask, weights + first, grad_loss, count, detach_clean);
   }
   return static_cast<int>(cudaGetLastError());
 }

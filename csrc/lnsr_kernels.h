@@ -3,7 +3,7 @@
 //
 // Shapes: perturb works on h of `rows` x `hidden` elements (contiguous) and writes 2*rows*hidden
 // (clean copy first).  layer_penalty takes per-layer tensors of 2*rows*hidden_j elements, the
-// clean half first; `mask` (fp32, `rows` entries) or nullptr.
+// clean half first; `mask` (fp32, `rows` entries) or nullptr; `weights` (fp32, one per layer).
 #pragma once
 
 #include <stdint.h>
@@ -17,7 +17,6 @@ struct PenaltyLayer {
   const void* y;   // [2*rows, hidden]
   void* grad;      // same shape as y (backward only)
   int64_t hidden;
-  float weight;
   int dtype;       // DType
 };
 
@@ -28,9 +27,9 @@ void perturb_forward(int dtype, const void* h, void* out, int64_t rows, int64_t 
 void perturb_backward(int dtype, const void* grad, void* grad_h, int64_t numel);
 // loss = sum_j w_j * sum_r m_r ||noisy_r - clean_r||^2 / max(N, 1); count = N.
 void layer_penalty_forward(const PenaltyLayer* layers, int n_layers, int64_t rows, const float* mask,
-                           float* loss, float* count);
+                           const float* weights, float* loss, float* count);
 void layer_penalty_backward(const PenaltyLayer* layers, int n_layers, int64_t rows, const float* mask,
-                            float grad_loss, float count, bool detach_clean);
+                            const float* weights, float grad_loss, float count, bool detach_clean);
 }  // namespace cpu
 
 namespace cuda {
@@ -41,12 +40,13 @@ int perturb_forward(int dtype, const void* h, void* out, int64_t rows, int64_t h
 int perturb_backward(int dtype, const void* grad, void* grad_h, int64_t numel, void* stream);
 // Floats of scratch space layer_penalty_forward needs for its per-block partial sums.
 int64_t layer_penalty_workspace(int n_layers, int64_t rows);
-// loss and count are device scalars (fp32).
+// weights, loss and count live on the device (fp32), read and written there (no host sync).
 int layer_penalty_forward(const PenaltyLayer* layers, int n_layers, int64_t rows, const float* mask,
-                          float* workspace, float* loss, float* count, void* stream);
+                          const float* weights, float* workspace, float* loss, float* count, void* stream);
 // grad_loss and count are device scalars, read on the device (no host sync).
 int layer_penalty_backward(const PenaltyLayer* layers, int n_layers, int64_t rows, const float* mask,
-                           const float* grad_loss, const float* count, bool detach_clean, void* stream);
+                           const float* weights, const float* grad_loss, const float* count, bool detach_clean,
+                           void* stream);
 }  // namespace cuda
 
 }  // namespace lnsr

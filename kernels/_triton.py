@@ -1,40 +1,33 @@
-"""Triton kernels of ``perturb`` and ``layer_penalty`` and their ``torch.library`` ops (issue 3).
+"""Triton kernels of the lnsr ops and their ``torch.library`` ops ``lnsr_triton::*`` (issue 3).
+
+The ops have the schema of ``lnsr.ops.backend.OP_SCHEMAS`` (the same as lnsr._C's); their fake
+implementations and autograd are registered there, once for both compiled backends.
 
 Import this module only after deciding on ``TRITON_INTERPRET``: ``triton.jit`` picks the
 interpreter (CPU tensors) or the compiler (CUDA tensors) when a kernel is decorated.
 
-Noise (DESIGN §2): element ``i`` of ``h`` (flat, row-major) takes output ``i % 4`` of
+Noise (docs/design.md §2): element ``i`` of ``h`` (flat, row-major) takes output ``i % 4`` of
 ``tl.randn4x(seed, i // 4)``; a block that starts at a multiple of 4 gets its values with one
 Philox call per 4 elements, laid out by ``interleave(interleave(n1, n3), interleave(n2, n4))``.
 """
 from __future__ import annotations
 
 import math
-from typing import Sequence
 
 import torch
 import triton
 import triton.language as tl
 from triton.runtime import driver  # noqa: F401  (fails early when the Triton install is broken)
 
-from lnsr.ops import reference
+from lnsr.ops.backend import KERNEL_DTYPES, OP_SCHEMAS, register_op_extras
 
 INTERPRETED = bool(triton.knobs.runtime.interpret) if hasattr(triton, "knobs") else False
 
 # Flat kernels: element modes.
-_MODE_NOISE, _MODE_GAUSSIAN, _MODE_ADD = 0, 1, 2
+_MODE_NOISE, _MODE_GAUSSIAN = 0, 1
 # Rows wider than this are reduced in a second pass over the row (rms needs the whole row
 # before the first store); at or below it a row stays in registers and h is read once.
 _MAX_SINGLE_PASS_H = 16384
-
-
-def _signed64(seed: int) -> int:
-    """Seeds live in [0, 2**64); torch.library ints are int64, so pass the same 64 bits signed."""
-    return seed - 2**64 if seed >= 2**63 else seed
-
-
-def _unsigned64(seed: int) -> int:
-    return seed + 2**64 if seed < 0 else seed
 
 
 def _tile(device: torch.device) -> int:
@@ -68,8 +61,8 @@ def _noise_at(seed, idx):
 
 
 @triton.jit(do_not_specialize=["seed"])  # a new seed every step must not mean a new compile
-def _flat_kernel(h_ptr, eps_ptr, out_ptr, n, seed, sigma, MODE: tl.constexpr, BLOCK: tl.constexpr):
-    """MODE 0: out[i] = z[i] (fp32).  MODE 1: out = cat([h, h + sigma*z]).  MODE 2: out = cat([h, h + eps])."""
+def _flat_kernel(h_ptr, out_ptr, n, seed, sigma, MODE: tl.constexpr, BLOCK: tl.constexpr):
+    """MODE 0: out[i] = z[i] (fp32).  MODE 1: out = cat([h, h + sigma*z])."""
     start = tl.program_id(0).to(tl.int64) * BLOCK
     offs = start + tl.arange(0, BLOCK)
     inb = offs < n
@@ -77,10 +70,7 @@ def _flat_kernel(h_ptr, eps_ptr, out_ptr, n, seed, sigma, MODE: tl.constexpr, BL
         tl.store(out_ptr + offs, _noise_block(seed, start, BLOCK), mask=inb)
     else:
         x = tl.load(h_ptr + offs, mask=inb)
-        if MODE == 1:
-            eps = sigma * _noise_block(seed, start, BLOCK)
-        else:
-            eps = tl.load(eps_ptr + offs, mask=inb)
+        eps = sigma * _noise_block(seed, start, BLOCK)
         tl.store(out_ptr + offs, x, mask=inb)
         tl.store(out_ptr + n + offs, (x.to(tl.float32) + eps).to(x.dtype), mask=inb)
 
@@ -190,9 +180,9 @@ def _penalty_fwd_kernel(ref_ptr, delta_ptr, hid_ptr, H_arg, w_ptr, mask_ptr, par
 
 
 @triton.jit
-def _penalty_final_kernel(partial_ptr, n_partials, mask_ptr, M, inv_m, loss_ptr, scale_ptr,
+def _penalty_final_kernel(partial_ptr, n_partials, mask_ptr, M, m_float, loss_ptr, count_ptr,
                           HAS_MASK: tl.constexpr, BLOCK: tl.constexpr):
-    """Stage 2 (one program, fixed order): loss = sum(partials) * scale, scale = 1/max(N, 1)."""
+    """Stage 2 (one program, fixed order): loss = sum(partials) / max(N, 1), count = N."""
     offs = tl.arange(0, BLOCK)
     acc = tl.zeros([BLOCK], dtype=tl.float32)
     for i in range(0, n_partials, BLOCK):
@@ -202,16 +192,16 @@ def _penalty_final_kernel(partial_ptr, n_partials, mask_ptr, M, inv_m, loss_ptr,
         macc = tl.zeros([BLOCK], dtype=tl.float32)
         for i in range(0, M, BLOCK):
             macc += tl.load(mask_ptr + i + offs, mask=(i + offs) < M, other=0.0)
-        scale = 1.0 / tl.maximum(tl.sum(macc, axis=0), 1.0)  # empty mask -> 0, not NaN
+        count = tl.sum(macc, axis=0)
     else:
-        scale = inv_m  # (from the host: an int argument equal to 1 would be a constexpr here)
-    tl.store(loss_ptr, total * scale)
-    tl.store(scale_ptr, scale)
+        count = m_float  # (from the host: an int argument equal to 1 would be a constexpr here)
+    tl.store(loss_ptr, total / tl.maximum(count, 1.0))  # empty mask -> 0, not NaN
+    tl.store(count_ptr, count)
 
 
 @triton.jit
 def _penalty_bwd_kernel(ref_ptr, delta_ptr, gref_ptr, gdelta_ptr, hid_ptr, H_arg, w_ptr, mask_ptr, gout_ptr,
-                        scale_ptr, M, n_row_blocks, HAS_MASK: tl.constexpr, DETACH: tl.constexpr,
+                        count_ptr, M, n_row_blocks, HAS_MASK: tl.constexpr, DETACH: tl.constexpr,
                         ROWS: tl.constexpr, BLOCK_H: tl.constexpr, DELTA_DIV: tl.constexpr,
                         UNIFORM_H: tl.constexpr):
     """grad_noisy = 2 w_j m/N (noisy - clean) g, grad_clean = -grad_noisy (0 with detach_clean),
@@ -221,7 +211,7 @@ def _penalty_bwd_kernel(ref_ptr, delta_ptr, gref_ptr, gdelta_ptr, hid_ptr, H_arg
     rows = (pid % n_row_blocks).to(tl.int64) * ROWS + tl.arange(0, ROWS).to(tl.int64)
     base, H = _layer_base(ref_ptr, delta_ptr, hid_ptr, H_arg, j, DELTA_DIV, UNIFORM_H)
     gbase, H = _layer_base(gref_ptr, gdelta_ptr, hid_ptr, H_arg, j, DELTA_DIV, UNIFORM_H)
-    coef = 2.0 * tl.load(w_ptr + j) * tl.load(scale_ptr) * tl.load(gout_ptr)
+    coef = 2.0 * tl.load(w_ptr + j) * (tl.load(gout_ptr) / tl.maximum(tl.load(count_ptr), 1.0))
     row_ok = rows < M
     if HAS_MASK:
         rcoef = coef * tl.load(mask_ptr + rows, mask=row_ok, other=0.0)
@@ -247,30 +237,41 @@ def _penalty_bwd_kernel(ref_ptr, delta_ptr, gref_ptr, gdelta_ptr, hid_ptr, H_arg
 # launchers
 # ---------------------------------------------------------------------------------------------
 
-def _flat_launch(h, eps, out, n, seed, sigma, mode):
+def _flat_launch(h, out, n, seed, sigma, mode):
     block = _tile(out.device)
-    _flat_kernel[(triton.cdiv(n, block),)](h, eps, out, n, seed, sigma, MODE=mode, BLOCK=block,
-                                           num_warps=_warps(block))
+    _flat_kernel[(triton.cdiv(n, block),)](h, out, n, seed, sigma, MODE=mode, BLOCK=block, num_warps=_warps(block))
 
 
-def noise(numel: int, seed: int, device) -> torch.Tensor:
-    """z[0:numel] of the lnsr stream for ``seed`` in fp32, generated by the Triton kernel."""
-    seed = reference.check_seed(seed)
+def _check_dtype(t: torch.Tensor, what: str) -> None:
+    # The op may be called directly (opcheck, torch.ops): a clear error, as lnsr._C gives.
+    if t.dtype not in KERNEL_DTYPES:
+        raise TypeError(f"lnsr_triton: {what} must be float32, float16 or bfloat16, got {t.dtype}")
+
+
+def _noise_impl(numel: int, seed: int, device) -> torch.Tensor:
+    if numel < 0:
+        raise ValueError(f"lnsr_triton::noise: numel must be >= 0, got {numel}")
     out = torch.empty(numel, dtype=torch.float32, device=device)
     if numel:
-        _flat_launch(out, out, out, numel, _signed64(seed), 0.0, _MODE_NOISE)
+        _flat_launch(out, out, numel, seed, 0.0, _MODE_NOISE)
     return out
 
 
-def _perturb_impl(h: torch.Tensor, seed: int, sigma: float, kind: str, mask, n_anchors: int) -> torch.Tensor:
+def _perturb_impl(h: torch.Tensor, seed: int, sigma: float, kind: str) -> torch.Tensor:
+    if h.dim() < 2:
+        raise ValueError(f"lnsr_triton::perturb: h must be [B, ..., H], got {tuple(h.shape)}")
+    _check_dtype(h, "h")
+    if kind not in ("gaussian", "relative"):
+        raise ValueError(f"lnsr_triton::perturb: kind must be 'gaussian' or 'relative' ('manifold' is composed in "
+                         f"Python, lnsr.ops.backend), got {kind!r}")
     h = h.contiguous()
     n = h.numel()
     out = torch.empty((2 * h.shape[0], *h.shape[1:]), dtype=h.dtype, device=h.device)
     if n == 0:
         return out
     if kind == "gaussian":
-        _flat_launch(h, h, out, n, seed, sigma, _MODE_GAUSSIAN)
-    elif kind == "relative":
+        _flat_launch(h, out, n, seed, sigma, _MODE_GAUSSIAN)
+    else:  # relative
         hid = h.shape[-1]
         m = n // hid
         single = hid <= _MAX_SINGLE_PASS_H
@@ -279,25 +280,6 @@ def _perturb_impl(h: torch.Tensor, seed: int, sigma: float, kind: str, mask, n_a
         _relative_kernel[(triton.cdiv(m, rows),)](h, out, n, m, hid, seed, sigma, ROWS=rows, BLOCK_H=block_h,
                                                    SINGLE=single, ALIGNED=(hid % 4 == 0 and block_h >= 4),
                                                    num_warps=_warps(rows * block_h))
-    elif kind == "manifold":
-        # Anchors: the reference's own sampler (CPU generator, shared by every backend).  The
-        # coefficients come from the same stream; the rest is one GEMM and one fused add.
-        hid = h.shape[-1]
-        useed = _unsigned64(seed)
-        anchors = reference.manifold_anchors(mask, h.shape, useed, n_anchors, h.device)
-        a = anchors.numel()
-        if a == 0:
-            out[: h.shape[0]].copy_(h)
-            out[h.shape[0]:].copy_(h)
-            return out
-        h2 = h.view(-1, hid)
-        rows = h2.index_select(0, anchors).float()
-        centred = rows - rows.mean(dim=0, keepdim=True)
-        coef = noise(h2.shape[0] * a, useed, h.device).view(-1, a)
-        eps = torch.mm(coef, centred).mul_(sigma / math.sqrt(a))
-        _flat_launch(h, eps, out, n, seed, 0.0, _MODE_ADD)
-    else:
-        raise ValueError(f"unknown noise kind {kind!r}; choose one of {', '.join(reference.NOISE_KINDS)}")
     return out
 
 
@@ -313,8 +295,8 @@ def _perturb_bwd_impl(g: torch.Tensor) -> torch.Tensor:
 
 
 def _penalty_geometry(ys, device):
-    m = ys[0].numel() // ys[0].shape[-1] // 2   # token rows per half, shared by all layers
-    hmax = max(y.shape[-1] for y in ys)
+    m = math.prod(ys[0].shape[:-1]) // 2   # token rows per half, shared by all layers
+    hmax = max(1, max(y.shape[-1] for y in ys))
     block_h = min(triton.next_power_of_2(hmax), 4096)
     rows = max(1, min(triton.next_power_of_2(max(m, 1)), _tile(device) // block_h))
     return m, block_h, rows, triton.cdiv(m, rows)
@@ -354,17 +336,39 @@ def _groups(ys):
     return list(groups.values())
 
 
-def _penalty_impl(ys: list[torch.Tensor], mask, weights: torch.Tensor):
+def _check_penalty_args(ys, mask, weights):
+    # The kernels assume layers that share the token dims of ys[0] (one row geometry for all).
+    if not ys:
+        raise ValueError("lnsr_triton::layer_penalty: ys is empty")
+    first = ys[0]
+    if first.dim() < 2 or first.shape[0] % 2:
+        raise ValueError(f"lnsr_triton::layer_penalty: ys[0] must be [2B, ..., H], got {tuple(first.shape)}")
+    for j, y in enumerate(ys):
+        _check_dtype(y, f"ys[{j}]")
+        if y.shape[:-1] != first.shape[:-1] or y.device != first.device:
+            raise ValueError(f"lnsr_triton::layer_penalty: ys[{j}] has shape {tuple(y.shape)} on {y.device}, token "
+                             f"dims differ from ys[0] {tuple(first.shape)} on {first.device}")
+    if mask is not None and mask.numel() != math.prod(first.shape[:-1]) // 2:
+        raise ValueError(f"lnsr_triton::layer_penalty: mask has {mask.numel()} entries for "
+                         f"{math.prod(first.shape[:-1]) // 2} tokens")
+    if weights.dim() != 1 or weights.numel() != len(ys):
+        raise ValueError(f"lnsr_triton::layer_penalty: weights must be a 1-d tensor with one entry per tensor in "
+                         f"ys, got shape {tuple(weights.shape)} for {len(ys)} tensors")
+
+
+def _penalty_impl(ys: list[torch.Tensor], mask, weights: torch.Tensor, detach_clean: bool):
+    del detach_clean  # backward only
+    _check_penalty_args(ys, mask, weights)
     ys = [y.contiguous() for y in ys]
     device = ys[0].device
     m, block_h, rows, nrb = _penalty_geometry(ys, device)
     # Two allocations, not views of one: a custom op's outputs may not alias each other.
     loss = torch.zeros((), dtype=torch.float32, device=device)
-    scale = torch.zeros(1, dtype=torch.float32, device=device)
+    count = torch.zeros((), dtype=torch.float32, device=device)
     has_mask = mask is not None
-    maskf = mask.to(torch.float32).contiguous() if has_mask else scale
+    maskf = mask.to(device=device, dtype=torch.float32).contiguous() if has_mask else count
     if m == 0:
-        return loss, scale
+        return loss, count
     weights = weights.to(device=device, dtype=torch.float32).contiguous()
     partials = torch.empty(len(ys) * nrb, dtype=torch.float32, device=device)
     start = 0
@@ -378,12 +382,13 @@ def _penalty_impl(ys: list[torch.Tensor], mask, weights: torch.Tensor):
                                                UNIFORM_H=uniform, num_warps=_warps(rows * block_h))
         start += len(sub) * nrb
     # Stage 2: a fixed-order sum of the partials (no atomics): bit-identical across runs.
-    _penalty_final_kernel[(1,)](partials, partials.numel(), maskf, m, 1.0 / m, loss, scale, HAS_MASK=has_mask,
+    _penalty_final_kernel[(1,)](partials, partials.numel(), maskf, m, float(m), loss, count, HAS_MASK=has_mask,
                                 BLOCK=1024, num_warps=4)
-    return loss, scale
+    return loss, count
 
 
-def _penalty_bwd_impl(gout, ys, mask, scale, weights, detach_clean):
+def _penalty_bwd_impl(gout, count, ys, mask, weights, detach_clean):
+    _check_penalty_args(ys, mask, weights)
     ys = [y.contiguous() for y in ys]
     device = ys[0].device
     grads = [torch.empty_like(y) for y in ys]
@@ -391,8 +396,9 @@ def _penalty_bwd_impl(gout, ys, mask, scale, weights, detach_clean):
     if m == 0:
         return [g.zero_() for g in grads]
     has_mask = mask is not None
-    maskf = mask.to(torch.float32).contiguous() if has_mask else scale
-    gout = gout.to(torch.float32).reshape(1).contiguous()
+    count = count.to(device=device, dtype=torch.float32).contiguous()
+    maskf = mask.to(device=device, dtype=torch.float32).contiguous() if has_mask else count
+    gout = gout.to(device=device, dtype=torch.float32).reshape(1).contiguous()
     weights = weights.to(device=device, dtype=torch.float32).contiguous()
     for idx in _groups(ys):
         sub, gsub = [ys[j] for j in idx], [grads[j] for j in idx]
@@ -400,7 +406,7 @@ def _penalty_bwd_impl(gout, ys, mask, scale, weights, detach_clean):
         gdeltas, gdiv = _deltas(gsub)
         hid, h0, uniform = _group_args(sub)
         w = weights if len(idx) == len(ys) else weights[torch.tensor(idx, device=device)]
-        _penalty_bwd_kernel[(len(sub) * nrb,)](sub[0], deltas, gsub[0], gdeltas, hid, h0, w, maskf, gout, scale,
+        _penalty_bwd_kernel[(len(sub) * nrb,)](sub[0], deltas, gsub[0], gdeltas, hid, h0, w, maskf, gout, count,
                                                m, nrb, HAS_MASK=has_mask, DETACH=bool(detach_clean), ROWS=rows,
                                                BLOCK_H=block_h, DELTA_DIV=min(div, gdiv), UNIFORM_H=uniform,
                                                num_warps=_warps(rows * block_h))
@@ -408,82 +414,17 @@ def _penalty_bwd_impl(gout, ys, mask, scale, weights, detach_clean):
 
 
 # ---------------------------------------------------------------------------------------------
-# torch.library ops (torch.compile and opcheck see these; fake impls give shapes)
+# torch.library ops: the schema of lnsr.ops.backend.OP_SCHEMAS (torch.compile and opcheck see
+# these); fake implementations and autograd come from lnsr.ops.backend.register_op_extras
 # ---------------------------------------------------------------------------------------------
 
-@torch.library.custom_op("lnsr_triton::perturb", mutates_args=())
-def perturb_op(h: torch.Tensor, seed: int, sigma: float, kind: str, mask: torch.Tensor | None,
-               n_anchors: int) -> torch.Tensor:
-    """cat([h, h + eps]); ``seed`` is the 64-bit seed as a signed int64."""
-    return _perturb_impl(h, seed, sigma, kind, mask, n_anchors)
+def _op(name, fn):
+    return torch.library.custom_op(f"lnsr_triton::{name}", fn, mutates_args=(), schema=OP_SCHEMAS[name])
 
 
-@perturb_op.register_fake
-def _(h, seed, sigma, kind, mask, n_anchors):
-    return h.new_empty((2 * h.shape[0], *h.shape[1:]))
-
-
-@torch.library.custom_op("lnsr_triton::perturb_backward", mutates_args=())
-def perturb_backward_op(grad: torch.Tensor) -> torch.Tensor:
-    return _perturb_bwd_impl(grad)
-
-
-@perturb_backward_op.register_fake
-def _(grad):
-    return grad.new_empty((grad.shape[0] // 2, *grad.shape[1:]))
-
-
-def _perturb_setup(ctx, inputs, output):
-    pass
-
-
-def _perturb_backward(ctx, grad):
-    return perturb_backward_op(grad), None, None, None, None, None
-
-
-perturb_op.register_autograd(_perturb_backward, setup_context=_perturb_setup)
-
-
-@torch.library.custom_op("lnsr_triton::layer_penalty", mutates_args=())
-def layer_penalty_op(ys: list[torch.Tensor], mask: torch.Tensor | None, weights: torch.Tensor,
-                     detach_clean: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """(penalty, 1/N): fp32 scalar and fp32 [1].  ``weights`` is an fp32 tensor (one per layer) so
-    that changing weights (``gain`` normalisation) does not recompile a compiled graph;
-    ``detach_clean`` only matters to the backward."""
-    return _penalty_impl(ys, mask, weights)
-
-
-@layer_penalty_op.register_fake
-def _(ys, mask, weights, detach_clean):
-    return ys[0].new_empty((), dtype=torch.float32), ys[0].new_empty((1,), dtype=torch.float32)
-
-
-@torch.library.custom_op("lnsr_triton::layer_penalty_backward", mutates_args=())
-def layer_penalty_backward_op(grad: torch.Tensor, ys: list[torch.Tensor], mask: torch.Tensor | None,
-                              scale: torch.Tensor, weights: torch.Tensor, detach_clean: bool) -> list[torch.Tensor]:
-    return _penalty_bwd_impl(grad, ys, mask, scale, weights, detach_clean)
-
-
-@layer_penalty_backward_op.register_fake
-def _(grad, ys, mask, scale, weights, detach_clean):
-    return [torch.empty_like(y) for y in ys]
-
-
-def _penalty_setup(ctx, inputs, output):
-    ys, mask, weights, detach_clean = inputs
-    ctx.n_ys, ctx.detach_clean = len(ys), detach_clean
-    ctx.has_mask = mask is not None
-    # Only the inputs (which the model keeps alive anyway) and two tiny tensors: no activations.
-    ctx.save_for_backward(*ys, mask if mask is not None else output[1], output[1], weights)
-
-
-def _penalty_backward(ctx, grad, _grad_scale):
-    saved = ctx.saved_tensors
-    ys = list(saved[: ctx.n_ys])
-    mask = saved[ctx.n_ys] if ctx.has_mask else None
-    scale, weights = saved[ctx.n_ys + 1], saved[ctx.n_ys + 2]
-    grads = layer_penalty_backward_op(grad, ys, mask, scale, weights, ctx.detach_clean)
-    return grads, None, None, None
-
-
-layer_penalty_op.register_autograd(_penalty_backward, setup_context=_penalty_setup)
+noise_op = _op("noise", _noise_impl)
+perturb_op = _op("perturb", _perturb_impl)
+perturb_backward_op = _op("perturb_backward", _perturb_bwd_impl)
+layer_penalty_op = _op("layer_penalty", _penalty_impl)
+layer_penalty_backward_op = _op("layer_penalty_backward", _penalty_bwd_impl)
+register_op_extras("lnsr_triton")

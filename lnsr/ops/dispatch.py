@@ -1,20 +1,18 @@
-"""Backend selection for the ops (DESIGN §4).
+"""Backend selection for the ops (docs/design.md §4).
 
-A backend is an object with ``perturb(h, seed, *, sigma, kind, mask, n_anchors)`` and
-``layer_penalty(ys, *, mask, weights, detach_clean)`` with the reference's semantics, plus
-``supports(device) -> bool``.  ``torch`` (the reference) is always present; ``triton``
-(``lnsr.kernels``) and ``cpu``/``cuda`` (``lnsr._C``) register themselves through loaders
-below, which import lazily so that a missing optional dependency costs nothing until asked for.
+A backend is a ``lnsr.ops.backend.Backend`` (the contract, docs/design.md §5).  ``torch`` (the
+reference) is always present; ``triton`` (``lnsr.kernels``) and ``cpu``/``cuda`` (``lnsr._C``) are
+loaded by the loaders below, which import lazily so that a missing optional dependency costs
+nothing until asked for.
 """
 from __future__ import annotations
 
 import os
-from types import SimpleNamespace
 from typing import Callable
 
 import torch
 
-from . import reference
+from .backend import TorchBackend
 
 BACKENDS = ("auto", "torch", "triton", "cuda", "cpu")
 # Preference order of ``auto`` per device type, fastest first.  A backend is taken only if its
@@ -29,8 +27,7 @@ INSTALL_HINT = {
 
 
 def _torch_backend():
-    return SimpleNamespace(name="torch", perturb=reference.perturb, layer_penalty=reference.layer_penalty,
-                           supports=lambda device: True)
+    return TorchBackend()
 
 
 def _triton_backend():

@@ -12,7 +12,7 @@ from typing import Sequence
 import torch
 
 # ---------------------------------------------------------------------------------------------
-# The noise stream (DESIGN §2): Philox4x32-10 keyed by the 64-bit seed, counter (c_lo, c_hi, 0, 0)
+# The noise stream (docs/design.md §2): Philox4x32-10 keyed by the 64-bit seed, counter (c_lo, c_hi, 0, 0)
 # for c = i // 4, the 4 outputs -> uniforms as tl.rand -> two Box-Muller pairs.  Element i of the
 # perturbed tensor takes output r = i % 4.  Integer arithmetic is done in int64 with 32-bit
 # products split into 16-bit halves so that nothing overflows.
@@ -101,7 +101,7 @@ def noise(numel: int, seed: int, *, device=None, dtype=torch.float32) -> torch.T
 
 
 # ---------------------------------------------------------------------------------------------
-# perturb: cat([h, h + eps]) with eps detached (DESIGN §1 noise kinds, §4 contract)
+# perturb: cat([h, h + eps]) with eps detached (docs/design.md §1 noise kinds, §4 contract)
 # ---------------------------------------------------------------------------------------------
 
 NOISE_KINDS = ("gaussian", "relative", "manifold")
@@ -128,6 +128,26 @@ def manifold_anchors(mask: torch.Tensor | None, shape, seed: int, n_anchors: int
     return valid[pick].sort().values.to(device)
 
 
+def manifold_eps(h: torch.Tensor, seed: int, *, sigma: float, mask: torch.Tensor | None = None,
+                 n_anchors: int = DEFAULT_ANCHORS, noise_fn=None) -> torch.Tensor:
+    """The detached fp32 ``manifold`` noise: Gaussian in the span of the centred anchor tokens.
+
+    Written once for every backend: ``noise_fn(numel, seed, device=...)`` is the backend's own
+    noise kernel (default: this file's ``noise``), the rest (anchors, centring, one GEMM) is shared.
+    """
+    noise_fn = noise if noise_fn is None else noise_fn
+    with torch.no_grad():
+        hid = h.shape[-1]
+        anchors = manifold_anchors(mask, h.shape, seed, n_anchors, h.device) if h.numel() else h.new_empty(0)
+        a = anchors.numel()
+        if a == 0:  # no valid token (or nothing at all): nothing to span, no noise
+            return torch.zeros(h.shape, dtype=torch.float32, device=h.device)
+        rows = h.reshape(-1, hid).float()[anchors]
+        centred = rows - rows.mean(dim=0, keepdim=True)
+        coef = noise_fn(math.prod(h.shape[:-1]) * a, seed, device=h.device).view(-1, a)
+        return ((sigma / math.sqrt(a)) * (coef @ centred)).view(h.shape)
+
+
 def make_eps(h: torch.Tensor, seed: int, *, sigma: float, kind: str = "relative",
              mask: torch.Tensor | None = None, n_anchors: int = DEFAULT_ANCHORS) -> torch.Tensor:
     """The detached fp32 noise ``eps`` (same shape as ``h``) that ``perturb`` adds."""
@@ -138,25 +158,21 @@ def make_eps(h: torch.Tensor, seed: int, *, sigma: float, kind: str = "relative"
             z = noise(h.numel(), seed, device=h.device).view(h.shape)
             return (sigma * token_rms(h)) * z
         if kind == "manifold":
-            hid = h.shape[-1]
-            anchors = manifold_anchors(mask, h.shape, seed, n_anchors, h.device)
-            a = anchors.numel()
-            if a == 0:  # no valid token at all: nothing to span, no noise
-                return torch.zeros(h.shape, dtype=torch.float32, device=h.device)
-            rows = h.reshape(-1, hid).float()[anchors]
-            centred = rows - rows.mean(dim=0, keepdim=True)
-            coef = noise(math.prod(h.shape[:-1]) * a, seed, device=h.device).view(-1, a)
-            return ((sigma / math.sqrt(a)) * (coef @ centred)).view(h.shape)
+            return manifold_eps(h, seed, sigma=sigma, mask=mask, n_anchors=n_anchors)
     raise ValueError(f"unknown noise kind {kind!r}; choose one of {', '.join(NOISE_KINDS)}")
+
+
+def add_noise(h: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
+    """``cat([h, h + eps])`` along dim 0, the sum in fp32 (fp64 for fp64 inputs, for gradcheck)."""
+    acc = torch.promote_types(h.dtype, torch.float32)
+    noisy = (h.to(acc) + eps.to(acc)).to(h.dtype)
+    return torch.cat([h, noisy], dim=0)
 
 
 def perturb(h: torch.Tensor, seed: int, *, sigma: float, kind: str = "relative",
             mask: torch.Tensor | None = None, n_anchors: int = DEFAULT_ANCHORS) -> torch.Tensor:
     """``cat([h, h + eps])`` along dim 0; the gradient w.r.t. ``h`` is ``g[:B] + g[B:]``."""
-    eps = make_eps(h, seed, sigma=sigma, kind=kind, mask=mask, n_anchors=n_anchors)
-    acc = torch.promote_types(h.dtype, torch.float32)  # fp32, or fp64 for fp64 inputs (gradcheck)
-    noisy = (h.to(acc) + eps.to(acc)).to(h.dtype)
-    return torch.cat([h, noisy], dim=0)
+    return add_noise(h, make_eps(h, seed, sigma=sigma, kind=kind, mask=mask, n_anchors=n_anchors))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -177,7 +193,10 @@ def pair_penalty(cleans: Sequence[torch.Tensor], noisys: Sequence[torch.Tensor],
             clean = clean.detach()
         sq = (noisy.to(acc) - clean.to(acc)).pow(2).sum(dim=-1)
         # masked tokens contribute nothing, even when non-finite (padding may hold anything)
-        term = sq.mean() if m is None else torch.where(m != 0, sq * m, 0.0).sum() / n
+        if m is None:  # an empty batch gives 0 like an empty mask (N = max(N, 1)), not NaN
+            term = sq.mean() if sq.numel() else sq.sum()
+        else:
+            term = torch.where(m != 0, sq * m, 0.0).sum() / n
         total = total + (1.0 if weights is None else weights[j]) * term
     return total
 

@@ -1,0 +1,271 @@
+"""The backend contract (docs/design.md §5): what a backend implements, and what all share.
+
+A backend implements five kernels with the semantics of ``lnsr.ops.reference``:
+
+- ``noise_kernel(numel, seed, device)``: ``z[0:numel]`` of the noise stream, fp32;
+- ``perturb_forward(h, seed, sigma, kind)`` / ``perturb_backward(grad)``: dense ``gaussian`` and
+  ``relative`` noise, ``cat([h, h + eps])``, and its gradient ``g[:B] + g[B:]``;
+- ``penalty_forward(ys, mask, weights, detach_clean)`` -> ``(loss, count)`` /
+  ``penalty_backward(grad, count, ys, mask, weights, detach_clean)``: the multi-layer penalty
+  and the gradients of every ``y``;
+
+plus ``supports(device)``.  ``perturb_forward`` and ``penalty_forward`` must be differentiable,
+with ``perturb_backward`` / ``penalty_backward`` as their gradients (the contract test checks
+this).  Seeds reach the kernels as int64 bit patterns (``seed_bits``), weights as an fp32 tensor
+with one entry per layer (``weights_tensor``): the schema of the compiled ops (``OP_SCHEMAS``).
+
+The base class owns, once for every backend, the public methods ``noise``, ``perturb`` and
+``layer_penalty``: the fallback rule (``uses_reference``), the seed conversion, the weights and
+the ``manifold`` kind, built on the backend's own ``noise``.
+
+Backends: ``TorchBackend`` below (the reference), ``lnsr.kernels.TritonBackend`` (Triton) and
+``lnsr.ops.extension.ExtensionBackend`` (``lnsr._C``); the two compiled ones are ``OpsBackend``s:
+torch.library ops of one schema, with fake implementations and autograd registered here.
+"""
+from __future__ import annotations
+
+import abc
+import math
+from typing import Sequence
+
+import torch
+
+from . import reference
+
+# float64 has no compiled kernel (it exists for gradcheck): the reference computes it.
+KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+# Kinds a backend implements as a dense kernel; ``manifold`` is composed here from ``noise``.
+DENSE_KINDS = ("gaussian", "relative")
+
+# The schema of the compiled ops, one for every namespace (``lnsr`` for lnsr._C in
+# csrc/binding.cpp, ``lnsr_triton`` for the Triton kernels).  ``count`` is the fp32 scalar N (the
+# mask's sum, or the token count): the backward divides by max(N, 1).  ``weights`` is an fp32
+# tensor so that new weights (``gain`` normalisation) do not recompile a compiled graph.
+OP_SCHEMAS = {
+    "noise": "(int numel, int seed, Device device) -> Tensor",
+    "perturb": "(Tensor h, int seed, float sigma, str kind) -> Tensor",
+    "perturb_backward": "(Tensor grad) -> Tensor",
+    "layer_penalty": "(Tensor[] ys, Tensor? mask, Tensor weights, bool detach_clean) -> (Tensor, Tensor)",
+    "layer_penalty_backward": "(Tensor grad, Tensor count, Tensor[] ys, Tensor? mask, Tensor weights, "
+                              "bool detach_clean) -> Tensor[]",
+}
+
+
+def seed_bits(seed) -> int:
+    """The checked seed in [0, 2**64) as the int64 with the same 64 bits (the schema's ``int``)."""
+    seed = reference.check_seed(seed)
+    return seed - (1 << 64) if seed >= (1 << 63) else seed
+
+
+def unsigned_seed(bits: int) -> int:
+    """Inverse of ``seed_bits``."""
+    return bits + (1 << 64) if bits < 0 else bits
+
+
+def weights_tensor(weights, n: int, device) -> torch.Tensor:
+    """Layer weights (None = all 1, a sequence of floats, or a tensor) as an fp32 [n] tensor on device."""
+    if weights is None:
+        return torch.ones(n, dtype=torch.float32, device=device)
+    if isinstance(weights, torch.Tensor):
+        w = weights.detach().to(device=device, dtype=torch.float32).reshape(-1)
+    else:
+        w = torch.tensor([float(x) for x in weights], dtype=torch.float32).to(device, non_blocking=True)
+    if w.numel() != n:
+        raise ValueError(f"weights has {w.numel()} entries for {n} tensors in ys")
+    return w
+
+
+class Backend(abc.ABC):
+    """One backend of the lnsr ops: implement the abstract methods, inherit the rest."""
+
+    name: str = "?"
+
+    # -- what a backend implements -------------------------------------------------------------
+
+    @abc.abstractmethod
+    def supports(self, device: torch.device) -> bool:
+        """Whether the kernels run on tensors of ``device``."""
+
+    @abc.abstractmethod
+    def noise_kernel(self, numel: int, seed: int, device: torch.device) -> torch.Tensor:
+        """``z[0:numel]`` of the stream of ``seed`` (int64 bits), fp32 on ``device``."""
+
+    @abc.abstractmethod
+    def perturb_forward(self, h: torch.Tensor, seed: int, sigma: float, kind: str) -> torch.Tensor:
+        """``cat([h, h + eps])`` for a dense ``kind``; ``h`` is non-empty, of a kernel dtype."""
+
+    @abc.abstractmethod
+    def perturb_backward(self, grad: torch.Tensor) -> torch.Tensor:
+        """``grad[:B] + grad[B:]``, in the dtype of ``grad``."""
+
+    @abc.abstractmethod
+    def penalty_forward(self, ys: list[torch.Tensor], mask: torch.Tensor | None, weights: torch.Tensor,
+                        detach_clean: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(loss, count)``: the fp32 scalar penalty and the fp32 scalar N (not differentiable)."""
+
+    @abc.abstractmethod
+    def penalty_backward(self, grad: torch.Tensor, count: torch.Tensor, ys: list[torch.Tensor],
+                         mask: torch.Tensor | None, weights: torch.Tensor, detach_clean: bool) -> list[torch.Tensor]:
+        """The gradient of each ``y`` for the penalty's gradient ``grad``."""
+
+    # -- shared by every backend ----------------------------------------------------------------
+
+    @staticmethod
+    def uses_reference(*tensors: torch.Tensor) -> bool:
+        """The fallback rule: empty tensors and dtypes without a kernel (float64) take the reference."""
+        return any(t.numel() == 0 or t.dtype not in KERNEL_DTYPES for t in tensors)
+
+    def noise(self, numel: int, seed: int, *, device=None, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """``z[0:numel]`` of the noise stream (computed in fp32, returned as ``dtype``; CPU by default)."""
+        if isinstance(numel, bool) or not isinstance(numel, int) or numel < 0:
+            raise ValueError(f"numel must be a non-negative int, got {numel!r}")
+        device = torch.device("cpu" if device is None else device)
+        return self.noise_kernel(numel, seed_bits(seed), device).to(dtype)
+
+    def perturb(self, h: torch.Tensor, seed: int, *, sigma: float, kind: str = "relative",
+                mask: torch.Tensor | None = None, n_anchors: int = reference.DEFAULT_ANCHORS) -> torch.Tensor:
+        """``cat([h, h + eps])`` with ``lnsr.ops.perturb``'s semantics (inputs already validated)."""
+        if self.uses_reference(h):
+            return reference.perturb(h, seed, sigma=sigma, kind=kind, mask=mask, n_anchors=n_anchors)
+        if kind in DENSE_KINDS:
+            return self.perturb_forward(h, seed_bits(seed), float(sigma), kind)
+        if kind == "manifold":
+            eps = reference.manifold_eps(h, reference.check_seed(seed), sigma=float(sigma), mask=mask,
+                                         n_anchors=n_anchors, noise_fn=self.noise)
+            return reference.add_noise(h, eps)  # plain autograd through the add: g[:B] + g[B:]
+        raise ValueError(f"unknown noise kind {kind!r}; choose one of {', '.join(reference.NOISE_KINDS)}")
+
+    def layer_penalty(self, ys: Sequence[torch.Tensor], *, mask: torch.Tensor | None = None,
+                      weights: Sequence[float] | torch.Tensor | None = None,
+                      detach_clean: bool = False) -> torch.Tensor:
+        """``lnsr.ops.layer_penalty``'s fp32 scalar (inputs already validated)."""
+        ys = [ys] if isinstance(ys, torch.Tensor) else list(ys)
+        if self.uses_reference(*ys):
+            return reference.layer_penalty(ys, mask=mask, weights=weights, detach_clean=detach_clean)
+        w = weights_tensor(weights, len(ys), ys[0].device)
+        loss, _count = self.penalty_forward(ys, mask, w, bool(detach_clean))
+        return loss
+
+    def __repr__(self) -> str:
+        return f"<lnsr backend {self.name!r} ({type(self).__name__})>"
+
+
+class TorchBackend(Backend):
+    """The torch reference (``lnsr.ops.reference``) as a backend: every device, plain autograd."""
+
+    name = "torch"
+
+    def supports(self, device) -> bool:
+        return True
+
+    def noise_kernel(self, numel, seed, device):
+        return reference.noise(numel, unsigned_seed(seed), device=device)
+
+    def perturb_forward(self, h, seed, sigma, kind):
+        return reference.perturb(h, unsigned_seed(seed), sigma=sigma, kind=kind)
+
+    def perturb_backward(self, grad):
+        b = grad.shape[0] // 2
+        acc = torch.promote_types(grad.dtype, torch.float32)
+        return (grad[:b].to(acc) + grad[b:].to(acc)).to(grad.dtype)
+
+    def penalty_forward(self, ys, mask, weights, detach_clean):
+        loss = reference.layer_penalty(ys, mask=mask, weights=weights, detach_clean=detach_clean)
+        rows = math.prod(ys[0].shape[:-1]) // 2
+        count = (mask.to(torch.float32).sum() if mask is not None
+                 else torch.tensor(float(rows), device=ys[0].device))
+        return loss, count
+
+    def penalty_backward(self, grad, count, ys, mask, weights, detach_clean):
+        ys = [y.detach().requires_grad_() for y in ys]
+        with torch.enable_grad():
+            loss = reference.layer_penalty(ys, mask=mask, weights=weights, detach_clean=detach_clean)
+        return list(torch.autograd.grad(loss, ys, grad))
+
+
+class OpsBackend(Backend):
+    """A backend whose kernels are the torch.library ops ``<namespace>::<op>`` of ``OP_SCHEMAS``.
+
+    The ops carry their autograd and fake implementations (``register_op_extras``), so that
+    ``torch.compile`` traces them as opaque nodes and ``opcheck`` can test them.
+    """
+
+    namespace: str = "?"
+
+    @property
+    def ops(self):
+        return getattr(torch.ops, self.namespace)
+
+    def noise_kernel(self, numel, seed, device):
+        return self.ops.noise(int(numel), int(seed), device)
+
+    def perturb_forward(self, h, seed, sigma, kind):
+        return self.ops.perturb(h, int(seed), float(sigma), kind)
+
+    def perturb_backward(self, grad):
+        return self.ops.perturb_backward(grad)
+
+    def penalty_forward(self, ys, mask, weights, detach_clean):
+        loss, count = self.ops.layer_penalty(ys, mask, weights, bool(detach_clean))
+        return loss, count
+
+    def penalty_backward(self, grad, count, ys, mask, weights, detach_clean):
+        return list(self.ops.layer_penalty_backward(grad, count, ys, mask, weights, bool(detach_clean)))
+
+
+_REGISTERED: set[str] = set()
+
+
+def register_op_extras(namespace: str) -> None:
+    """Fake implementations and autograd of the ``OP_SCHEMAS`` ops of ``namespace``, written once
+    for both compiled backends.  Call after the ops are defined; later calls do nothing."""
+    if namespace in _REGISTERED:
+        return
+    _REGISTERED.add(namespace)
+    q = f"{namespace}::".__add__
+    ops = getattr(torch.ops, namespace)
+
+    @torch.library.register_fake(q("noise"))
+    def _noise_fake(numel, seed, device):
+        return torch.empty((numel,), dtype=torch.float32, device=device)
+
+    @torch.library.register_fake(q("perturb"))
+    def _perturb_fake(h, seed, sigma, kind):
+        return h.new_empty((2 * h.shape[0], *h.shape[1:]))
+
+    @torch.library.register_fake(q("perturb_backward"))
+    def _perturb_backward_fake(grad):
+        return grad.new_empty((grad.shape[0] // 2, *grad.shape[1:]))
+
+    @torch.library.register_fake(q("layer_penalty"))
+    def _layer_penalty_fake(ys, mask, weights, detach_clean):
+        return ys[0].new_empty((), dtype=torch.float32), ys[0].new_empty((), dtype=torch.float32)
+
+    @torch.library.register_fake(q("layer_penalty_backward"))
+    def _layer_penalty_backward_fake(grad, count, ys, mask, weights, detach_clean):
+        return [torch.empty_like(y, memory_format=torch.contiguous_format) for y in ys]
+
+    def perturb_setup(ctx, inputs, output):
+        pass  # the backward needs nothing saved: g[:B] + g[B:]
+
+    def perturb_bwd(ctx, grad):
+        return ops.perturb_backward(grad), None, None, None
+
+    torch.library.register_autograd(q("perturb"), perturb_bwd, setup_context=perturb_setup)
+
+    def penalty_setup(ctx, inputs, output):
+        ys, mask, weights, detach_clean = inputs
+        count = output[1]
+        ctx.n_ys, ctx.has_mask, ctx.detach_clean = len(ys), mask is not None, bool(detach_clean)
+        # Only the inputs (alive anyway: the model keeps them for its own backward) and two tiny
+        # tensors; no activation of the penalty is stored.
+        ctx.save_for_backward(count, weights, mask if mask is not None else count, *ys)
+        ctx.mark_non_differentiable(count)
+
+    def penalty_bwd(ctx, grad_loss, _grad_count):
+        count, weights, mask, *ys = ctx.saved_tensors
+        grads = ops.layer_penalty_backward(grad_loss, count, ys, mask if ctx.has_mask else None, weights,
+                                           ctx.detach_clean)
+        return list(grads), None, None, None
+
+    torch.library.register_autograd(q("layer_penalty"), penalty_bwd, setup_context=penalty_setup)

@@ -1,0 +1,396 @@
+"""The backend contract (lnsr.ops.backend), run over every backend available on this machine.
+
+Each backend against the torch reference, the single definition, on fresh random inputs: the
+noise stream; perturb of every kind (values and gradients); layer_penalty (values, gradients,
+masks with empty rows, weights, detach_clean); awkward shapes (odd hidden sizes, batch of 1,
+non-contiguous); dtypes; the shared fallback rule (float64, empty tensors); the kernel-level
+forward/backward pairs; the one schema of the compiled ops; torch.compile; LNSR end to end.
+
+Backends are every ``(name, device)`` that ``lnsr.ops.available_backends`` reports for the CPU
+and, when present, the GPU: torch, cpu (lnsr._C) and triton (under TRITON_INTERPRET=1, see
+conftest.py, hence the small tensors) on a CPU-only machine.  What is specific to one backend
+(alignment, interpreter limits, opcheck, thread counts) stays in test_triton.py /
+test_extension.py.  Failure messages print the generator seed: replay with LNSR_TEST_SEED.
+"""
+from __future__ import annotations
+
+import importlib.util
+import os
+import random
+
+import pytest
+import torch
+
+import lnsr
+from lnsr.ops import backend as B
+from lnsr.ops import dispatch
+from lnsr.ops import reference as R
+
+RUN_SEED = int(os.environ.get("LNSR_TEST_SEED", random.SystemRandom().randrange(2**31)))
+DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+# Outputs: fp32 to float rounding of the noise; half types to a rounding step of the stored value.
+TOL = {torch.float32: dict(rtol=1e-5, atol=1e-5), torch.float16: dict(rtol=2e-3, atol=1e-3),
+       torch.bfloat16: dict(rtol=1.6e-2, atol=1e-2)}
+SEEDS = (0, 12345, 2**32, 2**63 + 17, 2**64 - 1)  # both key words, the int64 sign boundary, the top
+
+
+def _devices():
+    return ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+PAIRS = [(name, dev) for dev in _devices() for name in dispatch.available_backends(dev)]
+
+
+@pytest.fixture(params=PAIRS, ids=[f"{n}-{d}" for n, d in PAIRS])
+def bd(request):
+    """(backend object, device) for every backend on this machine."""
+    name, dev = request.param
+    return dispatch.resolve_backend(name, dev), dev
+
+
+@pytest.fixture
+def gen():
+    return torch.Generator().manual_seed(RUN_SEED)
+
+
+def _msg(what):
+    return lambda m: f"{what} (LNSR_TEST_SEED={RUN_SEED}): {m}"
+
+
+def _randn(shape, dtype, gen, device, scale=1.0):
+    return (scale * torch.randn(shape, generator=gen)).to(device=device, dtype=dtype)
+
+
+def _mask(shape, gen, device, empty_row=True):
+    m = (torch.rand(shape, generator=gen) > 0.3).to(torch.int64)
+    if empty_row and shape[0] > 1:
+        m[0] = 0  # a sequence that is all padding
+    return m.to(device)
+
+
+def _seed():
+    return random.Random(RUN_SEED).choice(SEEDS)
+
+
+# ---------------------------------------------------------------------------------------------
+# the machine and the contract itself
+# ---------------------------------------------------------------------------------------------
+
+def test_every_backend_on_this_machine_is_covered():
+    names = {n for n, _ in PAIRS}
+    assert "torch" in names
+    if os.environ.get("LNSR_NO_EXT", "0") != "1" and importlib.util.find_spec("lnsr._C") is not None:
+        assert "cpu" in names, dispatch._ERRORS.get("cpu")
+    if importlib.util.find_spec("triton") is not None and (torch.cuda.is_available()
+                                                           or os.environ.get("TRITON_INTERPRET") == "1"):
+        assert "triton" in names, dispatch._ERRORS.get("triton")
+
+
+def test_backends_implement_the_contract(bd):
+    be, dev = bd
+    assert isinstance(be, B.Backend) and be.supports(torch.device(dev))
+    assert not be.supports(torch.device("meta")) or be.name == "torch"
+
+
+@pytest.mark.parametrize("op", sorted(B.OP_SCHEMAS))
+def test_compiled_ops_share_one_schema(op):
+    namespaces = {dispatch.resolve_backend(n, d).namespace for n, d in PAIRS if n != "torch"}
+    for ns in namespaces:
+        schema = getattr(getattr(torch.ops, ns), op).default._schema
+        assert str(schema) == f"{ns}::{op}{B.OP_SCHEMAS[op]}"
+
+
+def test_seed_bits_and_weights():
+    assert B.seed_bits(0) == 0 and B.seed_bits(2**63 - 1) == 2**63 - 1
+    assert B.seed_bits(2**63) == -(2**63) and B.seed_bits(2**64 - 1) == -1
+    assert all(B.unsigned_seed(B.seed_bits(s)) == s for s in SEEDS)
+    with pytest.raises(ValueError, match="seed"):
+        B.seed_bits(2**64)
+    w = B.weights_tensor([1, 0.5], 2, "cpu")
+    assert w.dtype == torch.float32 and w.tolist() == [1.0, 0.5]
+    assert torch.equal(B.weights_tensor(None, 3, "cpu"), torch.ones(3))
+    assert torch.equal(B.weights_tensor(torch.tensor([[2.0], [3.0]], dtype=torch.float64), 2, "cpu"),
+                       torch.tensor([2.0, 3.0]))
+    with pytest.raises(ValueError, match="2 entries for 3"):
+        B.weights_tensor([1.0, 2.0], 3, "cpu")
+
+
+# ---------------------------------------------------------------------------------------------
+# noise
+# ---------------------------------------------------------------------------------------------
+
+def test_noise_is_the_reference_stream(bd):
+    be, dev = bd
+    fresh = random.SystemRandom().randrange(2**64)
+    for seed in (*SEEDS, fresh):
+        for numel in (1, 3, 4, 7, 4099):
+            z = be.noise(numel, seed, device=dev)
+            assert z.dtype == torch.float32 and z.shape == (numel,) and z.device.type == dev
+            torch.testing.assert_close(z, R.noise(numel, seed, device=dev), rtol=1e-5, atol=1e-6,
+                                       msg=_msg(f"noise seed {seed} numel {numel}"))
+    assert be.noise(0, 1, device=dev).numel() == 0
+    assert be.noise(5, 1, device=dev, dtype=torch.float16).dtype == torch.float16
+    with pytest.raises((TypeError, ValueError), match="seed"):
+        be.noise(4, -1, device=dev)
+    with pytest.raises(ValueError, match="numel"):
+        be.noise(-1, 1, device=dev)
+
+
+# ---------------------------------------------------------------------------------------------
+# perturb
+# ---------------------------------------------------------------------------------------------
+
+def _perturb_check(be, h, seed, kind, *, mask=None, n_anchors=4, sigma=0.1, gen=None):
+    """Forward and backward of be.perturb against the reference on the same input and grad."""
+    x = h.detach().clone().requires_grad_()
+    xr = h.detach().clone().requires_grad_()
+    out = be.perturb(x, seed, sigma=sigma, kind=kind, mask=mask, n_anchors=n_anchors)
+    ref = R.perturb(xr, seed, sigma=sigma, kind=kind, mask=mask, n_anchors=n_anchors)
+    assert out.shape == ref.shape and out.dtype == h.dtype and out.device == h.device
+    b = h.shape[0]
+    assert torch.equal(out[:b], h), "the clean half is an exact copy"
+    torch.testing.assert_close(out, ref, **TOL[h.dtype], msg=_msg(f"perturb {kind} {h.dtype} {tuple(h.shape)}"))
+    g = _randn(out.shape, h.dtype, gen or torch.Generator().manual_seed(RUN_SEED + 1), h.device)
+    (gx,) = torch.autograd.grad(out, x, g)
+    (gr,) = torch.autograd.grad(ref, xr, g)
+    torch.testing.assert_close(gx, gr, **TOL[h.dtype], msg=_msg(f"perturb grad {kind} {h.dtype}"))
+    return out
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("kind", R.NOISE_KINDS)
+# odd hidden sizes, batch 1, 2-d h; 384 and 1024 rows start on 16-byte boundaries (vector paths)
+@pytest.mark.parametrize("shape", [(1, 1, 1), (1, 5, 1), (2, 3, 7), (3, 4, 33), (1, 2, 769), (2, 769), (2, 3, 384),
+                                   (3, 1024)])
+def test_perturb_matches_reference(bd, gen, dtype, kind, shape):
+    be, dev = bd
+    h = _randn(shape, dtype, gen, dev, scale=3.0)
+    mask = _mask(shape[:-1], gen, dev)  # only manifold reads it: anchors among valid tokens
+    _perturb_check(be, h, _seed(), kind, mask=mask, gen=gen)
+
+
+def test_perturb_noise_is_the_stream(bd):
+    """gaussian, sigma 1, h = 0: the noisy half is exactly the noise stream."""
+    be, dev = bd
+    h = torch.zeros(3, 5, 7, device=dev)
+    out = be.perturb(h, 99, sigma=1.0, kind="gaussian")
+    torch.testing.assert_close(out[3:].reshape(-1), R.noise(h.numel(), 99, device=dev), rtol=1e-5, atol=1e-6)
+
+
+def test_perturb_sigma_zero_and_no_valid_token_are_exact_copies(bd, gen):
+    be, dev = bd
+    h = _randn((2, 3, 8), torch.float32, gen, dev)
+    for kind in R.NOISE_KINDS:
+        assert torch.equal(be.perturb(h, 5, sigma=0.0, kind=kind)[2:], h), kind
+    empty = torch.zeros(2, 3, dtype=torch.long, device=dev)
+    assert torch.equal(be.perturb(h, 5, sigma=0.5, kind="manifold", mask=empty, n_anchors=4)[2:], h)
+
+
+def test_perturb_non_contiguous(bd, gen):
+    be, dev = bd
+    h = _randn((4, 6, 10), torch.float32, gen, dev)[:, :, 1:8]
+    assert not h.is_contiguous()
+    for kind in R.NOISE_KINDS:
+        _perturb_check(be, h, 5, kind, gen=gen)
+
+
+@pytest.mark.parametrize("kind", B.DENSE_KINDS)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_perturb_forward_backward_pair(bd, gen, kind, dtype):
+    """The kernel-level pair: perturb_forward is differentiable and its gradient is perturb_backward."""
+    be, dev = bd
+    h = _randn((3, 2, 9), dtype, gen, dev).requires_grad_()
+    out = be.perturb_forward(h, B.seed_bits(2**63 + 3), 0.2, kind)
+    g = _randn(out.shape, dtype, gen, dev)
+    (gh,) = torch.autograd.grad(out, h, g)
+    torch.testing.assert_close(gh, be.perturb_backward(g), rtol=0, atol=0)
+    # (to a rounding step: Triton's interpreter does not round bf16 to nearest like the GPU does)
+    torch.testing.assert_close(gh, (g[:3].float() + g[3:].float()).to(dtype), **TOL[dtype])
+
+
+# ---------------------------------------------------------------------------------------------
+# layer_penalty
+# ---------------------------------------------------------------------------------------------
+
+def _penalty_check(be, ys, *, mask=None, weights=None, detach_clean=False, loss_rtol=2e-5):
+    xs = [y.detach().clone().requires_grad_() for y in ys]
+    xr = [y.detach().clone().requires_grad_() for y in ys]
+    loss = be.layer_penalty(xs, mask=mask, weights=weights, detach_clean=detach_clean)
+    ref = R.layer_penalty(xr, mask=mask, weights=weights, detach_clean=detach_clean)
+    assert loss.dtype == torch.float32 and loss.shape == () and loss.device == ys[0].device
+    torch.testing.assert_close(loss, ref.float(), rtol=loss_rtol, atol=1e-6, msg=_msg("layer_penalty"))
+    grads = torch.autograd.grad(loss * 3.0, xs)
+    grads_ref = torch.autograd.grad(ref * 3.0, xr)
+    b = ys[0].shape[0] // 2
+    for j, (a, r) in enumerate(zip(grads, grads_ref)):
+        assert a.dtype == r.dtype and a.shape == r.shape
+        torch.testing.assert_close(a, r, **TOL[a.dtype], msg=_msg(f"layer_penalty grad {j}"))
+        if detach_clean:
+            assert torch.count_nonzero(a[:b]) == 0
+    return loss
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("hidden", [1, 7, 33, 769])
+@pytest.mark.parametrize("batch", [1, 3])
+def test_layer_penalty_matches_reference(bd, gen, dtype, hidden, batch):
+    be, dev = bd
+    ys = [_randn((2 * batch, 5, hidden), dtype, gen, dev) for _ in range(2)]
+    mask = _mask((batch, 5), gen, dev)
+    for detach_clean in (False, True):
+        _penalty_check(be, ys, mask=mask, weights=[0.5, 2.0], detach_clean=detach_clean)
+        _penalty_check(be, ys, mask=None, detach_clean=detach_clean)
+
+
+@pytest.mark.parametrize("n_layers", [1, 12])
+def test_layer_penalty_mixed_layers_masks_and_weights(bd, gen, n_layers):
+    """Layers of different hidden sizes and dtypes in one call; bool, int, fractional masks."""
+    be, dev = bd
+    hiddens = [7, 384, 33, 16, 5000]  # 5000: more than one tile of a row
+    ys = [_randn((4, 5, hiddens[j % 5]), DTYPES[j % 3], gen, dev) for j in range(n_layers)]
+    weights = [float(w) for w in torch.rand(n_layers, generator=gen) * 2]
+    masks = (None, _mask((2, 5), gen, dev), torch.ones(2, 5, dtype=torch.bool, device=dev),
+             torch.rand((2, 5), generator=gen).to(dev))
+    for mask in masks:
+        _penalty_check(be, ys, mask=mask, weights=weights)
+    _penalty_check(be, ys, mask=masks[1], weights=torch.tensor(weights, device=dev), detach_clean=True)
+    _penalty_check(be, ys, mask=masks[3], weights=None, detach_clean=True)
+
+
+def test_layer_penalty_empty_mask_is_zero_with_zero_gradients(bd, gen):
+    be, dev = bd
+    ys = [_randn((4, 6, 33), torch.float32, gen, dev).requires_grad_() for _ in range(2)]
+    loss = be.layer_penalty(ys, mask=torch.zeros(2, 6, device=dev))
+    assert loss.item() == 0.0  # N = max(N, 1): 0, not NaN
+    assert all(torch.count_nonzero(g) == 0 for g in torch.autograd.grad(loss, ys))
+
+
+def test_layer_penalty_hand_computed(bd):
+    # B = 1, T = 2, H = 2.  clean rows (0,0),(1,1); noisy rows (3,4),(1,2): ||d||^2 = 25 and 1.
+    be, dev = bd
+    y = torch.tensor([[[0.0, 0.0], [1.0, 1.0]], [[3.0, 4.0], [1.0, 2.0]]], device=dev)
+    assert be.layer_penalty([y]).item() == pytest.approx(13.0)  # (25 + 1) / 2
+    assert be.layer_penalty([y], mask=torch.tensor([[1, 0]], device=dev)).item() == pytest.approx(25.0)  # N = 1
+    assert be.layer_penalty([y, y], weights=[1.0, 0.5]).item() == pytest.approx(19.5)
+    assert be.layer_penalty([y], mask=torch.zeros(1, 2, device=dev)).item() == 0.0  # empty mask: 0, not NaN
+
+
+@pytest.mark.parametrize("masked", [False, True])
+def test_penalty_forward_backward_pair(bd, gen, masked):
+    """The kernel-level pair: (loss, count) and the gradients penalty_backward gives."""
+    be, dev = bd
+    ys = [_randn((6, 4, h), dt, gen, dev).requires_grad_() for h, dt in ((9, torch.float32), (16, torch.bfloat16))]
+    mask = _mask((3, 4), gen, dev) if masked else None
+    w = B.weights_tensor([0.7, 1.3], 2, dev)
+    loss, count = be.penalty_forward(ys, mask, w, False)
+    assert count.dtype == torch.float32 and count.shape == () and not count.requires_grad
+    assert count.item() == (mask.sum().item() if masked else 12)
+    g = torch.tensor(1.7, device=dev)
+    auto = torch.autograd.grad(loss, ys, g)
+    manual = be.penalty_backward(g, count, ys, mask, w, False)
+    for a, m in zip(auto, manual):
+        torch.testing.assert_close(a, m, rtol=0, atol=0)
+    for a, m in zip(be.penalty_backward(g, count, ys, mask, w, True), manual):
+        assert torch.count_nonzero(a[:3]) == 0 and torch.equal(a[3:], m[3:])
+
+
+def test_layer_penalty_rejects_a_wrong_number_of_weights(bd, gen):
+    be, dev = bd
+    y = _randn((4, 3, 5), torch.float32, gen, dev)
+    with pytest.raises(ValueError, match="weights"):
+        be.layer_penalty([y, y], weights=[1.0])
+
+
+# ---------------------------------------------------------------------------------------------
+# the shared fallback rule, determinism, compile
+# ---------------------------------------------------------------------------------------------
+
+def test_float64_and_empty_tensors_take_the_reference(bd, gen):
+    be, dev = bd
+    h = _randn((2, 3, 5), torch.float64, gen, dev)
+    for kind in R.NOISE_KINDS:
+        assert torch.equal(be.perturb(h, 3, sigma=0.1, kind=kind), R.perturb(h, 3, sigma=0.1, kind=kind))
+    ys = [_randn((4, 3, 5), torch.float64, gen, dev), _randn((4, 3, 2), torch.float32, gen, dev)]
+    mask = _mask((2, 3), gen, dev)
+    assert torch.equal(be.layer_penalty(ys, mask=mask), R.layer_penalty(ys, mask=mask))
+    for shape in ((0, 3, 4), (2, 3, 0), (2, 0, 4)):
+        e = torch.zeros(shape, device=dev)
+        for kind in R.NOISE_KINDS:
+            out = be.perturb(e, 3, sigma=0.1, kind=kind)
+            assert out.shape == (2 * shape[0], *shape[1:])
+    for shape in ((0, 3, 4), (4, 3, 0), (4, 0, 5)):  # an empty batch gives 0 like an empty mask
+        loss = be.layer_penalty([torch.zeros(shape, device=dev)])
+        assert loss.item() == 0.0 and loss.dtype == torch.float32
+
+
+def test_bit_identical_across_runs(bd, gen):
+    be, dev = bd
+    h = _randn((4, 8, 96), torch.float32, gen, dev)
+    for kind in R.NOISE_KINDS:
+        assert torch.equal(be.perturb(h, 7, sigma=0.05, kind=kind), be.perturb(h, 7, sigma=0.05, kind=kind))
+    ys = [_randn((8, 8, 96), torch.float32, gen, dev) for _ in range(3)]
+    mask = _mask((4, 8), gen, dev)
+    runs = []
+    for _ in range(2):
+        xs = [y.clone().requires_grad_() for y in ys]
+        loss = be.layer_penalty(xs, mask=mask, weights=[1.0, 0.3, 2.0])
+        runs.append((loss.detach(), torch.autograd.grad(loss, xs)))
+    assert torch.equal(runs[0][0], runs[1][0])
+    assert all(torch.equal(p, q) for p, q in zip(runs[0][1], runs[1][1]))
+
+
+def test_torch_compile_fullgraph(bd, gen):
+    be, dev = bd
+    if be.name == "torch":
+        pytest.skip("the reference is plain torch code; compiling its Philox is slow and tests torch, not lnsr")
+
+    def step(h, mask):
+        x = be.perturb(h, 11, sigma=0.05, kind="relative")
+        return be.layer_penalty([x * 2.0, x.tanh()], mask=mask, weights=[1.0, 0.5])
+
+    h = _randn((2, 4, 16), torch.float32, gen, dev).requires_grad_()
+    mask = _mask((2, 4), gen, dev, empty_row=False)
+    out = torch.compile(step, backend="aot_eager", fullgraph=True)(h, mask)
+    (g,) = torch.autograd.grad(out, h)
+    h2 = h.detach().clone().requires_grad_()
+    ref = step(h2, mask)
+    (g2,) = torch.autograd.grad(ref, h2)
+    torch.testing.assert_close(out, ref)
+    torch.testing.assert_close(g, g2)
+
+
+# ---------------------------------------------------------------------------------------------
+# LNSR end to end: the same penalty, task loss and gradients as with the torch backend
+# ---------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("noise", ["relative", "manifold"])
+def test_lnsr_equals_torch_backend_on_tiny_bert(bd, noise):
+    be, dev = bd
+    if be.name == "torch":
+        pytest.skip("the torch backend is the comparison")
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.BertConfig(vocab_size=97, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                  intermediate_size=64, max_position_embeddings=64, hidden_dropout_prob=0.0,
+                                  attention_probs_dropout_prob=0.0)
+    torch.manual_seed(0)
+    model = transformers.BertForSequenceClassification(cfg).to(dev).train()
+    ids = torch.randint(0, 97, (3, 10), generator=torch.Generator().manual_seed(0)).to(dev)
+    attn = torch.ones(3, 10, dtype=torch.long, device=dev)
+    attn[1, 6:] = 0
+    labels = torch.tensor([0, 1, 1], device=dev)
+    results = {}
+    for backend in ("torch", be.name):
+        model.zero_grad(set_to_none=True)
+        with lnsr.LNSR(model, sigma=0.1, noise=noise, lam=1.0, inject_at=0, backend=backend) as reg:
+            torch.manual_seed(42)  # the same seed for the noise stream
+            out = model(input_ids=ids, attention_mask=attn, labels=labels)
+            (out.loss + reg.loss).backward()
+            results[backend] = (reg.loss.detach(), out.loss.detach(),
+                                {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+    (l_t, task_t, g_t), (l_k, task_k, g_k) = results["torch"], results[be.name]
+    assert l_t.item() > 0
+    torch.testing.assert_close(l_k, l_t, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(task_k, task_t, rtol=1e-5, atol=1e-6)
+    assert g_t.keys() == g_k.keys() and len(g_t) > 10
+    for name in g_t:
+        torch.testing.assert_close(g_k[name], g_t[name], rtol=1e-3, atol=1e-5, msg=name)
