@@ -1,4 +1,4 @@
-"""The ``lnsr`` command: ``lnsr finetune``, ``lnsr profile``, ``lnsr bench``."""
+"""The ``lnsr`` command: ``lnsr finetune``, ``lnsr tune``, ``lnsr profile``, ``lnsr bench``."""
 from __future__ import annotations
 
 import argparse
@@ -22,13 +22,19 @@ def _bench(argv) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     from .finetune import add_finetune_args
+    from .finetune.tune import add_tune_args
     from .profile import add_profile_args
 
     p = argparse.ArgumentParser(prog="lnsr", description="Layerwise Noise Stability Regularization tools")
     sub = p.add_subparsers(dest="command", required=True)
-    ft = sub.add_parser("finetune", help="fine-tune GLUE tasks over methods and seeds; results table and plot",
+    ft = sub.add_parser("finetune", help="fine-tune a GLUE task or your own CSV/TSV/JSON data over methods and seeds; "
+                                         "results table and plot",
                         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     add_finetune_args(ft)
+    tu = sub.add_parser("tune", help="choose LNSR's options on held-out training data (grid x seeds, with vanilla "
+                                     "and the lam=0 control); writes best.json",
+                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    add_tune_args(tu)
     pr = sub.add_parser("profile", help="noise-stability profile: per-block output change for noise at each block",
                         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     add_profile_args(pr)
@@ -44,6 +50,9 @@ def main(argv=None) -> int:
     if args.command == "finetune":
         from .finetune import finetune_main
         finetune_main(args)
+    elif args.command == "tune":
+        from .finetune.tune import tune_main
+        tune_main(args)
     elif args.command == "profile":
         from .profile import profile_main
         profile_main(args)

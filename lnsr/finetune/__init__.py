@@ -4,34 +4,60 @@ from .methods import METHODS, Method, parse_method_spec, register_method
 from . import baselines  # noqa: F401  (registers l2sp, mixout, r3f, smart)
 from .metrics import accuracy, compute_metrics, f1, matthews, pearson, spearman
 from .report import markdown_table, summarize, write_summary
+from .files import load_file_task
 
 __all__ = ["TASKS", "TaskSpec", "get_task", "load_task", "read_tsv", "METHODS", "Method", "register_method",
            "parse_method_spec", "accuracy", "f1", "matthews", "pearson", "spearman", "compute_metrics",
-           "markdown_table", "summarize", "write_summary", "add_finetune_args", "finetune_main"]
+           "markdown_table", "summarize", "write_summary", "add_finetune_args", "finetune_main", "load_file_task"]
 
 
-def add_finetune_args(p) -> None:
+def add_finetune_args(p, tune: bool = False) -> None:
+    """The arguments of ``lnsr finetune`` (``tune=True``: those of ``lnsr tune``, which has no --method)."""
     from ..dropout import DROPOUT_MODES
     from ..ops import BACKENDS, NOISE_KINDS
     from ..regularizer import NORMALIZE_MODES
 
-    g = p.add_argument_group("task and data")
-    g.add_argument("--task", nargs="+", required=True, metavar="TASK",
+    g = p.add_argument_group("task and data (a GLUE task, or your own files)")
+    g.add_argument("--task", nargs="+", default=None, metavar="TASK",
                    help=f"GLUE task(s): {', '.join(TASKS)}")
     g.add_argument("--data-dir", default=None,
                    help="local GLUE-format folder (the GLUE root or the task's folder, original TSV layout); "
                         "default: the Hugging Face hub via `datasets`")
+    g.add_argument("--train-file", default=None,
+                   help="your training data: .csv, .tsv, .json or .jsonl (instead of --task)")
+    g.add_argument("--validation-file", default=None, help="scored every epoch (same columns as --train-file)")
+    g.add_argument("--test-file", default=None,
+                   help="scored at the end as the set 'test'; without a label column, predictions are written "
+                        "to <run>-test_predictions.tsv")
+    g.add_argument("--eval-file", action="append", default=None, metavar="NAME=PATH",
+                   help="an extra evaluation set (repeatable; same columns as the validation file), scored at the "
+                        "end of every run: in-domain test sets, shifted data, ...")
+    g.add_argument("--eval-sets-each-epoch", action="store_true",
+                   help="score the --eval-file / --test-file sets after every epoch, not only the last")
+    g.add_argument("--text-columns", default=None, metavar="A[,B]",
+                   help="one or two text columns (default: sentence1,sentence2, else the first one or two "
+                        "non-label string columns)")
+    g.add_argument("--label-column", default=None, help="default: label")
+    g.add_argument("--problem", choices=("auto", "classification", "regression"), default="auto",
+                   help="auto: float labels are regression, int/bool/string labels classification")
+    g.add_argument("--metrics", default=None, metavar="M1[,M2...]",
+                   help="metrics for --train-file data, the first is the main one (default: accuracy,f1_macro"
+                        "[,f1 for two labels] or pearson,spearman; mcc on request)")
+    g.add_argument("--task-name", default=None, help="name of a --train-file task in outputs (default: the file's "
+                                                      "stem, or its folder's name for train.csv)")
     g.add_argument("--max-train-samples", type=int, default=None, help="a fixed random subset of train (quick runs)")
     g.add_argument("--max-eval-samples", type=int, default=None, help="the first N evaluation examples")
     g.add_argument("--holdout", type=float, default=None, metavar="FRAC",
                    help="hold out FRAC of train (fixed split) and evaluate on it instead of dev: for choosing "
-                        "hyper-parameters without touching dev")
+                        "hyper-parameters without touching dev (validation/eval/test files are then not read)")
     g = p.add_argument_group("model and methods")
     g.add_argument("--model", default=None,
                    help="Hugging Face encoder (hub name or local path); default: the packaged all-MiniLM-L6-v2")
-    g.add_argument("--method", nargs="+", default=["vanilla", "lnsr"], metavar="SPEC",
-                   help=f"methods ({', '.join(METHODS)}); NAME or NAME:key=value,... overrides an option for that "
-                        f"method only (e.g. lnsr:lam=0.003)")
+    if not tune:
+        g.add_argument("--method", nargs="+", default=["vanilla", "lnsr"], metavar="SPEC",
+                       help=f"methods ({', '.join(METHODS)}); NAME or NAME:key=value,... overrides an option for "
+                            f"that method only (e.g. lnsr:lam=0.003); lnsr:@best.json takes the options `lnsr tune` "
+                            f"chose")
     g.add_argument("--seeds", nargs="+", type=int, default=[1, 2, 3])
     g = p.add_argument_group("LNSR options (method lnsr)")
     g.add_argument("--sigma", type=float, default=0.05)
@@ -66,9 +92,53 @@ def add_finetune_args(p) -> None:
                    help="save each final model to OUTPUT_DIR/<task>/<method>/seed<k>-model (for lnsr profile)")
     g.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda when available)")
     g.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    g.add_argument("--checkpoint-every", type=int, default=500, metavar="N",
+                   help="also checkpoint every N training steps (0: at epoch ends only); a killed run restarts "
+                        "from its last checkpoint when the same command is run again")
+    g.add_argument("--no-checkpoints", dest="checkpoints", action="store_false",
+                   help="write no checkpoints (a killed run starts over)")
     g.add_argument("--summary-only", action="store_true",
                    help="train nothing: summarise the finished runs of these methods and seeds")
     g.add_argument("--no-progress", dest="progress", action="store_false", help="no tqdm progress bars")
+
+
+def method_defaults(args) -> dict:
+    """The shared LNSR flags (``--lam``, ``--sigma``, ...) as method options."""
+    return {"sigma": args.sigma, "noise": args.noise, "inject_at": args.inject_at, "lam": args.lam,
+            "normalize": args.normalize, "dropout": args.dropout, "detach_clean": args.detach_clean,
+            "backend": args.backend}
+
+
+def check_common_args(args) -> None:
+    """Argument errors that need no data: raised before anything is read or trained."""
+    import torch
+
+    if args.epochs < 1 or args.batch_size < 1:
+        raise SystemExit("--epochs and --batch-size must be >= 1")
+    if args.checkpoint_every < 0:
+        raise SystemExit("--checkpoint-every must be >= 0 (0: checkpoints at epoch ends only)")
+    if args.train_file and args.task:
+        raise SystemExit("give either --task (GLUE) or --train-file (your own data), not both")
+    if not args.train_file and not args.task:
+        raise SystemExit("give --task (a GLUE task) or --train-file (your own CSV/TSV/JSON/JSONL data)")
+    if args.task:
+        for t in args.task:
+            get_task(t)  # unknown tasks fail before anything runs
+        own = [f for f in ("validation_file", "test_file", "text_columns", "label_column", "metrics", "task_name")
+               if getattr(args, f)]
+        if own:
+            raise SystemExit(f"--{own[0].replace('_', '-')} is for --train-file data; GLUE tasks have fixed files "
+                             f"and columns")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+
+def parse_methods(specs, args) -> list:
+    methods = [parse_method_spec(m, method_defaults(args)) for m in specs]
+    labels = [m[0] for m in methods]
+    if len(set(labels)) != len(labels):
+        raise SystemExit(f"--method lists the same method twice: {labels}")
+    return methods
 
 
 def finetune_main(args) -> dict:
@@ -76,32 +146,20 @@ def finetune_main(args) -> dict:
     import os
     import sys
 
-    import torch
+    from .runner import prepare_tasks, run_task
 
-    from .runner import run_task
-
-    specs = [get_task(t) for t in args.task]  # unknown tasks fail before anything runs
-    defaults = {"sigma": args.sigma, "noise": args.noise, "inject_at": args.inject_at, "lam": args.lam,
-                "normalize": args.normalize, "dropout": args.dropout, "detach_clean": args.detach_clean,
-                "backend": args.backend}
-    methods = [parse_method_spec(m, defaults) for m in args.method]
-    labels = [m[0] for m in methods]
-    if len(set(labels)) != len(labels):
-        raise SystemExit(f"--method lists the same method twice: {labels}")
-    if args.epochs < 1 or args.batch_size < 1:
-        raise SystemExit("--epochs and --batch-size must be >= 1")
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    check_common_args(args)
+    methods = parse_methods(args.method, args)
 
     def log(msg):
         print(msg, file=sys.stderr, flush=True)
 
     out = {}
-    for spec in specs:
-        results = run_task(spec, args, methods, log=log)
+    for prep in prepare_tasks(args, log):  # every file is read and checked before the first run trains
+        results = run_task(prep, args, methods, log=log)
         if not results:
-            log(f"[{spec.name}] no finished runs to summarise")
+            log(f"[{prep.spec.name}] no finished runs to summarise")
             continue
-        out[spec.name] = write_summary(spec.name, results, spec.metrics, os.path.join(args.output_dir, spec.name),
-                                       log=log)
+        out[prep.spec.name] = write_summary(prep.spec.name, results, prep.spec.metrics,
+                                            os.path.join(args.output_dir, prep.spec.name), log=log)
     return out

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils import parametrize
 
-from ..models import block_batch_arg, find_blocks, unwrap
+from ..models import find_blocks, replace_block_input, unwrap
 from .methods import Method, register_method
 
 
@@ -211,10 +211,7 @@ class SMART(_PenaltyMethod):
     def _add_delta(self, module, args, kwargs):
         if self.delta is None:
             return None
-        h, (kind, key) = block_batch_arg(args, kwargs)
-        if kind == "args":
-            return (h + self.delta.to(h.dtype),) + tuple(args[1:]), kwargs
-        return args, {**kwargs, key: h + self.delta.to(h.dtype)}
+        return replace_block_input(args, kwargs, lambda h: h + self.delta.to(h.dtype), who="smart: the first block")
 
     def _perturbed(self, model, batch, delta):
         self.delta = delta

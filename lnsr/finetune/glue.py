@@ -141,9 +141,10 @@ def read_tsv(spec: TaskSpec, path: str) -> list[tuple]:
     return out
 
 
-def load_local(spec: TaskSpec, data_dir: str) -> tuple[list, list, str]:
+def load_local(spec: TaskSpec, data_dir: str, dev: bool = True) -> tuple[list, list, str]:
     d = find_task_dir(spec, data_dir)
-    return read_tsv(spec, os.path.join(d, "train.tsv")), read_tsv(spec, os.path.join(d, spec.dev_file)), d
+    return (read_tsv(spec, os.path.join(d, "train.tsv")),
+            read_tsv(spec, os.path.join(d, spec.dev_file)) if dev else [], d)
 
 
 def load_hub(spec: TaskSpec) -> tuple[list, list, str]:
@@ -165,9 +166,10 @@ def load_hub(spec: TaskSpec) -> tuple[list, list, str]:
     return conv("train"), conv(spec.hub_dev), "hub:nyu-mll/glue"
 
 
-def load_task(spec: TaskSpec, data_dir: str | None):
-    """``(train, dev, source)``: from ``data_dir`` when given, else from the hub."""
-    return load_local(spec, data_dir) if data_dir else load_hub(spec)
+def load_task(spec: TaskSpec, data_dir: str | None, dev: bool = True):
+    """``(train, dev, source)``: from ``data_dir`` when given, else from the hub; ``dev=False`` leaves
+    the dev file unread (choosing hyper-parameters on held-out training data)."""
+    return load_local(spec, data_dir, dev) if data_dir else load_hub(spec)
 
 
 def split_holdout(train: list, frac: float, seed: int = 0) -> tuple[list, list]:

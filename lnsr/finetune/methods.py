@@ -47,6 +47,13 @@ class Method:
     def stats(self) -> dict:
         return {}
 
+    def state_dict(self) -> dict:
+        """What the method carries between steps beyond the model (saved in run checkpoints)."""
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass
+
     def detach(self) -> None:
         pass
 
@@ -60,8 +67,9 @@ class Vanilla(Method):
 class LNSRMethod(Method):
     """Layerwise Noise Stability Regularization (``lnsr.LNSR``) on the model's blocks."""
     OPTIONS = {"sigma": float, "noise": str, "inject_at": int, "lam": float, "normalize": str,
-               "dropout": str, "detach_clean": bool, "backend": str}
-    FROM_CLI = tuple(OPTIONS)
+               "dropout": str, "detach_clean": bool, "backend": str, "noisy_fraction": float, "every": int}
+    # the schedules (noisy_fraction, every) have no shared flag: set per spec, absent = lnsr.LNSR's default
+    FROM_CLI = ("sigma", "noise", "inject_at", "lam", "normalize", "dropout", "detach_clean", "backend")
 
     @classmethod
     def validate(cls, label, options):
@@ -78,9 +86,18 @@ class LNSRMethod(Method):
 
     def stats(self):
         reg = self.reg
-        if reg.penalty is None:
+        # only forwards that were regularised count (`every` > 1 skips some; penalty is then the old tensor)
+        if reg.penalty is None or reg.penalty is getattr(self, "_seen", None):
             return {}
+        self._seen = reg.penalty
         return {"penalty": float(reg.penalty), "reg_loss": float(reg.loss.detach())}
+
+    def state_dict(self):
+        # the count of training forwards decides which forwards `every` regularises
+        return {"training_forwards": self.reg.training_forwards}
+
+    def load_state_dict(self, state):
+        self.reg.training_forwards = state["training_forwards"]
 
     def detach(self):
         if getattr(self, "reg", None) is not None:
@@ -98,9 +115,37 @@ def _convert(typ, raw: str):
     return typ(raw)
 
 
+def _options_from_file(name: str, path: str, spec: str) -> tuple[str, dict]:
+    """``(label, options)`` stored by ``lnsr tune`` (its ``best.json``) for method ``name``."""
+    import json
+    import os
+
+    try:
+        with open(path) as f:
+            data = json.load(f)
+    except OSError as exc:
+        raise SystemExit(f"bad method spec {spec!r}: cannot read {path!r} ({exc.strerror}); expected the JSON "
+                         f"that `lnsr tune` writes (best.json)") from None
+    except ValueError as exc:
+        raise SystemExit(f"bad method spec {spec!r}: {path} is not JSON ({exc})") from None
+    best = data.get("best") if isinstance(data, dict) else None
+    if not isinstance(best, dict) or not isinstance(best.get("options"), dict):
+        raise SystemExit(f"bad method spec {spec!r}: {path} has no 'best' entry with 'options'; is it the best.json "
+                         f"of `lnsr tune`?")
+    if best.get("method") != name:
+        raise SystemExit(f"bad method spec {spec!r}: {path} holds options of method {best.get('method')!r}, "
+                         f"not {name!r}")
+    unknown = [k for k in best["options"] if k not in METHODS[name].OPTIONS]
+    if unknown:
+        raise SystemExit(f"bad method spec {spec!r}: {path} has unknown {name} option(s) {unknown}")
+    label = best.get("label") or f"{name}_{os.path.splitext(os.path.basename(path))[0]}"
+    return str(label), dict(best["options"])
+
+
 def parse_method_spec(spec: str, defaults: dict) -> tuple[str, str, dict]:
-    """``(label, name, options)`` of ``name`` or ``name:k=v,k=v``; options start from the method's
-    ``DEFAULTS``, then ``defaults`` (the command line's flags) for its ``FROM_CLI`` options."""
+    """``(label, name, options)`` of ``name``, ``name:k=v,k=v`` or ``name:@best.json`` (the options
+    ``lnsr tune`` chose); options start from the method's ``DEFAULTS``, then ``defaults`` (the command
+    line's flags) for its ``FROM_CLI`` options, then the spec's own."""
     name, _, rest = spec.partition(":")
     if name not in METHODS:
         raise SystemExit(f"unknown method {name!r}: choose from {', '.join(METHODS)} "
@@ -109,6 +154,16 @@ def parse_method_spec(spec: str, defaults: dict) -> tuple[str, str, dict]:
     options = dict(cls.DEFAULTS)
     options.update({k: defaults[k] for k in cls.FROM_CLI if k in defaults})
     label = name
+    if rest.startswith("@"):
+        label, chosen = _options_from_file(name, rest[1:], spec)
+        for key, value in chosen.items():
+            try:
+                options[key] = _convert(cls.OPTIONS[key], str(value)) if not isinstance(value, cls.OPTIONS[key]) \
+                    else value
+            except ValueError:
+                raise SystemExit(f"{rest[1:]}: option {key}={value!r} is not a {cls.OPTIONS[key].__name__}") from None
+        cls.validate(label, options)
+        return label, name, options
     if rest:
         parts = []
         for item in rest.split(","):

@@ -17,15 +17,26 @@ def f1(pred, label, positive=1) -> float:
     return 2 * tp / denom if denom else 0.0
 
 
+def f1_macro(pred, label) -> float:
+    """Unweighted mean of the per-class F1 over the classes present in labels or predictions
+    (sklearn's ``f1_score(average="macro")``)."""
+    pred, label = np.asarray(pred), np.asarray(label)
+    classes = np.union1d(pred, label)
+    return float(np.mean([f1(pred, label, positive=c) for c in classes])) if classes.size else 0.0
+
+
 def matthews(pred, label) -> float:
-    """Matthews correlation (binary); 0 when a marginal is empty (sklearn's convention)."""
-    pred, label = np.asarray(pred).astype(bool), np.asarray(label).astype(bool)
-    tp = float(np.sum(pred & label))
-    tn = float(np.sum(~pred & ~label))
-    fp = float(np.sum(pred & ~label))
-    fn = float(np.sum(~pred & label))
-    denom = (tp + fp) * (tp + fn) * (tn + fp) * (tn + fn)
-    return (tp * tn - fp * fn) / np.sqrt(denom) if denom else 0.0
+    """Matthews correlation, multi-class (Gorodkin's R_K; the binary formula for two classes); 0 when
+    it is undefined (sklearn's convention)."""
+    pred, label = np.asarray(pred), np.asarray(label)
+    classes, inv = np.unique(np.concatenate([label, pred]), return_inverse=True)
+    k, n = len(classes), len(label)
+    conf = np.zeros((k, k), dtype=np.float64)
+    np.add.at(conf, (inv[:n], inv[n:]), 1.0)   # rows: true class, columns: predicted class
+    t, p = conf.sum(1), conf.sum(0)
+    c, s = np.trace(conf), conf.sum()
+    denom = np.sqrt((s * s - p @ p) * (s * s - t @ t))
+    return float((c * s - t @ p) / denom) if denom else 0.0
 
 
 def pearson(x, y) -> float:
@@ -55,7 +66,7 @@ def spearman(x, y) -> float:
     return pearson(rankdata(x), rankdata(y))
 
 
-METRIC_FUNCS = {"accuracy": accuracy, "f1": f1, "mcc": matthews, "pearson": pearson, "spearman": spearman}
+METRIC_FUNCS = {"accuracy": accuracy, "f1": f1, "f1_macro": f1_macro, "mcc": matthews, "pearson": pearson, "spearman": spearman}
 
 
 def compute_metrics(names, pred, label) -> dict:

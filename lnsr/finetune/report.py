@@ -23,7 +23,19 @@ def summarize(results: list[dict]) -> dict:
             s["ratio"].append(last["penalty_task_ratio"])
         for k, v in r["final"].items():
             s["metrics"].setdefault(k, []).append(v)
+        for name, metrics in r.get("eval_sets", {}).items():  # extra evaluation sets: "name:metric"
+            for k, v in metrics.items():
+                s["metrics"].setdefault(f"{name}:{k}", []).append(v)
     return out
+
+
+def metric_names_of(results: list[dict], metric_names) -> list:
+    """The task's metrics, then each extra evaluation set's (``name:metric``) in first-seen order."""
+    names = list(metric_names)
+    for r in results:
+        for set_name, metrics in r.get("eval_sets", {}).items():
+            names += [f"{set_name}:{k}" for k in metrics if f"{set_name}:{k}" not in names]
+    return names
 
 
 def stats(values) -> dict:
@@ -36,7 +48,9 @@ def stats(values) -> dict:
 def markdown_table(task: str, summary: dict, metric_names) -> str:
     """Scores x100 (GLUE's convention), 2 decimals; mean wall time per run in seconds."""
     splits = sorted({s.get("eval_split", "dev") for s in summary.values()})
-    lines = [f"### {task}: {' / '.join(splits)} scores at the last epoch (x100), over seeds", "",
+    extra = sorted({m.split(":")[0] for s in summary.values() for m in s["metrics"] if ":" in m})
+    sets = f" (and the evaluation sets {', '.join(extra)}, rows NAME:metric)" if extra else ""
+    lines = [f"### {task}: {' / '.join(splits)} scores at the last epoch (x100), over seeds{sets}", "",
              "| method | metric | n | mean | std | max | min | per seed | mean wall time / run (s) | "
              "lam*P/task (last epoch) |",
              "|---|---|---|---|---|---|---|---|---|---|"]
@@ -85,6 +99,7 @@ def plot(task: str, summary: dict, metric_names, path: str) -> None:
 def write_summary(task: str, results: list[dict], metric_names, out_dir: str, log=print) -> dict:
     """Print the table, write ``summary.md`` and ``summary.png`` under ``out_dir``; return the summary."""
     summary = summarize(results)
+    metric_names = metric_names_of(results, metric_names)
     table = markdown_table(task, summary, metric_names)
     os.makedirs(out_dir, exist_ok=True)
     with open(os.path.join(out_dir, "summary.md"), "w") as f:

@@ -8,12 +8,14 @@ import os
 import random
 import sys
 import time
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 
 from ..benchmarks.common import cpu_name
-from .glue import TaskSpec, load_task, split_holdout
+from .files import load_file_task, parse_eval_files
+from .glue import TaskSpec, get_task, load_task, read_tsv, split_holdout
 from .methods import METHODS
 from .metrics import compute_metrics
 
@@ -71,8 +73,81 @@ def device_name(device: torch.device) -> str:
 
 
 # -- data -----------------------------------------------------------------------------------------
+@dataclass
+class Prepared:
+    """One task's data, ready to train: GLUE's or the user's files."""
+    spec: TaskSpec
+    train: list
+    evaluation: list                 # the set scored every epoch (validation, or the held-out part of train)
+    eval_split: str
+    eval_sets: dict                  # name -> labelled examples, scored at the end of each run
+    test_unlabelled: list | None     # rows without labels: predictions only
+    source: object                   # recorded in each run's config
+    id2label: dict | None = None
+
+
+def subset_train(train: list, n: int | None) -> list:
+    # a fixed subset (independent of the run's seed), so every method and seed sees the same data
+    if n and n < len(train):
+        idx = sorted(random.Random(0).sample(range(len(train)), n))
+        return [train[i] for i in idx]
+    return train
+
+
+def prepare_tasks(args, log=print, *, search: bool = False) -> list[Prepared]:
+    """Read (and check) every data file before anything trains.
+
+    With ``--holdout`` (always, for ``lnsr tune``) a fixed part of the training data is the
+    evaluation set and no validation, evaluation or test file is opened."""
+    holdout = args.holdout
+    files = getattr(args, "train_file", None)
+    eval_files = parse_eval_files(getattr(args, "eval_file", None))
+    skip_extra = bool(holdout)
+    if skip_extra and (eval_files or getattr(args, "test_file", None) or getattr(args, "validation_file", None)):
+        log(f"{'lnsr tune' if search else '--holdout'}: choosing on held-out training data; the validation, "
+            f"--eval-file and --test-file data are not read")
+    out = []
+    if files:
+        ft = load_file_task(train_file=args.train_file, validation_file=args.validation_file,
+                            test_file=args.test_file, eval_files=eval_files,
+                            text_columns=args.text_columns.split(",") if args.text_columns else None,
+                            label_column=args.label_column, problem=args.problem,
+                            metrics=args.metrics.split(",") if args.metrics else None, name=args.task_name,
+                            read_validation=not holdout, read_extra=not skip_extra)
+        train, evaluation, split = ft.train, ft.validation, "validation"
+        if holdout:
+            train, evaluation = split_holdout(train, holdout)
+            split = f"holdout{holdout:g} of train"
+        elif evaluation is None:
+            raise SystemExit("--train-file needs --validation-file (or --holdout FRAC to evaluate on a part of train)")
+        sets = dict(ft.eval_sets)
+        if ft.test is not None:
+            sets["test"] = ft.test
+        source = dict(ft.source)
+        if not holdout:
+            source["validation_file"] = os.path.realpath(args.validation_file)
+        out.append(Prepared(ft.spec, subset_train(train, args.max_train_samples), evaluation, split, sets,
+                            ft.test_unlabelled, source, ft.id2label))
+        return out
+    if not args.task:
+        raise SystemExit("give --task (GLUE) or --train-file (your own CSV/TSV/JSON/JSONL data)")
+    for name in args.task:
+        spec = get_task(name)
+        train, dev, source = load_task(spec, args.data_dir, dev=not holdout)
+        split = "dev"
+        if holdout:
+            train, dev = split_holdout(train, holdout)
+            split = f"holdout{holdout:g} of train"
+        sets = {} if skip_extra else {n: read_tsv(spec, path) for n, path in eval_files.items()}
+        out.append(Prepared(spec, subset_train(train, args.max_train_samples), dev, split, sets, None, source,
+                            None if spec.labels is None else dict(enumerate(spec.labels))))
+    return out
+
+
 def encode(tokenizer, examples, max_length: int) -> list[dict]:
     """Tokenised examples without padding (padding happens per batch)."""
+    if not examples:
+        return []
     a = [e[0] for e in examples]
     b = [e[1] for e in examples]
     enc = tokenizer(a, b if b[0] is not None else None, truncation=True, max_length=max_length)
@@ -92,13 +167,15 @@ def collate(features: list[dict], pad_id: int, regression: bool, padding_side: s
             pad = [fill] * (n - len(f[key]))
             rows.append(pad + list(f[key]) if padding_side == "left" else list(f[key]) + pad)
         out[key] = torch.tensor(rows, dtype=torch.long)
-    out["labels"] = torch.tensor([f["labels"] for f in features], dtype=torch.float32 if regression else torch.long)
+    if features[0]["labels"] is not None:
+        out["labels"] = torch.tensor([f["labels"] for f in features],
+                                     dtype=torch.float32 if regression else torch.long)
     return out
 
 
-def evaluate(model, features, spec: TaskSpec, *, batch_size: int, pad_id: int, device, padding_side="right",
-             precision: str = "fp32") -> dict:
-    """The task's metrics on ``features`` in eval mode; batches sorted by length (less padding)."""
+def predict(model, features, spec: TaskSpec, *, batch_size: int, pad_id: int, device, padding_side="right",
+            precision: str = "fp32") -> np.ndarray:
+    """Class ids (or regression scores) in eval mode; batches sorted by length (less padding)."""
     model.eval()
     order = sorted(range(len(features)), key=lambda i: len(features[i]["input_ids"]))
     preds = np.zeros(len(features), dtype=np.float64)
@@ -106,12 +183,18 @@ def evaluate(model, features, spec: TaskSpec, *, batch_size: int, pad_id: int, d
         for s in range(0, len(order), batch_size):
             idx = order[s:s + batch_size]
             batch = collate([features[i] for i in idx], pad_id, spec.is_regression, padding_side)
-            batch.pop("labels")
+            batch.pop("labels", None)
             with autocast_context(precision, device):
                 logits = model(**{k: v.to(device) for k, v in batch.items()}).logits.float().cpu()
             preds[idx] = (logits[:, 0] if spec.is_regression else logits.argmax(-1)).numpy()
+    return preds if spec.is_regression else preds.astype(np.int64)
+
+
+def evaluate(model, features, spec: TaskSpec, **kwargs) -> dict:
+    """The task's metrics on ``features`` (see :func:`predict` for the keyword arguments)."""
+    preds = predict(model, features, spec, **kwargs)
     labels = np.array([f["labels"] for f in features])
-    return compute_metrics(spec.metrics, preds if spec.is_regression else preds.astype(np.int64), labels)
+    return compute_metrics(spec.metrics, preds, labels)
 
 
 # -- one run --------------------------------------------------------------------------------------
@@ -126,12 +209,57 @@ def _optimizer(model, lr: float, weight_decay: float):
     return torch.optim.AdamW(groups, lr=lr)
 
 
-def run_one(*, spec: TaskSpec, config: dict, model_path: str, tokenizer, train_feats, eval_feats,
-            json_path: str, save_model_dir: str | None, progress: bool, device, log=print) -> dict:
-    """Train ``config["method"]`` with ``config["seed"]``; write and return the run's JSON record."""
+def _rng_state(device) -> dict:
+    st = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if device.type == "cuda":
+        st["cuda"] = torch.cuda.get_rng_state(device)
+    return st
+
+
+def _set_rng_state(st: dict, device) -> None:
+    random.setstate(st["python"])
+    np.random.set_state(st["numpy"])
+    torch.set_rng_state(st["torch"])
+    if "cuda" in st and device.type == "cuda":
+        torch.cuda.set_rng_state(st["cuda"], device)
+
+
+def save_checkpoint(path: str, state: dict) -> None:
+    """Written to a temporary file, then renamed: a checkpoint on disk is always whole."""
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    tmp = path + ".tmp"
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path: str, config: dict, log=print):
+    """The checkpoint at ``path`` when it belongs to a run with exactly ``config``, else None."""
+    if not os.path.isfile(path):
+        return None
+    try:
+        # our own file: it holds RNG states and numpy arrays, which weights_only refuses
+        state = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as exc:  # a torn or foreign file: start over rather than fail
+        log(f"{path}: unreadable checkpoint ({type(exc).__name__}); starting the run from the beginning")
+        return None
+    if state.get("config") != config:
+        log(f"{path}: checkpoint of another config; starting the run from the beginning")
+        return None
+    return state
+
+
+def run_one(*, prep: Prepared, config: dict, model_path: str, tokenizer, feats: dict, json_path: str,
+            save_model_dir: str | None, progress: bool, device, log=print, checkpoint_every: int = 0,
+            checkpoints: bool = True) -> dict:
+    """Train ``config["method"]`` with ``config["seed"]``; write and return the run's JSON record.
+
+    With ``checkpoints`` the run's whole state (model, optimiser, scheduler, scaler, RNGs, data order,
+    the method's state) is saved next to its JSON at every epoch end and every ``checkpoint_every``
+    steps; re-running the same command resumes from it and ends with the uninterrupted result."""
     from transformers import AutoModelForSequenceClassification, get_scheduler
     from tqdm.auto import tqdm
 
+    spec = prep.spec
     seed, hp = config["seed"], config
     tag = f"[{spec.name} {config['label']} seed {seed}]"
     t_start = time.time()
@@ -139,10 +267,13 @@ def run_one(*, spec: TaskSpec, config: dict, model_path: str, tokenizer, train_f
     kwargs = {"num_labels": spec.num_labels}
     if spec.is_regression:
         kwargs["problem_type"] = "regression"
+    elif prep.id2label:
+        kwargs.update(id2label=dict(prep.id2label), label2id={v: k for k, v in prep.id2label.items()})
     model = load_pretrained(AutoModelForSequenceClassification, model_path, **kwargs).to(device)
     if getattr(model.config, "pad_token_id", None) is None and tokenizer.pad_token_id is not None:
         model.config.pad_token_id = tokenizer.pad_token_id  # decoder models classify the last non-pad token
     method = METHODS[config["method"]](**config["method_options"])
+    train_feats, eval_feats = feats["train"], feats["evaluation"]
 
     bs, n = hp["batch_size"], len(train_feats)
     steps_per_epoch = math.ceil(n / bs)
@@ -154,18 +285,41 @@ def run_one(*, spec: TaskSpec, config: dict, model_path: str, tokenizer, train_f
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     side = getattr(tokenizer, "padding_side", "right")
     precision = hp.get("precision", "fp32")
+    ev = dict(batch_size=hp["eval_batch_size"], pad_id=pad_id, device=device, padding_side=side, precision=precision)
     # fp16 needs loss scaling; for bf16/fp32 the scaler is a pass-through
     scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
-    epochs = []
-    method.attach(model)
+    ckpt_path = os.path.splitext(json_path)[0] + ".ckpt"
+    epochs, start_epoch, start_step, perm, sums, n_pen, spent = [], 1, 0, None, None, 0, 0.0
+    method.attach(model)  # before any state is loaded: L2-SP/SMART copy the pre-trained weights here
+    state = load_checkpoint(ckpt_path, config, log) if checkpoints else None
+    if state is not None:
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+        sched.load_state_dict(state["scheduler"])
+        scaler.load_state_dict(state["scaler"])
+        method.load_state_dict(state["method"])
+        gen.set_state(state["data_generator"])
+        _set_rng_state(state["rng"], device)
+        epochs, start_epoch, start_step = state["epochs"], state["epoch"], state["step"]
+        perm, sums, n_pen, spent = state["perm"], state["sums"], state["n_pen"], state["train_time_s"]
+        log(f"{tag} resuming from {ckpt_path}: epoch {start_epoch}, step {start_step}/{steps_per_epoch}")
+
+    def checkpoint(epoch, step, perm, sums, n_pen, spent):
+        save_checkpoint(ckpt_path, {
+            "config": config, "epoch": epoch, "step": step, "perm": perm, "sums": sums, "n_pen": n_pen,
+            "train_time_s": spent, "epochs": epochs, "model": model.state_dict(), "optimizer": opt.state_dict(),
+            "scheduler": sched.state_dict(), "scaler": scaler.state_dict(), "method": method.state_dict(),
+            "data_generator": gen.get_state(), "rng": _rng_state(device)})
+
     try:
-        for epoch in range(1, hp["epochs"] + 1):
+        for epoch in range(start_epoch, hp["epochs"] + 1):
             model.train()
             t0 = time.time()
-            perm = torch.randperm(n, generator=gen).tolist()
-            sums = {"loss": 0.0, "task_loss": 0.0, "penalty": 0.0, "reg_loss": 0.0, "ratio": 0.0}
-            n_pen = 0
-            bar = tqdm(range(steps_per_epoch), desc=f"{spec.name} {config['label']} s{seed} ep{epoch}",
+            if perm is None:
+                perm = torch.randperm(n, generator=gen).tolist()
+                sums = {"loss": 0.0, "task_loss": 0.0, "penalty": 0.0, "reg_loss": 0.0, "ratio": 0.0}
+                n_pen, spent = 0, 0.0
+            bar = tqdm(range(start_step, steps_per_epoch), desc=f"{spec.name} {config['label']} s{seed} ep{epoch}",
                        disable=not progress, mininterval=1.0 if sys.stderr.isatty() else 30.0, leave=False)
             for step in bar:
                 batch = collate([train_feats[i] for i in perm[step * bs:(step + 1) * bs]], pad_id,
@@ -201,22 +355,43 @@ def run_one(*, spec: TaskSpec, config: dict, model_path: str, tokenizer, train_f
                         post["P"] = f"{st['penalty']:.3g}"
                         post["ratio"] = f"{st['reg_loss'] / max(t, 1e-12):.3g}"
                     bar.set_postfix(post, refresh=False)
+                if checkpoints and checkpoint_every and (step + 1) % checkpoint_every == 0 \
+                        and step + 1 < steps_per_epoch:
+                    checkpoint(epoch, step + 1, perm, sums, n_pen, spent + time.time() - t0)
             bar.close()
-            train_time = time.time() - t0
+            train_time = spent + time.time() - t0
             t1 = time.time()
-            metrics = evaluate(model, eval_feats, spec, batch_size=hp["eval_batch_size"], pad_id=pad_id,
-                               device=device, padding_side=side, precision=precision)
+            metrics = evaluate(model, eval_feats, spec, **ev)
             rec = {"epoch": epoch, "train_loss": sums["loss"] / steps_per_epoch,
                    "task_loss": sums["task_loss"] / steps_per_epoch, "metrics": metrics,
-                   "train_time_s": train_time, "eval_time_s": time.time() - t1, "steps": steps_per_epoch}
+                   "train_time_s": train_time, "steps": steps_per_epoch}
+            if hp.get("eval_sets_each_epoch") or epoch == hp["epochs"]:
+                sets = {name: evaluate(model, feats["sets"][name], spec, **ev) for name in feats["sets"]}
+                if sets:
+                    rec["eval_sets"] = sets
+            rec["eval_time_s"] = time.time() - t1
             if n_pen:
                 rec.update(penalty=sums["penalty"] / n_pen, reg_loss=sums["reg_loss"] / n_pen,
                            penalty_task_ratio=sums["ratio"] / n_pen)
             epochs.append(rec)
             shown = "  ".join(f"{k}={v:.4f}" for k, v in metrics.items())
+            for name, m in rec.get("eval_sets", {}).items():
+                shown += f"  | {name}: " + "  ".join(f"{k}={v:.4f}" for k, v in m.items())
             extra_s = f"  P={rec['penalty']:.4g}  lam*P/task={rec['penalty_task_ratio']:.4g}" if n_pen else ""
             log(f"{tag} epoch {epoch}/{hp['epochs']}: {shown}  train_loss={rec['train_loss']:.4f}{extra_s}  "
                 f"({train_time:.0f}s train, {rec['eval_time_s']:.0f}s eval)")
+            start_step, perm = 0, None
+            if checkpoints and epoch < hp["epochs"]:
+                checkpoint(epoch + 1, 0, None, None, 0, 0.0)
+        predictions = None
+        if feats.get("test_unlabelled"):
+            preds = predict(model, feats["test_unlabelled"], spec, **ev)
+            predictions = os.path.splitext(json_path)[0] + "-test_predictions.tsv"
+            names = prep.id2label
+            with open(predictions, "w") as f:
+                f.write("index\tprediction\n")
+                f.writelines(f"{i}\t{p:.6g}\n" if spec.is_regression else f"{i}\t{names[int(p)]}\n"
+                             for i, p in enumerate(preds))
     finally:
         method.detach()
     if save_model_dir:
@@ -233,12 +408,38 @@ def run_one(*, spec: TaskSpec, config: dict, model_path: str, tokenizer, train_f
         "train_time_s": sum(e["train_time_s"] for e in epochs),
         "finished": datetime.datetime.now().isoformat(timespec="seconds"),
         "device": device_name(device),
-        "versions": {"lnsr": lnsr.__version__, "torch": torch.__version__, "transformers": transformers.__version__},
+        "versions": {"lnsr": lnsr.__version__, "torch": torch.__version__, "transformers": transformers.__version__,
+                     "python": sys.version.split()[0]},
+        "commit": source_commit(),
+        "command": " ".join(sys.argv),
         "saved_model": save_model_dir,
     }
+    if "eval_sets" in epochs[-1]:
+        result["eval_sets"] = epochs[-1]["eval_sets"]
+    if prep.id2label and not spec.is_regression:
+        result["id2label"] = {str(k): v for k, v in prep.id2label.items()}
+    if predictions:
+        result["test_predictions"] = predictions
     write_json(json_path, result)
+    if os.path.exists(ckpt_path):
+        os.remove(ckpt_path)  # the JSON is the finished run; the checkpoint has done its job
     log(f"{tag} done in {result['wall_time_s']:.0f}s -> {json_path}")
     return result
+
+
+def source_commit() -> str | None:
+    """The git commit of the lnsr source tree this runs from (``+dirty`` with local changes), if any."""
+    import subprocess
+    here = os.path.dirname(os.path.abspath(__file__))
+    try:
+        rev = subprocess.run(["git", "-C", here, "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10)
+        if rev.returncode:
+            return None
+        dirty = subprocess.run(["git", "-C", here, "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+        return rev.stdout.strip() + ("+dirty" if dirty else "")
+    except (OSError, subprocess.SubprocessError):
+        return None
 
 
 def write_json(path: str, obj) -> None:
@@ -270,22 +471,28 @@ HP_KEYS = ("epochs", "lr", "batch_size", "eval_batch_size", "max_length", "sched
            "weight_decay", "max_grad_norm", "max_train_samples", "max_eval_samples", "holdout", "precision")
 
 
-def run_task(spec: TaskSpec, args, methods: list[tuple[str, str, dict]], log=print) -> list[dict]:
+def run_config(prep: Prepared, args, label: str, name: str, options: dict, seed: int, model_path: str) -> dict:
+    """What makes a run: equal configs give equal results, so a finished run with it is skipped."""
+    config = {"task": prep.spec.name, "label": label, "method": name, "method_options": options, "seed": seed,
+              "model": model_path, "data": prep.source, "eval_split": prep.eval_split,
+              **{k: getattr(args, k) for k in HP_KEYS}}
+    # keys added after the first runs appear only when used, so older finished runs still match
+    if prep.eval_sets:
+        config["eval_sets"] = sorted(prep.eval_sets)
+        if getattr(args, "eval_sets_each_epoch", False):
+            config["eval_sets_each_epoch"] = True
+    return json.loads(json.dumps(config))  # JSON-native, so it compares equal after a reload
+
+
+def run_task(prep: Prepared, args, methods: list[tuple[str, str, dict]], log=print) -> list[dict]:
     """Run every (seed, method) of one task (seeds outer: partial results stay paired); return records."""
     from transformers import AutoTokenizer
 
+    spec = prep.spec
     model_path = args.model or default_model_path()
     if os.path.isdir(model_path):
         model_path = os.path.realpath(model_path)  # recorded in the config: one spelling per folder
-    train, dev, source = load_task(spec, args.data_dir)
-    eval_split = "dev"
-    if args.holdout:
-        train, dev = split_holdout(train, args.holdout)
-        eval_split = f"holdout{args.holdout:g} of train"
-    if args.max_train_samples and args.max_train_samples < len(train):
-        # a fixed subset (independent of the run's seed), so every method and seed sees the same data
-        idx = sorted(random.Random(0).sample(range(len(train)), args.max_train_samples))
-        train = [train[i] for i in idx]
+    dev = prep.evaluation
     if args.max_eval_samples and args.max_eval_samples < len(dev):
         dev = dev[:args.max_eval_samples]
     cache = {}
@@ -295,21 +502,23 @@ def run_task(spec: TaskSpec, args, methods: list[tuple[str, str, dict]], log=pri
             tok = load_pretrained(AutoTokenizer, model_path)
             if tok.pad_token_id is None and tok.eos_token is not None:
                 tok.pad_token = tok.eos_token
-            cache.update(tokenizer=tok, train_feats=encode(tok, train, args.max_length),
-                         eval_feats=encode(tok, dev, args.max_length))
+            enc = lambda ex: encode(tok, ex, args.max_length)  # noqa: E731
+            cache.update(tokenizer=tok, feats={
+                "train": enc(prep.train), "evaluation": enc(dev),
+                "sets": {name: enc(ex) for name, ex in prep.eval_sets.items()},
+                "test_unlabelled": enc(prep.test_unlabelled or [])})
         return cache
 
     device = torch.device(args.device if args.device else ("cuda" if torch.cuda.is_available() else "cpu"))
     check_precision(args.precision, device)
-    log(f"[{spec.name}] {len(train)} train / {len(dev)} eval ({eval_split}) examples from {source}; "
-        f"model {model_path}; device {device_name(device)}")
+    src = prep.source if isinstance(prep.source, str) else prep.source["train_file"]
+    sets = "".join(f", {name} {len(ex)}" for name, ex in prep.eval_sets.items())
+    log(f"[{spec.name}] {len(prep.train)} train / {len(dev)} eval ({prep.eval_split}{sets}) examples from {src}; "
+        f"model {model_path}; device {device_name(device)}; {args.precision}")
     results = []
     for seed in args.seeds:
         for label, name, options in methods:
-            config = {"task": spec.name, "label": label, "method": name, "method_options": options, "seed": seed,
-                      "model": model_path, "data": source, "eval_split": eval_split,
-                      **{k: getattr(args, k) for k in HP_KEYS}}
-            config = json.loads(json.dumps(config))  # JSON-native, so it compares equal after a reload
+            config = run_config(prep, args, label, name, options, seed, model_path)
             run_dir = os.path.join(args.output_dir, spec.name, label)
             json_path = os.path.join(run_dir, f"seed{seed}.json")
             model_dir = os.path.join(run_dir, f"seed{seed}-model") if args.save_model else None
@@ -325,7 +534,8 @@ def run_task(spec: TaskSpec, args, methods: list[tuple[str, str, dict]], log=pri
             if os.path.isfile(json_path):
                 log(f"[{spec.name} {label} seed {seed}] {json_path} exists with another config (or without the "
                     f"saved model): re-running and overwriting it")
-            results.append(run_one(spec=spec, config=config, model_path=model_path, json_path=json_path,
+            results.append(run_one(prep=prep, config=config, model_path=model_path, json_path=json_path,
                                    save_model_dir=model_dir, progress=args.progress, device=device, log=log,
-                                   **prepared()))
+                                   checkpoint_every=getattr(args, "checkpoint_every", 0),
+                                   checkpoints=getattr(args, "checkpoints", True), **prepared()))
     return results
