@@ -1,9 +1,10 @@
 """lnsr: Layerwise Noise Stability Regularization for fine-tuning language models."""
 from . import ops
-from .regularizer import LNSR, NORMALIZE_MODES
+from .config import LNSRConfig, NORMALIZE_MODES
+from .regularizer import LNSR
 from .dropout import DROPOUT_MODES
 from .models import BLOCKS_BY_MODEL_TYPE, find_blocks, unwrap
 
 __version__ = "0.1.0"
-__all__ = ["LNSR", "ops", "find_blocks", "unwrap", "BLOCKS_BY_MODEL_TYPE", "NORMALIZE_MODES",
+__all__ = ["LNSR", "LNSRConfig", "ops", "find_blocks", "unwrap", "BLOCKS_BY_MODEL_TYPE", "NORMALIZE_MODES",
            "DROPOUT_MODES", "__version__"]

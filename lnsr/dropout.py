@@ -1,4 +1,4 @@
-"""What dropout does inside the regularised blocks during a regularised forward (DESIGN §1).
+"""What dropout does inside the regularised blocks during a regularised forward (docs/design.md §1).
 
 ``paired``: every ``nn.Dropout`` in blocks >= k draws one mask for the clean half and applies it
 to both halves; attention-probability dropout, which attention code applies itself after reading
@@ -21,8 +21,7 @@ DROPOUT_MODES = ("paired", "independent", "off")
 
 class DropoutControl:
     def __init__(self, blocks: list[nn.Module], mode: str, batch_of_clean_half):
-        if mode not in DROPOUT_MODES:
-            raise ValueError(f"dropout must be one of {', '.join(DROPOUT_MODES)}, got {mode!r}")
+        # mode was validated by LNSRConfig
         self.mode = mode
         self._clean_batch = batch_of_clean_half  # callable -> (B, m) of the running regularised forward, or None
         self.dropouts = []

@@ -1,4 +1,4 @@
-"""Finding the blocks of a model and the module whose call starts its forward (DESIGN §3)."""
+"""Finding the blocks of a model and the module whose call starts its forward (docs/design.md §3)."""
 from __future__ import annotations
 
 from collections import Counter
@@ -123,3 +123,17 @@ def block_batch_arg(args, kwargs):
         if isinstance(kwargs.get(key), torch.Tensor):
             return kwargs[key], ("kwargs", key)
     return None, None
+
+
+def replace_block_input(args, kwargs, fn, *, who: str = "block"):
+    """``(args, kwargs)`` of a block call with its hidden state ``h`` replaced by ``fn(h)``: the one
+    way every hook here swaps a block's input (the regulariser, the two-pass definition, the
+    profile, SMART).  Raises a TypeError naming ``who`` when the call carries no hidden state."""
+    h, where = block_batch_arg(args, kwargs)
+    if h is None:
+        raise TypeError(f"{who} received no hidden-state tensor as its first argument or as hidden_states=; "
+                        f"pass blocks= with modules that take one")
+    new = fn(h)
+    if where[0] == "args":
+        return (new, *args[1:]), kwargs
+    return args, {**kwargs, where[1]: new}

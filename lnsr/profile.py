@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from . import ops
-from .models import block_batch_arg, find_blocks, unwrap
+from .models import find_blocks, replace_block_input, unwrap
 
 
 def _first(output):
@@ -49,13 +49,12 @@ def noise_profile(model, batches, *, sigma: float = 0.05, noise: str = "relative
         def pre(module, args, kwargs):
             if state["k"] != j:
                 return None
-            h, where = block_batch_arg(args, kwargs)
-            noisy = ops.perturb(h, state["seed"], sigma=sigma, kind=noise, mask=state["mask_bt"],
-                                backend=backend)[h.shape[0]:]
-            state["in_change"] = _rel(noisy, h)
-            if where[0] == "args":
-                return (noisy,) + tuple(args[1:]), kwargs
-            return args, {**kwargs, where[1]: noisy}
+            def noisy(h):
+                out = ops.perturb(h, state["seed"], sigma=sigma, kind=noise, mask=state["mask_bt"],
+                                  backend=backend)[h.shape[0]:]
+                state["in_change"] = _rel(out, h)
+                return out
+            return replace_block_input(args, kwargs, noisy, who=f"block {j} ({type(module).__name__})")
         return pre
 
     def make_post(j):

@@ -2,40 +2,49 @@
 
 Blocks below ``k`` run once on the batch of ``B``.  A pre-hook on block ``k`` replaces its input
 ``h`` by ``cat([h, h + eps])``; pre-hooks on blocks ``>= k`` double every other batch-sized tensor
-argument; forward hooks collect each block's ``[2B, ...]`` output; the last block's hook computes
-the penalty over all of them in one op and hands only the clean half on to the head.
+argument; forward hooks collect each block's ``[2B, ...]`` output and the last one hands only the
+clean half on to the head; when the model's forward returns, the penalty over all of them is
+computed in one op.
 """
 from __future__ import annotations
 
+import functools
 import inspect
 import math
+import weakref
 from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
 from . import ops
-from .dropout import DROPOUT_MODES, DropoutControl
-from .models import block_batch_arg, find_blocks, unwrap
+from .config import NORMALIZE_MODES, LNSRConfig
+from .dropout import DropoutControl
+from .models import find_blocks, replace_block_input, unwrap
 
-NORMALIZE_MODES = ("token", "element", "gain")
+__all__ = ["LNSR", "LNSRConfig", "NORMALIZE_MODES", "gain_weights"]
+
+# The phases of the hooks.  OFF: the hooks pass everything through (eval, no_grad, an `every`
+# skip, no forward yet).  RUN: a regularised forward is running; block k injects the noise, blocks
+# >= k run on the doubled batch and their outputs are recorded.  REPLAY: that forward has finished;
+# the block hooks still transform (same seed, same rows) but record nothing, so that an
+# activation-checkpoint recomputation during backward sees what the forward saw.
+OFF, RUN, REPLAY = "off", "run", "replay"
 
 
 @dataclass
-class _ForwardState:
-    """What one regularised forward shares between its hooks; kept until the next forward so
-    that an activation-checkpoint recomputation reuses the same seed and batch size."""
-    active: bool = False          # the latest forward of the model is regularised
-    depth: int = 0                # nesting of entry modules (wrapper -> model) in the running forward
-    in_forward: bool = False      # inside the model's own forward (not a recomputation)
+class _Forward:
+    """What the hooks of one forward share; kept until the next forward starts (for REPLAY)."""
+    phase: str = OFF
+    depth: int = 0                # nesting of entry modules (wrapper -> model) in the running call
     seed: int = 0
     batch: int | None = None      # B, the clean batch, known once block k has run
     noisy: int | None = None      # m, the rows with a noisy copy (the last m of the batch; m = B by default)
     mask: torch.Tensor | None = None
-    noise_energy: torch.Tensor | None = None   # s^2 of the `gain` normalisation
+    loss_share: torch.Tensor | None = None    # add_to_loss: this call's share of num_items_in_batch
+    injected: tuple | None = None             # normalize="gain": (h, h + eps) at block k, detached
     ys: list = field(default_factory=list)
-    doubled: dict = field(default_factory=dict)  # id(tensor) -> (tensor, cat([tensor, tensor]))
-    loss_share: torch.Tensor | None = None  # add_to_loss: this call's share of num_items_in_batch
+    doubled: dict = field(default_factory=dict)  # id(tensor) -> (tensor, cat([tensor, tensor[B-m:]]))
 
 
 def _draw_seed() -> int:
@@ -48,6 +57,31 @@ def _fold_rank(seed: int, rank: int) -> int:
     return (seed + rank * 0x9E3779B97F4A7C15) % 2**64
 
 
+def gain_weights(weights, h, h_noisy, ys, mask=None) -> list[float]:
+    """The per-layer weights of ``normalize="gain"``: ``w_j / (s^2 * E_j)``, a penalty free of the
+    noise's and the activations' scale.
+
+    ``s^2 = sum m ||h~ - h||^2 / sum m ||h||^2`` is the injected noise's energy relative to the
+    hidden state it enters (``h``, ``h_noisy``: ``[m, ..., H]``), ``E_j`` the mean masked squared
+    norm of block ``j``'s clean output (the first half of ``ys[j]``: ``[2m, ..., H_j]``); ``mask``
+    ``[m, ...]`` or None.  All detached, in fp32; a zero denominator gives weight 0.
+    """
+    with torch.no_grad():
+        m = None if mask is None else mask.to(torch.float32)
+        eps_sq = (h_noisy.float() - h.float()).pow(2).sum(-1)
+        h_sq = h.float().pow(2).sum(-1)
+        if m is not None:
+            eps_sq, h_sq = eps_sq * m, h_sq * m
+        s2 = eps_sq.sum() / h_sq.sum().clamp_min(torch.finfo(torch.float32).tiny)
+        out = []
+        for wj, y in zip(weights, ys):
+            sq = y[:y.shape[0] // 2].float().pow(2).sum(-1)
+            energy = (sq * m).sum() / m.sum().clamp_min(1.0) if m is not None else sq.mean()
+            denom = float(s2 * energy)
+            out.append(wj / denom if denom > 0 else 0.0)
+        return out
+
+
 def _loss_shifts_labels(model) -> bool:
     """Whether the model's loss shifts labels (a causal LM), by the rule the Trainer counts items with."""
     try:
@@ -58,6 +92,17 @@ def _loss_shifts_labels(model) -> bool:
             and not getattr(getattr(model, "config", None), "is_encoder_decoder", False))
 
 
+def _attached_lnsr(modules):
+    """The ``LNSR`` whose hooks are on any of ``modules``, or None."""
+    for mod in modules:
+        for hooks in (mod._forward_pre_hooks, mod._forward_hooks):
+            for hook in hooks.values():
+                owner = getattr(hook, "lnsr_owner", None)
+                if owner is not None and owner() is not None:
+                    return owner()
+    return None
+
+
 class LNSR:
     """Layerwise Noise Stability Regularization on a model's blocks.
 
@@ -65,103 +110,84 @@ class LNSR:
     >>> loss = model(**batch).loss + reg.loss      # reg.loss = lam * P of this forward
     >>> reg.remove()                               # or: with lnsr.LNSR(model) as reg: ...
 
-    Only training forwards with gradients enabled are regularised; eval mode and
-    ``torch.no_grad()`` run the model untouched.
+    Options: keyword arguments or an ``lnsr.LNSRConfig`` (``LNSR(model, config, lam=...)``: the
+    keywords override it); they are validated before the model is touched.  Only training forwards
+    with gradients enabled are regularised; eval mode and ``torch.no_grad()`` run the model
+    untouched, and after any forward that is not regularised ``reg.loss`` is a zero (no graph).
+    One ``LNSR`` per model: ``remove()`` the first before attaching another.
 
     ``add_to_loss=True`` adds ``lam * P`` to the loss the model computes itself (``outputs.loss`` of
     a ModelOutput, or a dict's ``"loss"``), so that any loop or trainer reading ``outputs.loss``
-    (Hugging Face ``Trainer``, TRL's ``SFTTrainer``, Accelerate, Lightning) is regularised by
-    attaching alone; do not add ``reg.loss`` again.  When the caller passes ``num_items_in_batch``
-    (the Trainer under gradient accumulation) the term is weighted by this micro-batch's share of
-    the items, i.e. divided by the accumulation steps for equal micro-batches, as in
-    ``LNSRTrainer``; otherwise the caller's own division by the steps applies to it.  Nothing is
-    added when the model returns no loss (no labels, a tuple, or a ``compute_loss_func``).
+    (Hugging Face ``Trainer``, Accelerate, Lightning) is regularised by attaching alone; do not add
+    ``reg.loss`` again.  When the caller passes ``num_items_in_batch`` (the Trainer under gradient
+    accumulation) the term is weighted by this micro-batch's share of the items, i.e. divided by
+    the accumulation steps for equal micro-batches, as in ``LNSRTrainer``; otherwise the caller's
+    own division by the steps applies to it.  Nothing is added when the model returns no loss (no
+    labels, a tuple, a ``compute_loss_func``, or a trainer that computes the loss from the logits
+    itself, as TRL's ``SFTTrainer`` 1.x does).
     """
 
-    def __init__(self, model: nn.Module, *, sigma: float = 0.05, noise: str = "relative",
-                 inject_at: int = 0, lam: float = 1.0, layer_weights=None, detach_clean: bool = False,
-                 normalize: str = "token", dropout: str = "paired", n_anchors: int = ops.DEFAULT_ANCHORS,
-                 blocks=None, backend: str = "auto", check_finite: bool = True, every: int = 1,
-                 noisy_fraction: float = 1.0, rank: int | None = None, add_to_loss: bool = False):
-        # Validate everything before touching the model: a bad argument changes nothing.
-        self.sigma = ops.check_sigma(sigma)
-        if noise not in ops.NOISE_KINDS:
-            raise ValueError(f"noise must be one of {', '.join(ops.NOISE_KINDS)}, got {noise!r}")
-        if isinstance(lam, bool) or not isinstance(lam, (int, float)) or not math.isfinite(lam) or lam < 0:
-            raise ValueError(f"lam must be a finite float >= 0, got {lam!r}")
-        if normalize not in NORMALIZE_MODES:
-            raise ValueError(f"normalize must be one of {', '.join(NORMALIZE_MODES)}, got {normalize!r}")
-        if dropout not in DROPOUT_MODES:
-            raise ValueError(f"dropout must be one of {', '.join(DROPOUT_MODES)}, got {dropout!r}")
-        if backend not in ops.BACKENDS:
-            raise ValueError(f"backend must be one of {', '.join(ops.BACKENDS)}, got {backend!r}")
-        if isinstance(n_anchors, bool) or not isinstance(n_anchors, int) or n_anchors < 1:
-            raise ValueError(f"n_anchors must be a positive int, got {n_anchors!r}")
-        if isinstance(every, bool) or not isinstance(every, int) or every < 1:
-            raise ValueError(f"every must be an int >= 1 (regularise one training forward in `every`), got {every!r}")
-        if isinstance(noisy_fraction, bool) or not isinstance(noisy_fraction, (int, float)) \
-                or not 0 < noisy_fraction <= 1:
-            raise ValueError(f"noisy_fraction must be in (0, 1] (the share of the batch given a noisy copy), "
-                             f"got {noisy_fraction!r}")
-        if isinstance(inject_at, bool) or not isinstance(inject_at, int):
-            raise TypeError(f"inject_at must be an int (block index; negative counts from the top), got {inject_at!r}")
+    def __init__(self, model: nn.Module, config: LNSRConfig | None = None, **options):
+        # Every option is validated (by LNSRConfig) before the model is touched: bad input changes nothing.
+        self.config = cfg = LNSRConfig.make(config, **options)
         self.wrapper = model
         self.entry, self.model = unwrap(model)
-        if backend != "auto":
-            ops.dispatch.load_backend(backend)  # a missing explicit backend fails here, naming what to install
+        other = _attached_lnsr([*self.wrapper.modules(), *self.model.modules()])
+        if other is not None:
+            raise RuntimeError(f"this model already has an lnsr.LNSR attached ({other!r}); call .remove() on it "
+                               f"first (or attach with `with lnsr.LNSR(model) as reg:`, which removes it at the end)")
+        if cfg.backend != "auto":
+            ops.dispatch.load_backend(cfg.backend)  # a missing explicit backend fails here, naming what to install
         else:  # load (and register the ops of) the device's backends now, not inside a traced forward
-            ops.available_backends(self._device_of(model))
-        self.blocks, self.blocks_found = find_blocks(self.model, blocks)
-        n_blocks = len(self.blocks)
-        if not -n_blocks <= inject_at < n_blocks:
-            raise ValueError(f"inject_at={inject_at} is out of range for a model with {n_blocks} blocks: use "
-                             f"0..{n_blocks - 1} (0 = the embeddings' output) or -{n_blocks}..-1")
-        self.inject_at = inject_at % n_blocks
-        n_reg = n_blocks - self.inject_at
-        if layer_weights is None:
-            weights = [1.0] * n_reg
-        else:
-            weights = [float(w) for w in layer_weights]
-            if len(weights) != n_reg:
-                raise ValueError(f"layer_weights needs one weight per regularised block ({n_reg} for "
-                                 f"inject_at={self.inject_at} of {n_blocks}), got {len(weights)}")
-            if not all(math.isfinite(w) and w >= 0 for w in weights):
-                raise ValueError(f"layer_weights must be finite and >= 0, got {weights}")
-        self.noise, self.lam, self.layer_weights = noise, float(lam), weights
-        self.detach_clean, self.normalize, self.dropout = bool(detach_clean), normalize, dropout
-        self.n_anchors, self.backend, self.check_finite = n_anchors, backend, bool(check_finite)
-        self.every, self.noisy_fraction = every, float(noisy_fraction)
-        if rank is not None and (isinstance(rank, bool) or not isinstance(rank, int) or rank < 0):
-            raise ValueError(f"rank must be None (from torch.distributed) or an int >= 0, got {rank!r}")
-        self.rank = rank
-        if not isinstance(add_to_loss, bool):
-            raise TypeError(f"add_to_loss must be True or False, got {add_to_loss!r}")
-        self.add_to_loss = add_to_loss
-        self._shifts_labels = add_to_loss and _loss_shifts_labels(self.model)
+            ops.available_backends(self._device())
+        self.blocks, self.blocks_found = find_blocks(self.model, cfg.blocks)
+        self.inject_at, self.layer_weights = cfg.resolve(len(self.blocks))
 
-        self.loss: torch.Tensor | None = None      # lam * P of the latest regularised forward
+        self.loss = self._zero()                   # lam * P of the latest forward (0 if not regularised)
         self.penalty: torch.Tensor | None = None   # P (detached) of the latest regularised forward
         self.steps = 0                              # regularised forwards so far
         self.training_forwards = 0                  # training forwards with gradients (counts `every`)
-        self._state = _ForwardState()
+        self._fwd = _Forward()
         self._positional = self._positional_names()  # the model's forward, for args given positionally
-        self._dropout = DropoutControl(self.blocks[self.inject_at:], dropout, self._batch_split)
+        self._shifts_labels = cfg.add_to_loss and _loss_shifts_labels(self.model)
+        self._dropout = DropoutControl(self.blocks[self.inject_at:], cfg.dropout, self._batch_split)
         self._handles = []
         self._install()
 
+    def __getattr__(self, name):
+        # The options read as attributes (reg.lam, reg.sigma, ...); reg.config holds them.
+        config = self.__dict__.get("config")
+        if config is not None and name in LNSRConfig.names():
+            return getattr(config, name)
+        raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
+
+    @property
+    def rank(self) -> int | None:
+        return self.config.rank
+
+    @rank.setter
+    def rank(self, value) -> None:
+        self.config = self.config.replace(rank=value)
+
     # -- life cycle ------------------------------------------------------------------------------
     def _install(self) -> None:
-        h = self._handles
+        owner = weakref.ref(self)
+
+        def add(register, fn, *extra, **kw):
+            hook = functools.partial(fn, *extra)
+            hook.lnsr_owner = owner  # marks the hook as ours: a second LNSR on this model is refused
+            self._handles.append(register(hook, **kw))
+
         # The forward starts at the outermost module that is called: the object the user passed
         # (a DDP / PEFT / compile wrapper runs its hooks eagerly, with the user's kwargs) or the
         # plain model when it is wrapped later or called directly.  A depth count makes the
         # nested call a no-op.
         for entry in dict.fromkeys([self.wrapper, self.entry, self.model]):
-            h.append(entry.register_forward_pre_hook(self._entry_pre, with_kwargs=True))
-            h.append(entry.register_forward_hook(self._entry_post, always_call=True))
+            add(entry.register_forward_pre_hook, self._entry_pre, with_kwargs=True)
+            add(entry.register_forward_hook, self._entry_post, always_call=True)
         for j in range(self.inject_at, len(self.blocks)):
-            h.append(self.blocks[j].register_forward_pre_hook(self._make_block_pre(j), with_kwargs=True))
-            h.append(self.blocks[j].register_forward_hook(self._make_block_post(j), always_call=True))
+            add(self.blocks[j].register_forward_pre_hook, self._block_pre, j, with_kwargs=True)
+            add(self.blocks[j].register_forward_hook, self._block_post, j, always_call=True)
         self._dropout.install()
 
     def remove(self) -> None:
@@ -170,17 +196,12 @@ class LNSR:
             handle.remove()
         self._handles = []
         self._dropout.uninstall()
-        self._state = _ForwardState()
-
-    def _batch_split(self):
-        """``(B, m)`` of the running regularised forward (rows ``B-m:B`` have noisy copies), else None."""
-        st = self._state
-        return None if st.batch is None else (st.batch, st.noisy)
+        self._fwd = _Forward()
 
     @property
     def seed(self) -> int:
         """The noise seed of the latest regularised forward (reused by recomputations)."""
-        return self._state.seed
+        return self._fwd.seed
 
     @property
     def attached(self) -> bool:
@@ -193,24 +214,175 @@ class LNSR:
         self.remove()
 
     def __repr__(self) -> str:
-        return (f"LNSR(sigma={self.sigma}, noise={self.noise!r}, inject_at={self.inject_at}/{len(self.blocks)}, "
-                f"lam={self.lam}, normalize={self.normalize!r}, dropout={self.dropout!r}, "
-                f"detach_clean={self.detach_clean}, backend={self.backend!r}, blocks: {self.blocks_found})")
+        c = self.config
+        return (f"LNSR(sigma={c.sigma}, noise={c.noise!r}, inject_at={self.inject_at}/{len(self.blocks)}, "
+                f"lam={c.lam}, normalize={c.normalize!r}, dropout={c.dropout!r}, detach_clean={c.detach_clean}, "
+                f"backend={c.backend!r}, add_to_loss={c.add_to_loss}, blocks: {self.blocks_found})")
 
-    # -- entry (the model's own forward) ----------------------------------------------------------
+    # -- the hooks (phases OFF / RUN / REPLAY, see the top of this file) ----------------------------
+    def _entry_pre(self, module, args, kwargs):
+        st = self._fwd
+        if st.depth:
+            st.depth += 1  # a nested entry of the same call (wrapper -> model)
+            return None
+        result = self._begin(args, kwargs)  # if it raises, depth stays 0 and _entry_post ignores the call
+        st.depth = 1
+        return result
+
+    def _entry_post(self, module, args, output):
+        st = self._fwd
+        if st.depth == 0:
+            return None  # the pre-hook raised: nothing was started
+        st.depth -= 1
+        if st.depth:
+            return None  # a nested entry returned
+        if st.phase == RUN:
+            if len(st.ys) == len(self.blocks) - self.inject_at:
+                # Computed here, outside every block: a block whose __call__ runs inside an
+                # activation checkpoint must save the same tensors when recomputed.
+                self._finish(output)
+                st.phase = REPLAY
+            else:  # the forward ended early (an exception): undo everything
+                st.phase = OFF
+                self._dropout.deactivate()
+        st.ys, st.doubled, st.injected = [], {}, None
+        return None
+
+    def _block_pre(self, j, module, args, kwargs):
+        st = self._fwd
+        if st.phase == OFF:
+            return None
+        self._check_no_cache(kwargs)
+
+        def enter(h):
+            if j == self.inject_at:
+                return self._inject(j, module, h)
+            if st.batch is None or h.shape[0] != st.batch + st.noisy:
+                raise RuntimeError(f"block {j} received a batch of {h.shape[0]} where the doubled batch of "
+                                   f"{None if st.batch is None else st.batch + st.noisy} was expected; are the "
+                                   f"blocks in execution order? pass blocks= bottom first")
+            return h
+
+        args, kwargs = replace_block_input(args, kwargs, enter, who=f"block {j} ({type(module).__name__})")
+        # h now holds B + m rows, so only the other batch-sized arguments are doubled
+        return tuple(self._double(a) for a in args), {key: self._double(v) for key, v in kwargs.items()}
+
+    def _block_post(self, j, module, args, output):
+        st = self._fwd
+        if st.phase == OFF or st.batch is None:
+            return None
+        b, m = st.batch, st.noisy
+        y = output if isinstance(output, torch.Tensor) else output[0] if isinstance(output, (tuple, list)) else None
+        if not isinstance(y, torch.Tensor) or y.shape[0] != b + m:
+            return None  # an exception inside the block; _entry_post cleans up
+        if st.phase == RUN:
+            st.ys.append(y[b - m:])  # [2m, ...]: clean rows then their noisy copies
+        if j != len(self.blocks) - 1:
+            return None
+        if isinstance(output, torch.Tensor):  # the head sees the clean half only
+            return output[:b]
+        halves = [v[:b] if isinstance(v, torch.Tensor) and v.dim() >= 1 and v.shape[0] == b + m else v
+                  for v in output]
+        return type(output)(halves) if isinstance(output, tuple) and not hasattr(output, "_fields") \
+            else halves if isinstance(output, list) else type(output)(*halves)
+
+    # -- one forward: begin, inject, finish -----------------------------------------------------------
+    def _begin(self, args, kwargs):
+        """Start a call of the model: decide whether it is regularised; returns new (args, kwargs) or None."""
+        st = self._fwd
+        self._dropout.deactivate()  # the previous forward's window ends here
+        st.phase, st.batch, st.noisy, st.ys, st.doubled, st.injected = OFF, None, None, [], {}, None
+        self.loss = self._zero()  # what a forward that is not regularised leaves
+        if not (self.model.training and torch.is_grad_enabled()):
+            return None
+        self.training_forwards += 1
+        if (self.training_forwards - 1) % self.config.every:
+            return None  # `every`: this training forward runs plain
+        config = getattr(self.model, "config", None)
+        ohs = self._kwarg("output_hidden_states", args, kwargs)
+        if ohs or (ohs is None and getattr(config, "output_hidden_states", False)):
+            raise ValueError("output_hidden_states=True is not supported during a regularised training forward "
+                             "(blocks >= inject_at run on a doubled batch); call the model with "
+                             "output_hidden_states=False, or in eval mode / under torch.no_grad()")
+        use_cache = self._kwarg("use_cache", args, kwargs)
+        if self._kwarg("past_key_values", args, kwargs) is not None or use_cache:
+            raise ValueError("a KV cache (past_key_values / use_cache=True) cannot be used during a regularised "
+                             "training forward; pass use_cache=False and no past_key_values when training")
+        mask = self._kwarg("attention_mask", args, kwargs)
+        st.mask = mask.detach() if isinstance(mask, torch.Tensor) and mask.dim() == 2 else None
+        st.loss_share = self._loss_share(args, kwargs) if self.config.add_to_loss else None
+        st.seed = _fold_rank(_draw_seed(), self._rank())
+        st.phase = RUN
+        self._dropout.activate()
+        if use_cache is None and getattr(config, "use_cache", False):
+            return args, {**kwargs, "use_cache": False}  # the model would otherwise build a cache
+        return None
+
+    def _inject(self, j, module, h):
+        """Block k's input ``h`` [B, ...] -> ``cat([h, h[B-m:] + eps])`` (RUN and REPLAY alike)."""
+        st, cfg = self._fwd, self.config
+        if st.batch is None:
+            st.batch = h.shape[0]
+            st.noisy = max(1, min(st.batch, math.ceil(cfg.noisy_fraction * st.batch - 1e-9)))
+        mask = st.mask
+        if mask is not None and tuple(mask.shape) != tuple(h.shape[:-1]):
+            raise ValueError(f"attention_mask has shape {tuple(mask.shape)} but the hidden state entering block "
+                             f"{j} has token dims {tuple(h.shape[:-1])}; pass a [batch, seq_len] mask that "
+                             f"matches the inputs")
+        # One reduction and a host sync; skipped while torch.compile traces (it would break the graph).
+        if cfg.check_finite and not torch.compiler.is_compiling() and not bool(torch.isfinite(h).all()):
+            raise ValueError(f"non-finite values (NaN/Inf) in the hidden state entering block {j} "
+                             f"({type(module).__name__}), where LNSR injects noise; check the inputs, the "
+                             f"learning rate or the loss scale")
+        first = st.batch - st.noisy
+        part = h[first:] if first else h
+        out = ops.perturb(part, st.seed, sigma=cfg.sigma, kind=cfg.noise, mask=self._penalty_mask(),
+                          n_anchors=cfg.n_anchors, backend=cfg.backend)
+        if first:  # noisy_fraction < 1: [h, noisy copies of the last m rows]
+            out = torch.cat([h[:first], out], dim=0)
+        if cfg.normalize == "gain" and st.phase == RUN:
+            st.injected = (part.detach(), out[st.batch:].detach())
+        return out
+
+    def _finish(self, output) -> None:
+        st, cfg = self._fwd, self.config
+        ys, mask = st.ys, self._penalty_mask()
+        if cfg.normalize == "token":
+            weights = self.layer_weights
+        elif cfg.normalize == "element":
+            weights = [w / y.shape[-1] for w, y in zip(self.layer_weights, ys)]
+        else:
+            weights = gain_weights(self.layer_weights, *st.injected, ys, mask)
+        penalty = ops.layer_penalty(ys, mask=mask, weights=weights, detach_clean=cfg.detach_clean,
+                                    backend=cfg.backend)
+        self.penalty = penalty.detach()
+        self.loss = cfg.lam * penalty
+        self.steps += 1
+        if cfg.add_to_loss:
+            self._add_to_output_loss(output)
+
+    # -- helpers ------------------------------------------------------------------------------------
+    def _batch_split(self):
+        """``(B, m)`` of the running regularised forward (rows ``B-m:B`` have noisy copies), else None."""
+        st = self._fwd
+        return None if st.batch is None else (st.batch, st.noisy)
+
+    def _penalty_mask(self):
+        st = self._fwd
+        return None if st.mask is None else st.mask[st.batch - st.noisy:]
+
+    def _zero(self) -> torch.Tensor:
+        return torch.zeros((), dtype=torch.float32, device=self._device())
+
     def _rank(self) -> int:
-        if self.rank is not None:
-            return self.rank
+        if self.config.rank is not None:
+            return self.config.rank
         dist = torch.distributed
         return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
 
-    @staticmethod
-    def _device_of(model):
-        p = next(model.parameters(), None)
-        return p.device if p is not None else torch.device("cpu")
-
     def _device(self):
-        return self._device_of(self.model)
+        p = next(self.model.parameters(), None)
+        return p.device if p is not None else torch.device("cpu")
 
     def _positional_names(self) -> list[str]:
         try:
@@ -227,75 +399,29 @@ class LNSR:
             return args[names.index(name)]
         return None
 
-    def _entry_pre(self, module, args, kwargs):
-        st = self._state
-        if st.depth:
-            st.depth += 1  # a nested entry of the same forward (wrapper -> model)
-            return None
-        result = self._start_forward(args, kwargs)
-        st.depth = 1
-        return result
+    def _double(self, x):
+        """cat([x, x[B-m:]]) for batch-sized tensors (also inside tuples/lists), cached per forward."""
+        st = self._fwd
+        if isinstance(x, torch.Tensor):
+            if x.dim() >= 2 and x.shape[0] == st.batch:
+                hit = st.doubled.get(id(x))
+                if hit is None or hit[0] is not x:
+                    hit = (x, torch.cat([x, x[st.batch - st.noisy:]], dim=0))
+                    st.doubled[id(x)] = hit
+                return hit[1]
+            return x
+        if isinstance(x, tuple) and not hasattr(x, "_fields"):
+            return tuple(self._double(v) for v in x)
+        if isinstance(x, list):
+            return [self._double(v) for v in x]
+        return x
 
-    def _start_forward(self, args, kwargs):
-        st = self._state
-        self._dropout.deactivate()  # the previous forward's window ends here
-        st.doubled.clear()
-        st.ys = []
-        st.active = self.model.training and torch.is_grad_enabled()
-        if st.active:
-            self.training_forwards += 1
-            if (self.training_forwards - 1) % self.every:
-                # `every`: this training forward runs plain; reg.loss is a zero that adds nothing.
-                st.active = False
-                self.loss = torch.zeros((), dtype=torch.float32, device=self._device())
-        st.in_forward = st.active
-        if not st.active:
-            return None
-        config = getattr(self.model, "config", None)
-        ohs = self._kwarg("output_hidden_states", args, kwargs)
-        if ohs or (ohs is None and getattr(config, "output_hidden_states", False)):
-            st.active = st.in_forward = False
-            raise ValueError("output_hidden_states=True is not supported during a regularised training forward "
-                             "(blocks >= inject_at run on a doubled batch); call the model with "
-                             "output_hidden_states=False, or in eval mode / under torch.no_grad()")
-        past = self._kwarg("past_key_values", args, kwargs)
-        use_cache = self._kwarg("use_cache", args, kwargs)
-        if past is not None or use_cache:
-            st.active = st.in_forward = False
-            raise ValueError("a KV cache (past_key_values / use_cache=True) cannot be used during a regularised "
-                             "training forward; pass use_cache=False and no past_key_values when training")
-        mask = self._kwarg("attention_mask", args, kwargs)
-        st.mask = mask.detach() if isinstance(mask, torch.Tensor) and mask.dim() == 2 else None
-        st.loss_share = self._loss_share(args, kwargs) if self.add_to_loss else None
-        st.seed = _fold_rank(_draw_seed(), self._rank())
-        st.batch = st.noisy = None
-        st.noise_energy = None
-        self._dropout.activate()
-        if use_cache is None and getattr(config, "use_cache", False):
-            return args, {**kwargs, "use_cache": False}  # the model would otherwise build a cache
-        return None
-
-    def _entry_post(self, module, args, output):
-        st = self._state
-        if st.depth == 0:
-            return None  # the pre-hook raised: nothing was started
-        st.depth -= 1
-        if st.depth:
-            return None
-        if st.active and st.in_forward:
-            if len(st.ys) == len(self.blocks) - self.inject_at:
-                # The penalty is computed here, outside every block: a block whose __call__ runs
-                # inside an activation checkpoint must save the same tensors when recomputed.
-                self._finish()
-                if self.add_to_loss:
-                    self._add_to_output_loss(output)
-            else:  # the forward ended early (an exception): undo everything
-                st.active = False
-                self._dropout.deactivate()
-        st.in_forward = False
-        st.ys = []
-        st.doubled.clear()
-        return None
+    @staticmethod
+    def _check_no_cache(kwargs):
+        for key, value in kwargs.items():
+            if value is not None and type(value).__name__.endswith("Cache"):
+                raise ValueError(f"block received a KV cache ({key}={type(value).__name__}) during a regularised "
+                                 f"training forward; pass use_cache=False when training")
 
     def _loss_share(self, args, kwargs):
         """``n / num_items_in_batch`` when the caller passes ``num_items_in_batch`` (the Hugging Face
@@ -318,153 +444,10 @@ class LNSR:
 
     def _add_to_output_loss(self, output) -> None:
         """``output.loss += lam * P`` (times the accumulation share) when the model computed a loss."""
-        if not isinstance(output, dict):  # ModelOutput is a dict; tuples cannot be told apart
+        if not isinstance(output, dict):  # ModelOutput is a dict; a tuple's loss cannot be told apart
             return
         loss = output.get("loss")
         if not isinstance(loss, torch.Tensor):
             return
-        term = self.loss if self._state.loss_share is None else self.loss * self._state.loss_share
-        output["loss"] = loss + term  # ModelOutput.__setitem__ also sets the attribute
-
-    # -- blocks -----------------------------------------------------------------------------------
-    def _double(self, x):
-        """cat([x, x[B-m:]]) for batch-sized tensors (also inside tuples/lists), cached per forward."""
-        st = self._state
-        if isinstance(x, torch.Tensor):
-            if x.dim() >= 2 and x.shape[0] == st.batch:
-                hit = st.doubled.get(id(x))
-                if hit is None or hit[0] is not x:
-                    hit = (x, torch.cat([x, x[st.batch - st.noisy:]], dim=0))
-                    st.doubled[id(x)] = hit
-                return hit[1]
-            return x
-        if isinstance(x, tuple) and not hasattr(x, "_fields"):
-            return tuple(self._double(v) for v in x)
-        if isinstance(x, list):
-            return [self._double(v) for v in x]
-        return x
-
-    def _check_no_cache(self, kwargs):
-        for key, value in kwargs.items():
-            if value is not None and type(value).__name__.endswith("Cache"):
-                raise ValueError(f"block received a KV cache ({key}={type(value).__name__}) during a regularised "
-                                 f"training forward; pass use_cache=False when training")
-
-    def _make_block_pre(self, j):
-        first = j == self.inject_at
-
-        def pre_hook(module, args, kwargs):
-            st = self._state
-            if not st.active:
-                return None
-            h, where = block_batch_arg(args, kwargs)
-            if h is None:
-                raise TypeError(f"block {j} ({type(module).__name__}) received no hidden-state tensor as its first "
-                                f"argument or as hidden_states=; pass blocks= with modules that take one")
-            self._check_no_cache(kwargs)
-            if first:
-                h = self._perturb(j, module, h)
-            elif st.batch is None or h.shape[0] != st.batch + st.noisy:
-                raise RuntimeError(f"block {j} received a batch of {h.shape[0]} where the doubled batch of "
-                                   f"{None if st.batch is None else st.batch + st.noisy} was expected; are the blocks "
-                                   f"in execution order? pass blocks= bottom first")
-            new_args = tuple(self._double(a) for a in args)
-            new_kwargs = {key: self._double(v) for key, v in kwargs.items()}
-            if where[0] == "args":
-                new_args = (h,) + new_args[1:]
-            else:
-                new_kwargs[where[1]] = h
-            return new_args, new_kwargs
-
-        return pre_hook
-
-    def _perturb(self, j, module, h):
-        st = self._state
-        if st.batch is None:
-            st.batch = h.shape[0]
-            st.noisy = max(1, min(st.batch, math.ceil(self.noisy_fraction * st.batch - 1e-9)))
-        mask = st.mask
-        if mask is not None and tuple(mask.shape) != tuple(h.shape[:-1]):
-            raise ValueError(f"attention_mask has shape {tuple(mask.shape)} but the hidden state entering block "
-                             f"{j} has token dims {tuple(h.shape[:-1])}; pass a [batch, seq_len] mask that "
-                             f"matches the inputs")
-        # One reduction and a host sync; skipped while torch.compile traces (it would break the graph).
-        if self.check_finite and not torch.compiler.is_compiling() and not bool(torch.isfinite(h).all()):
-            raise ValueError(f"non-finite values (NaN/Inf) in the hidden state entering block {j} "
-                             f"({type(module).__name__}), where LNSR injects noise; check the inputs, the "
-                             f"learning rate or the loss scale")
-        b, first_noisy = st.batch, st.batch - st.noisy
-        part = h[first_noisy:] if first_noisy else h
-        pmask = None if mask is None else mask[first_noisy:]
-        out = ops.perturb(part, st.seed, sigma=self.sigma, kind=self.noise, mask=pmask,
-                          n_anchors=self.n_anchors, backend=self.backend)
-        if first_noisy:  # noisy_fraction < 1: [h, noisy copies of the last m rows]
-            out = torch.cat([h[:first_noisy], out], dim=0)
-        if self.normalize == "gain" and st.in_forward:
-            with torch.no_grad():
-                m = None if pmask is None else pmask.to(torch.float32)
-                eps_sq = (out[b:].float() - part.float()).pow(2).sum(-1)
-                h_sq = part.float().pow(2).sum(-1)
-                if m is not None:
-                    eps_sq, h_sq = eps_sq * m, h_sq * m
-                st.noise_energy = eps_sq.sum() / h_sq.sum().clamp_min(torch.finfo(torch.float32).tiny)
-        return out
-
-    def _make_block_post(self, j):
-        last = j == len(self.blocks) - 1
-
-        def post_hook(module, args, output):
-            st = self._state
-            if not st.active or st.batch is None:
-                return None
-            y = output if isinstance(output, torch.Tensor) else output[0] if isinstance(output, (tuple, list)) else None
-            if not isinstance(y, torch.Tensor) or y.shape[0] != st.batch + st.noisy:
-                return None  # an exception inside the block; _entry_post cleans up
-            if st.in_forward:
-                st.ys.append(y[st.batch - st.noisy:])  # [2m, ...]: clean rows then their noisy copies
-            if not last:
-                return None
-            b = st.batch
-            if isinstance(output, torch.Tensor):
-                return output[:b]
-            halves = [v[:b] if isinstance(v, torch.Tensor) and v.dim() >= 1 and v.shape[0] == b + st.noisy else v
-                      for v in output]
-            return type(output)(halves) if isinstance(output, tuple) and not hasattr(output, "_fields") \
-                else halves if isinstance(output, list) else type(output)(*halves)
-
-        return post_hook
-
-    def layer_weights_for(self, ys) -> list[float] | torch.Tensor:
-        """The per-layer weights ``layer_penalty`` receives after ``normalize``."""
-        w = self.layer_weights
-        if self.normalize == "token":
-            return w
-        if self.normalize == "element":
-            return [wj / y.shape[-1] for wj, y in zip(w, ys)]
-        st = self._state
-        with torch.no_grad():  # gain: divide by s^2 * mean masked ||y_clean||^2 (detached)
-            b = st.noisy  # ys hold [2m, ...]
-            m = self._penalty_mask()
-            m = None if m is None else m.to(torch.float32)
-            out = []
-            for wj, y in zip(w, ys):
-                sq = y[:b].float().pow(2).sum(-1)
-                energy = (sq * m).sum() / m.sum().clamp_min(1.0) if m is not None else sq.mean()
-                denom = float(st.noise_energy * energy)
-                out.append(wj / denom if denom > 0 else 0.0)
-            return out
-
-    def _penalty_mask(self):
-        st = self._state
-        return None if st.mask is None else st.mask[st.batch - st.noisy:]
-
-    def _finish(self) -> None:
-        st = self._state
-        ys = st.ys
-        penalty = ops.layer_penalty(ys, mask=self._penalty_mask(), weights=self.layer_weights_for(ys),
-                                    detach_clean=self.detach_clean, backend=self.backend)
-        self.penalty = penalty.detach()
-        self.loss = self.lam * penalty
-        self.steps += 1
-        st.ys = []
-        st.in_forward = False  # later hooks of this forward (and recomputations) only transform
+        share = self._fwd.loss_share
+        output["loss"] = loss + (self.loss if share is None else self.loss * share)  # also sets .loss

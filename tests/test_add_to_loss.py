@@ -254,4 +254,4 @@ def test_sft_example_learns_and_its_penalty_is_the_definition(accumulation):
     model.train()
     clean, p_def = two_pass(model, last["batch"], seed=last["seed"], sigma=0.1, inject_at=0)
     assert last["penalty"] == pytest.approx(float(p_def.detach()), rel=1e-5)
-    assert last["loss"] == pytest.approx(float(clean.loss) + 0.5 * float(p_def.detach()), rel=1e-5)
+    assert last["loss"] == pytest.approx(float(clean.loss.detach()) + 0.5 * float(p_def.detach()), rel=1e-5)

@@ -4,7 +4,18 @@ import torch
 from torch import nn
 
 import lnsr
+from lnsr.twopass import two_pass
 from tiny_models import batch, build
+
+
+def _grads(model):
+    return {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def _assert_grads_close(g1, g2):
+    assert g1.keys() == g2.keys() and g1
+    for name in g1:
+        torch.testing.assert_close(g1[name], g2[name], rtol=1e-4, atol=1e-6, msg=name)
 
 
 def _snapshot(model, inputs):
@@ -35,14 +46,35 @@ def _assert_unchanged(model, inputs, snap):
     ({"dropout": "shared"}, ValueError, "dropout"),
     ({"layer_weights": [1.0, 2.0]}, ValueError, "layer_weights"),
     ({"blocks": "encoder.nope"}, ValueError, "encoder.nope"),
+    ({"sigma": "0.1"}, TypeError, "sigma"),
+    ({"lam": float("nan")}, ValueError, "lam"),
+    ({"layer_weights": [1.0, -1.0, 1.0]}, ValueError, "layer_weights"),
+    ({"layer_weights": "abc"}, TypeError, "layer_weights"),
+    ({"detach_clean": "no"}, TypeError, "detach_clean must be True or False"),
+    ({"add_to_loss": 1}, TypeError, "add_to_loss"),
+    ({"n_anchors": 0}, ValueError, "n_anchors"),
+    ({"every": 0}, ValueError, "every"),
+    ({"noisy_fraction": 0.0}, ValueError, "noisy_fraction"),
+    ({"rank": -1}, ValueError, "rank"),
+    ({"backend": "nope"}, ValueError, "backend must be one of"),
+    ({"lamda": 0.1}, TypeError, r"unknown option\(s\) \['lamda'\]"),
+    ({"config": 0.1}, TypeError, "config must be"),
 ])
 def test_bad_arguments_change_nothing(kwargs, exc, words):
     model = build("bert")
     inputs = batch("bert")
     snap = _snapshot(model, inputs)
-    with pytest.raises(exc, match=words):
-        lnsr.LNSR(model, **kwargs)
+    if "config" in kwargs:
+        with pytest.raises(exc, match=words):
+            lnsr.LNSR(model, kwargs["config"])
+    else:
+        with pytest.raises(exc, match=words):
+            lnsr.LNSR(model, **kwargs)
     _assert_unchanged(model, inputs, snap)
+    # the same check in one place: LNSRConfig itself (the model-dependent ones in resolve)
+    if "config" not in kwargs and "blocks" not in kwargs:
+        with pytest.raises(exc, match=words):
+            lnsr.LNSRConfig.make(**kwargs).resolve(3)
 
 
 def test_model_without_blocks_names_what_to_pass():
@@ -59,12 +91,12 @@ def _forward_error(family, call, match, *, exc=ValueError, reg_kwargs=None):
     model.train()
     with pytest.raises(exc, match=match):
         call(model, inputs)
-    assert reg.loss is None
+    assert reg.loss.item() == 0.0 and not reg.loss.requires_grad and reg.steps == 0
     # nothing is left half-done: dropout restored, eval outputs unchanged, next forward works
     assert all(m.p == 0.1 for m in model.modules() if isinstance(m, nn.Dropout))
     model.train()
     model(**inputs)
-    assert reg.loss is not None
+    assert reg.loss > 0 and reg.steps == 1
     reg.remove()
     _assert_unchanged(model, inputs, snap)
 
@@ -145,12 +177,25 @@ def test_fallback_and_explicit_blocks_on_a_custom_model():
     with pytest.raises(ValueError, match="not part of the model"):
         lnsr.find_blocks(model, blocks=[_Block(8)])
     x = torch.randn(2, 5, 4)
-    scale = torch.full((2, 5, 1), 0.5)  # a batch-sized extra argument: doubled with the batch
-    reg = lnsr.LNSR(model, blocks=list(model.stack), inject_at=1, sigma=0.1, noise="gaussian")
-    model.train()
-    out = model(x, scale)
-    assert out.shape == (2, 5, 1) and reg.penalty > 0
-    reg.remove()
+    scale = torch.rand(2, 5, 1) + 0.5  # a batch-sized extra argument: doubled with the batch
+    with torch.no_grad():
+        plain = model(x, scale)
+    for blocks in (None, "stack", list(model.stack)):  # fallback, attribute path, explicit list
+        reg = lnsr.LNSR(model, blocks=blocks, inject_at=1, sigma=0.1, noise="gaussian", lam=0.5, backend="torch")
+        model.train()
+        out = model(x, scale)
+        (out.sum() + reg.loss).backward()
+        p, seed, grads = reg.penalty, reg.seed, _grads(model)
+        reg.remove()
+        model.zero_grad(set_to_none=True)
+        clean, p_def = two_pass(model, {"x": x, "scale": scale}, seed=seed, sigma=0.1, noise="gaussian",
+                                inject_at=1, blocks=blocks)
+        (clean.sum() + 0.5 * p_def).backward()
+        assert p > 0
+        torch.testing.assert_close(p, p_def.detach(), rtol=1e-5, atol=0)
+        torch.testing.assert_close(out, plain, rtol=1e-5, atol=1e-6)
+        _assert_grads_close(grads, _grads(model))
+        model.zero_grad(set_to_none=True)
 
 
 def test_wrapped_models_are_unwrapped():
@@ -161,8 +206,16 @@ def test_wrapped_models_are_unwrapped():
     compiled = torch.compile(model)
     entry, inner = lnsr.unwrap(compiled)
     assert inner is model
-    reg = lnsr.LNSR(dp, sigma=0.1)
+    inputs = batch("bert")
+    reg = lnsr.LNSR(dp, sigma=0.1, lam=0.5, backend="torch")
     dp.train()
-    dp(**batch("bert"))
-    assert reg.penalty > 0
+    out = dp(**inputs)
+    (out.loss + reg.loss).backward()
+    p, seed, grads = reg.penalty, reg.seed, _grads(model)
     reg.remove()
+    model.zero_grad(set_to_none=True)
+    clean, p_def = two_pass(dp, inputs, seed=seed, sigma=0.1)
+    (clean.loss + 0.5 * p_def).backward()
+    torch.testing.assert_close(p, p_def.detach(), rtol=1e-5, atol=0)
+    torch.testing.assert_close(out.logits, clean.logits, rtol=1e-5, atol=1e-6)
+    _assert_grads_close(grads, _grads(model))

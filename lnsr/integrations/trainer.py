@@ -35,39 +35,38 @@ class _AttachCallback(TrainerCallback):
 
 
 class LNSRTrainer(Trainer):
-    """``transformers.Trainer`` plus LNSR: ``lnsr=`` takes the keyword arguments of ``lnsr.LNSR``
-    (a dict, or any mapping / object with ``to_dict()``); ``lnsr=None`` is the plain Trainer."""
+    """``transformers.Trainer`` plus LNSR: ``lnsr=`` takes the options of ``lnsr.LNSR`` (an
+    ``lnsr.LNSRConfig``, a dict, or any mapping / object with ``to_dict()``), validated here, before
+    training; ``lnsr=None`` is the plain Trainer."""
 
     def __init__(self, *args, lnsr=None, **kwargs):
-        if lnsr is not None and not isinstance(lnsr, dict):
-            lnsr = lnsr.to_dict() if hasattr(lnsr, "to_dict") else dict(lnsr)
-        self.lnsr_kwargs = None if lnsr is None else dict(lnsr)
-        if self.lnsr_kwargs is not None:
-            self._lnsr_check(self.lnsr_kwargs)
+        from ..config import LNSRConfig
+
+        if lnsr is not None and not isinstance(lnsr, (LNSRConfig, dict)) and hasattr(lnsr, "to_dict"):
+            lnsr = lnsr.to_dict()
+        try:
+            self.lnsr_config = None if lnsr is None else LNSRConfig.make(lnsr)
+        except TypeError as e:
+            raise TypeError(f"lnsr= {e}") from None
+        if self.lnsr_config is not None and self.lnsr_config.add_to_loss:
+            raise ValueError("LNSRTrainer adds lam * P to the loss itself: drop add_to_loss from lnsr=, or attach "
+                             "lnsr.LNSR(model, add_to_loss=True) and use the plain Trainer")
         self.lnsr_reg = None
         self._lnsr_sums = {"penalty": 0.0, "loss": 0.0, "task": 0.0, "term": 0.0, "n": 0}
         super().__init__(*args, **kwargs)
-        if self.lnsr_kwargs is not None:
+        if self.lnsr_config is not None:
             self.add_callback(_AttachCallback(self))
 
-    @staticmethod
-    def _lnsr_check(kw: dict) -> None:
-        import inspect
-
-        import lnsr
-        allowed = set(inspect.signature(lnsr.LNSR.__init__).parameters) - {"self", "model"}
-        unknown = set(kw) - allowed
-        if unknown:
-            raise TypeError(f"lnsr= got unknown option(s) {sorted(unknown)}; lnsr.LNSR takes {sorted(allowed)}")
-        if kw.get("add_to_loss"):
-            raise ValueError("LNSRTrainer adds lam * P to the loss itself: drop add_to_loss from lnsr=, or attach "
-                             "lnsr.LNSR(model, add_to_loss=True) and use the plain Trainer")
+    @property
+    def lnsr_kwargs(self) -> dict | None:
+        """The options as keyword arguments of ``lnsr.LNSR`` (None without LNSR)."""
+        return None if self.lnsr_config is None else self.lnsr_config.to_dict()
 
     # -- life cycle ----------------------------------------------------------------------------------
     def _lnsr_attach(self) -> None:
         import lnsr
         self._lnsr_detach()
-        self.lnsr_reg = lnsr.LNSR(self.model, **self.lnsr_kwargs)
+        self.lnsr_reg = lnsr.LNSR(self.model, self.lnsr_config)
         self._lnsr_sums = {"penalty": 0.0, "loss": 0.0, "task": 0.0, "term": 0.0, "n": 0}
 
     def _lnsr_detach(self) -> None:
