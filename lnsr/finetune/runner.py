@@ -190,11 +190,16 @@ def predict(model, features, spec: TaskSpec, *, batch_size: int, pad_id: int, de
     return preds if spec.is_regression else preds.astype(np.int64)
 
 
-def evaluate(model, features, spec: TaskSpec, **kwargs) -> dict:
-    """The task's metrics on ``features`` (see :func:`predict` for the keyword arguments)."""
+def evaluate(model, features, spec: TaskSpec, *, counts: bool = False, **kwargs):
+    """The task's metrics on ``features`` (see :func:`predict` for the keyword arguments); with
+    ``counts`` also the number of predictions per class (a degenerate run predicts one class)."""
     preds = predict(model, features, spec, **kwargs)
     labels = np.array([f["labels"] for f in features])
-    return compute_metrics(spec.metrics, preds, labels)
+    metrics = compute_metrics(spec.metrics, preds, labels)
+    if not counts:
+        return metrics
+    per_class = None if spec.is_regression else np.bincount(preds, minlength=spec.num_labels).tolist()
+    return metrics, per_class
 
 
 # -- one run --------------------------------------------------------------------------------------
@@ -361,10 +366,12 @@ def run_one(*, prep: Prepared, config: dict, model_path: str, tokenizer, feats: 
             bar.close()
             train_time = spent + time.time() - t0
             t1 = time.time()
-            metrics = evaluate(model, eval_feats, spec, **ev)
+            metrics, per_class = evaluate(model, eval_feats, spec, counts=True, **ev)
             rec = {"epoch": epoch, "train_loss": sums["loss"] / steps_per_epoch,
                    "task_loss": sums["task_loss"] / steps_per_epoch, "metrics": metrics,
                    "train_time_s": train_time, "steps": steps_per_epoch}
+            if per_class is not None:
+                rec["predicted_per_class"] = per_class
             if hp.get("eval_sets_each_epoch") or epoch == hp["epochs"]:
                 sets = {name: evaluate(model, feats["sets"][name], spec, **ev) for name in feats["sets"]}
                 if sets:
@@ -418,6 +425,9 @@ def run_one(*, prep: Prepared, config: dict, model_path: str, tokenizer, feats: 
         result["eval_sets"] = epochs[-1]["eval_sets"]
     if prep.id2label and not spec.is_regression:
         result["id2label"] = {str(k): v for k, v in prep.id2label.items()}
+    if not spec.is_regression:  # with predicted_per_class: is the run at the majority-class baseline?
+        result["evaluation_label_counts"] = np.bincount([f["labels"] for f in eval_feats],
+                                                        minlength=spec.num_labels).tolist()
     if predictions:
         result["test_predictions"] = predictions
     write_json(json_path, result)

@@ -1,0 +1,244 @@
+"""Tables, choices and statistics of the study in docs/results.md, from its run files alone.
+
+    python examples/study.py --runs docs/runs/study recipe-choice mrpc1k   # "--lr X --epochs Y"
+    python examples/study.py --runs docs/runs/study recipe-table mrpc1k
+    python examples/study.py --runs docs/runs/study summary                 # every table and plot
+
+``summary`` rewrites the block between ``<!-- study:begin -->`` and ``<!-- study:end -->`` of
+docs/results.md and writes the per-seed plots to docs/study/. It trains nothing and reads nothing but
+the run JSON files, so anyone can check the tables against them.
+"""
+from __future__ import annotations
+
+import argparse
+import glob
+import json
+import os
+import re
+import sys
+
+import numpy as np
+
+from lnsr.finetune.report import plot
+from lnsr.finetune.stats import compare
+
+REGIMES = {"mrpc1k": ("mrpc", "MRPC, 1000 training pairs"), "sst2-1k": ("sst2", "SST-2, 1000 training sentences"),
+           "rte1k": ("rte", "RTE, 1000 training pairs"), "rte": ("rte", "RTE, full training set (2490 pairs)")}
+METRIC = "accuracy"          # the main metric of every regime (pre-registered)
+LRS, EPOCHS = ("5e-5", "1e-4"), (3, 5, 10)
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def load_runs(pattern: str) -> list[dict]:
+    runs = []
+    for path in sorted(glob.glob(pattern)):
+        with open(path) as f:
+            r = json.load(f)
+        r["_path"] = path
+        runs.append(r)
+    return runs
+
+
+# -- 1. recipe ------------------------------------------------------------------------------------
+def recipe_rows(runs_dir: str, regime: str) -> list[dict]:
+    task = REGIMES[regime][0]
+    rows = []
+    for lr in LRS:
+        for ep in EPOCHS:
+            runs = load_runs(os.path.join(runs_dir, "recipe", regime, f"lr{lr}_ep{ep}", task, "vanilla", "seed*.json"))
+            scores = {r["config"]["seed"]: r["final"][METRIC] for r in runs}
+            curve = {r["config"]["seed"]: [e["metrics"][METRIC] for e in r["epochs"]] for r in runs}
+            v = np.array(list(scores.values()))
+            rows.append({"lr": lr, "epochs": ep, "scores": scores, "curve": curve, "n": len(v),
+                         "mean": float(v.mean()) if len(v) else float("nan"),
+                         "std": float(v.std(ddof=1)) if len(v) > 1 else 0.0,
+                         "train_loss": float(np.mean([r["epochs"][-1]["task_loss"] for r in runs])) if runs else None})
+    return rows
+
+
+def recipe_choice(runs_dir: str, regime: str, need_complete: bool = True) -> dict:
+    """Highest mean held-out accuracy over the 3 seeds; ties: fewer epochs, then the lower lr."""
+    rows = recipe_rows(runs_dir, regime)
+    if need_complete and any(r["n"] < 3 for r in rows):
+        missing = [f"lr {r['lr']} x {r['epochs']} epochs ({r['n']}/3 seeds)" for r in rows if r["n"] < 3]
+        raise SystemExit(f"recipe search of {regime} is not finished: {', '.join(missing)}")
+    done = [r for r in rows if r["n"]]
+    return max(done, key=lambda r: (round(r["mean"], 10), -r["epochs"], -float(r["lr"])))
+
+
+def recipe_table(runs_dir: str, regime: str) -> str:
+    rows = recipe_rows(runs_dir, regime)
+    complete = all(r["n"] == 3 for r in rows)
+    best = recipe_choice(runs_dir, regime, need_complete=False) if any(r["n"] for r in rows) else None
+    out = [f"Vanilla on the held-out 20% of {REGIMES[regime][1].split(',')[0]} train, {METRIC} x100 at the last "
+           f"epoch ({'complete' if complete else 'incomplete: ' + str(sum(r['n'] for r in rows)) + '/18 runs'}):", "",
+           "| lr | epochs | n | mean | std | per seed | held-out accuracy per epoch (mean over seeds) | "
+           "train loss, last epoch |", "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        per = ", ".join(f"s{s}:{100 * v:.2f}" for s, v in sorted(r["scores"].items()))
+        curves = [c for c in r["curve"].values() if len(c) == r["epochs"]]
+        curve = " ".join(f"{100 * v:.1f}" for v in np.mean(curves, axis=0)) if curves else "-"
+        mark = " **chosen**" if complete and (best["lr"], best["epochs"]) == (r["lr"], r["epochs"]) else ""
+        mean = f"{100 * r['mean']:.2f}" if r["n"] else "-"
+        loss = f"{r['train_loss']:.3f}" if r["train_loss"] is not None else "-"
+        out.append(f"| {r['lr']} | {r['epochs']}{mark} | {r['n']} | {mean} | {100 * r['std']:.2f} | {per} | {curve} | "
+                   f"{loss} |")
+    if best and not complete:
+        out.append(f"\n(leading so far: lr {best['lr']}, {best['epochs']} epochs; not a choice until all 18 runs "
+                   f"are in)")
+    return "\n".join(out) + "\n"
+
+
+# -- 2. strength --------------------------------------------------------------------------------------
+def strength_table(runs_dir: str, regime: str) -> str | None:
+    task = REGIMES[regime][0]
+    path = os.path.join(runs_dir, "strength", regime, task, "tune.md")
+    if not os.path.isfile(path):
+        return None
+    with open(path) as f:
+        text = f.read().strip()
+    return re.sub(r"^### .*\n", "", text).strip() + "\n"
+
+
+# -- 3. final -----------------------------------------------------------------------------------------
+def degenerate(run: dict) -> bool:
+    """Dev predictions all one class, or accuracy at (within 1 point of) the majority-class rate."""
+    last = run["epochs"][-1]
+    counts = last.get("predicted_per_class")
+    labels = run.get("evaluation_label_counts")
+    if counts is not None and sum(1 for c in counts if c) <= 1:
+        return True
+    if labels:
+        return run["final"][METRIC] <= max(labels) / sum(labels) + 0.01
+    return False
+
+
+def final_arms(runs_dir: str, regime: str) -> dict:
+    task = REGIMES[regime][0]
+    arms = {}
+    for path in sorted(glob.glob(os.path.join(runs_dir, "final", regime, task, "*", "seed*.json"))):
+        label = os.path.basename(os.path.dirname(path))
+        with open(path) as f:
+            r = json.load(f)
+        arms.setdefault(label, []).append(r)
+    return arms
+
+
+def arm_order(labels) -> list:
+    def key(label):
+        if label == "vanilla":
+            return (0, label)
+        if label.startswith("lnsr_lam0_") or label == "lnsr_lam0":
+            return (1, label)
+        if label.startswith("lnsr") and "noisy_fraction" not in label:
+            return (2, label)
+        if label.startswith("lnsr"):
+            return (3, label)
+        return (4, label)
+    return sorted(labels, key=key)
+
+
+def fmt_cmp(c: dict) -> str:
+    if not c.get("n"):
+        return "| - | - | - | - | - |"
+    lo, hi = c["ci95"]
+    ci = f"[{100 * lo:+.2f}, {100 * hi:+.2f}]" if np.isfinite(lo) else "-"
+    reading = "no measurable effect" if not (np.isfinite(lo) and (lo > 0 or hi < 0)) else \
+        ("ahead" if lo > 0 else "behind")
+    return (f"| {100 * c['mean']:+.2f} {ci} | {c['p_t']:.3f} | {c['p_wilcoxon']:.3f} | {c['ahead']}/{c['behind']} | "
+            f"{reading} |")
+
+
+def final_section(runs_dir: str, regime: str, plot_dir: str) -> str | None:
+    arms = final_arms(runs_dir, regime)
+    if not arms:
+        return None
+    labels = arm_order(arms)
+    scores = {a: {r["config"]["seed"]: r["final"][METRIC] for r in arms[a]} for a in labels}
+    control = next((a for a in labels if a.startswith("lnsr_lam0")), None)
+    out = [f"Dev {METRIC} x100 at the last epoch, seeds {min(min(s) for s in scores.values())}-"
+           f"{max(max(s) for s in scores.values())}:", "",
+           "| arm | n | mean | std | min | max | degenerate runs | per seed |", "|---|---|---|---|---|---|---|---|"]
+    for a in labels:
+        v = np.array([scores[a][s] for s in sorted(scores[a])])
+        per = ", ".join(f"{100 * scores[a][s]:.1f}" for s in sorted(scores[a]))
+        deg = sum(degenerate(r) for r in arms[a])
+        out.append(f"| {a} | {len(v)} | {100 * v.mean():.2f} | {100 * (v.std(ddof=1) if len(v) > 1 else 0):.2f} | "
+                   f"{100 * v.min():.2f} | {100 * v.max():.2f} | {deg} | {per} |")
+    out += ["", "Paired by seed (same head initialisation, data order and subset); difference x100 with its 95% "
+            "t-interval, paired t-test p, exact Wilcoxon signed-rank p, seeds ahead/behind:", "",
+            "| comparison | mean diff [95% CI] | paired t p | Wilcoxon p | ahead/behind | reading |",
+            "|---|---|---|---|---|---|"]
+    for a in labels:
+        if a == "vanilla":
+            continue
+        if "vanilla" in scores:
+            out.append(f"| {a} - vanilla " + fmt_cmp(compare(scores[a], scores["vanilla"])))
+        if control and a != control:
+            out.append(f"| {a} - {control} " + fmt_cmp(compare(scores[a], scores[control])))
+    summary = {a: {"seeds": sorted(scores[a]), "metrics": {METRIC: [scores[a][s] for s in sorted(scores[a])]},
+                   "wall": [], "ratio": []} for a in labels}
+    os.makedirs(plot_dir, exist_ok=True)
+    png = os.path.join(plot_dir, f"final_{regime}.png")
+    plot(f"{REGIMES[regime][1]} (dev)", summary, [METRIC], png)
+    out += ["", f"![per-seed dev accuracy, {regime}]({os.path.relpath(png, os.path.join(ROOT, 'docs'))})"]
+    return "\n".join(out) + "\n"
+
+
+def summary(runs_dir: str, results_md: str, plot_dir: str) -> str:
+    parts = []
+    for regime, (_, title) in REGIMES.items():
+        sec = [f"#### {title}", ""]
+        has = False
+        if glob.glob(os.path.join(runs_dir, "recipe", regime, "*", "*", "vanilla", "seed*.json")):
+            sec += ["**1. Recipe (vanilla, held-out train).** " + recipe_table(runs_dir, regime)]
+            has = True
+        st = strength_table(runs_dir, regime)
+        if st:
+            sec += ["**2. Strength (`lnsr tune`, held-out train).**", "", st]
+            has = True
+        fin = final_section(runs_dir, regime, plot_dir)
+        if fin:
+            sec += ["**3. Final (GLUE dev).** " + fin]
+            has = True
+        if not has:
+            sec.append("Not run yet.\n")
+        parts.append("\n".join(sec))
+    block = "\n".join(parts)
+    with open(results_md) as f:
+        text = f.read()
+    begin, end = "<!-- study:begin -->", "<!-- study:end -->"
+    if begin not in text or end not in text:
+        raise SystemExit(f"{results_md} has no {begin} ... {end} block to fill")
+    head, rest = text.split(begin, 1)
+    _, tail = rest.split(end, 1)
+    with open(results_md, "w") as f:
+        f.write(head + begin + "\n<!-- written by `examples/study.sh summary` from the run files; do not edit -->\n\n"
+                + block + "\n" + end + tail)
+    return block
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--runs", default=os.path.join(ROOT, "docs", "runs", "study"))
+    ap.add_argument("--results", default=os.path.join(ROOT, "docs", "results.md"))
+    ap.add_argument("--plots", default=os.path.join(ROOT, "docs", "study"))
+    ap.add_argument("command", choices=("recipe-choice", "recipe-table", "task-of", "summary"))
+    ap.add_argument("regime", nargs="?", choices=tuple(REGIMES))
+    a = ap.parse_args(argv)
+    if a.command != "summary" and not a.regime:
+        ap.error(f"{a.command} needs a regime")
+    if a.command == "recipe-choice":
+        best = recipe_choice(a.runs, a.regime)
+        print(f"--lr {best['lr']} --epochs {best['epochs']}")
+    elif a.command == "recipe-table":
+        print(recipe_table(a.runs, a.regime))
+    elif a.command == "task-of":
+        print(REGIMES[a.regime][0])
+    else:
+        print(summary(a.runs, a.results, a.plots))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

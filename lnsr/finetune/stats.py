@@ -1,0 +1,141 @@
+"""Paired statistics across seeds, in numpy (no scipy needed at run time; the tests compare with scipy).
+
+For two arms run with the same seeds (same head initialisation, data order and subset), the unit of
+analysis is the per-seed difference ``d = a - b``: its mean with a Student-t 95% interval, the paired
+t-test, the exact Wilcoxon signed-rank test (all ``2^n`` sign patterns enumerated, so small ``n``
+and ties are handled exactly) and the exact sign test.
+"""
+from __future__ import annotations
+
+import itertools
+import math
+
+import numpy as np
+
+from .metrics import rankdata
+
+
+def _betacf(a: float, b: float, x: float) -> float:
+    # continued fraction of the incomplete beta function (modified Lentz; Numerical Recipes 6.4)
+    tiny, qab, qap, qam = 1e-300, a + b, a + 1.0, a - 1.0
+    c, d = 1.0, 1.0 - qab * x / qap
+    d = 1.0 / (d if abs(d) > tiny else tiny)
+    h = d
+    for m in range(1, 400):
+        m2 = 2 * m
+        aa = m * (b - m) * x / ((qam + m2) * (a + m2))
+        d = 1.0 + aa * d
+        d = 1.0 / (d if abs(d) > tiny else tiny)
+        c = 1.0 + aa / c if abs(1.0 + aa / c) > tiny else tiny
+        h *= d * c
+        aa = -(a + m) * (qab + m) * x / ((a + m2) * (qap + m2))
+        d = 1.0 + aa * d
+        d = 1.0 / (d if abs(d) > tiny else tiny)
+        c = 1.0 + aa / c if abs(1.0 + aa / c) > tiny else tiny
+        delta = d * c
+        h *= delta
+        if abs(delta - 1.0) < 1e-15:
+            break
+    return h
+
+
+def betainc(a: float, b: float, x: float) -> float:
+    """Regularised incomplete beta I_x(a, b)."""
+    if x <= 0:
+        return 0.0
+    if x >= 1:
+        return 1.0
+    front = math.exp(math.lgamma(a + b) - math.lgamma(a) - math.lgamma(b) + a * math.log(x) + b * math.log1p(-x))
+    if x < (a + 1) / (a + b + 2):
+        return front * _betacf(a, b, x) / a
+    return 1.0 - front * _betacf(b, a, 1.0 - x) / b
+
+
+def t_cdf(t: float, df: float) -> float:
+    """Student-t cumulative distribution."""
+    if math.isinf(t):
+        return 1.0 if t > 0 else 0.0
+    tail = 0.5 * betainc(df / 2.0, 0.5, df / (df + t * t))
+    return 1.0 - tail if t > 0 else tail
+
+
+def t_ppf(q: float, df: float) -> float:
+    """Student-t quantile (bisection on :func:`t_cdf`; exact to ~1e-12)."""
+    if not 0 < q < 1:
+        raise ValueError(f"quantile must be in (0, 1), got {q}")
+    lo, hi = -1e3, 1e3
+    for _ in range(200):
+        mid = (lo + hi) / 2
+        if t_cdf(mid, df) < q:
+            lo = mid
+        else:
+            hi = mid
+    return (lo + hi) / 2
+
+
+def paired_t(d) -> tuple[float, float]:
+    """``(t, two-sided p)`` of the paired t-test on differences ``d`` (nan for n < 2 or zero spread)."""
+    d = np.asarray(d, dtype=np.float64)
+    n = len(d)
+    if n < 2:
+        return math.nan, math.nan
+    sd = d.std(ddof=1)
+    if sd == 0:
+        return (math.nan, math.nan) if d.mean() == 0 else (math.copysign(math.inf, d.mean()), 0.0)
+    t = d.mean() / (sd / math.sqrt(n))
+    return float(t), float(min(1.0, 2 * (1 - t_cdf(abs(t), n - 1))))
+
+
+def mean_ci(d, conf: float = 0.95) -> tuple[float, float, float]:
+    """``(mean, low, high)``: the Student-t interval of the mean of ``d``."""
+    d = np.asarray(d, dtype=np.float64)
+    n = len(d)
+    m = float(d.mean())
+    if n < 2:
+        return m, math.nan, math.nan
+    half = t_ppf(0.5 + conf / 2, n - 1) * d.std(ddof=1) / math.sqrt(n)
+    return m, m - half, m + half
+
+
+def wilcoxon_exact(d) -> tuple[float, float]:
+    """``(W+, two-sided p)`` of the exact Wilcoxon signed-rank test; zero differences are dropped
+    (scipy's ``zero_method="wilcox"``), tied magnitudes get average ranks and the null distribution
+    is enumerated over all sign patterns of those ranks."""
+    d = np.asarray(d, dtype=np.float64)
+    d = d[d != 0]
+    n = len(d)
+    if n == 0:
+        return 0.0, 1.0
+    if n > 20:
+        raise ValueError(f"exact enumeration is for n <= 20 differences, got {n}")
+    ranks = rankdata(np.abs(d))
+    w_plus = float(ranks[d > 0].sum())
+    sums = np.array([sum(r for r, s in zip(ranks, signs) if s) for signs in itertools.product((0, 1), repeat=n)])
+    eps = 1e-9
+    p_low = float(np.mean(sums <= w_plus + eps))
+    p_high = float(np.mean(sums >= w_plus - eps))
+    return w_plus, min(1.0, 2 * min(p_low, p_high))
+
+
+def sign_test(d) -> tuple[int, int, float]:
+    """``(ahead, behind, two-sided exact binomial p)``; ties (d = 0) are dropped."""
+    d = np.asarray(d, dtype=np.float64)
+    k, n = int((d > 0).sum()), int((d != 0).sum())
+    if n == 0:
+        return 0, 0, 1.0
+    tail = sum(math.comb(n, i) for i in range(0, min(k, n - k) + 1)) / 2 ** n
+    return k, n - k, min(1.0, 2 * tail)
+
+
+def compare(a: dict, b: dict) -> dict:
+    """Paired comparison of two arms given as ``{seed: score}``: over the seeds both have."""
+    seeds = sorted(s for s in a if s in b)
+    d = np.array([a[s] - b[s] for s in seeds], dtype=np.float64)
+    if not len(d):
+        return {"n": 0}
+    mean, lo, hi = mean_ci(d)
+    t, p_t = paired_t(d)
+    w, p_w = wilcoxon_exact(d)
+    ahead, behind, p_sign = sign_test(d)
+    return {"n": len(d), "mean": mean, "ci95": [lo, hi], "t": t, "p_t": p_t, "wilcoxon_w": w, "p_wilcoxon": p_w,
+            "ahead": ahead, "behind": behind, "p_sign": p_sign, "seeds": seeds}

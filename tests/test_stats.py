@@ -1,0 +1,43 @@
+"""The study's paired statistics (lnsr.finetune.stats) against scipy and hand-computed values."""
+import math
+
+import numpy as np
+import pytest
+
+from lnsr.finetune import stats
+
+
+def test_against_scipy():
+    ss = pytest.importorskip("scipy.stats")
+    rng = np.random.default_rng(0)
+    for n in (3, 5, 10, 12):
+        d = rng.normal(0.4, 1.0, n)
+        t, p = stats.paired_t(d)
+        ref = ss.ttest_1samp(d, 0.0)
+        assert (t, p) == pytest.approx((ref.statistic, ref.pvalue), rel=1e-9)
+        m, lo, hi = stats.mean_ci(d)
+        rlo, rhi = ss.t.interval(0.95, n - 1, loc=d.mean(), scale=ss.sem(d))
+        assert (lo, hi) == pytest.approx((rlo, rhi), rel=1e-9)
+        w, pw = stats.wilcoxon_exact(d)
+        assert pw == pytest.approx(ss.wilcoxon(d, method="exact").pvalue, rel=1e-12)
+        assert w == pytest.approx(sum(r for r, x in zip(ss.rankdata(np.abs(d)), d) if x > 0))
+        k = int((d > 0).sum())
+        assert stats.sign_test(d)[2] == pytest.approx(ss.binomtest(k, n).pvalue, rel=1e-12)
+    for df in (1, 2, 4, 9, 30):
+        for q in (0.6, 0.9, 0.975, 0.995):
+            assert stats.t_ppf(q, df) == pytest.approx(ss.t.ppf(q, df), rel=1e-9)
+
+
+def test_hand_values():
+    # all 5 differences positive: W+ = 15, the most extreme of 2^5 sign patterns on each side
+    assert stats.wilcoxon_exact([0.1, 0.2, 0.3, 0.4, 0.5]) == (15.0, 2 / 32)
+    assert stats.sign_test([1, 1, 1, 1, -1]) == (4, 1, 12 / 32)
+    # zeros are dropped; ties get average ranks: |d| = 1, 1, 2 -> ranks 1.5, 1.5, 3; W+ = 1.5 + 3
+    w, p = stats.wilcoxon_exact([1.0, -1.0, 0.0, 2.0])
+    assert w == 4.5 and p == pytest.approx(2 * 3 / 8)  # P(W+ >= 4.5) = 3/8: {4.5, 4.5, 6}
+    t, p = stats.paired_t([1.0, 2.0, 3.0])  # mean 2, sd 1, se 1/sqrt(3)
+    assert t == pytest.approx(2 * math.sqrt(3))
+    assert math.isnan(stats.paired_t([1.0])[0])
+    c = stats.compare({1: 0.8, 2: 0.7, 3: 0.9, 4: 0.5}, {1: 0.7, 2: 0.7, 3: 0.6, 5: 0.1})
+    assert c["n"] == 3 and c["seeds"] == [1, 2, 3] and (c["ahead"], c["behind"]) == (2, 0)
+    assert c["mean"] == pytest.approx((0.1 + 0.0 + 0.3) / 3)
