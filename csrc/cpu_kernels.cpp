@@ -264,6 +264,11 @@ void penalty_grad_chunk(const PenaltyLayer& L, int64_t rows, int64_t r0, int64_t
     const T* nr = noisy + r * H;
     T* gn = g_noisy + r * H;
     T* gc = g_clean + r * H;
+    if (s == 0.f) {  // masked row: zero gradient without reading it (padding may hold anything)
+      std::memset(static_cast<void*>(gn), 0, static_cast<size_t>(H) * sizeof(T));
+      std::memset(static_cast<void*>(gc), 0, static_cast<size_t>(H) * sizeof(T));
+      continue;
+    }
     for (int64_t k = 0; k < H; ++k) gn[k] = from_f<T>(s * (to_f(nr[k]) - to_f(cr[k])));
     if (detach_clean) {
       std::memset(static_cast<void*>(gc), 0, static_cast<size_t>(H) * sizeof(T));  // +0.0 in every dtype

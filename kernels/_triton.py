@@ -174,8 +174,9 @@ def _penalty_fwd_kernel(ref_ptr, delta_ptr, hid_ptr, H_arg, w_ptr, mask_ptr, par
         d = tl.load(base + noffs, mask=ok, other=0.0).to(tl.float32) - c
         acc += d * d
     sq = tl.sum(acc, axis=1)
-    if HAS_MASK:
-        sq = sq * tl.load(mask_ptr + rows, mask=row_ok, other=0.0)
+    if HAS_MASK:  # masked rows contribute nothing, even non-finite ones (padding may hold anything)
+        m = tl.load(mask_ptr + rows, mask=row_ok, other=0.0)
+        sq = tl.where(m != 0, sq * m, 0.0)
     tl.store(partial_ptr + pid, w * tl.sum(sq, axis=0))
 
 
@@ -225,7 +226,7 @@ def _penalty_bwd_kernel(ref_ptr, delta_ptr, gref_ptr, gdelta_ptr, hid_ptr, H_arg
         ok = row_ok[:, None] & ((k0 + cols) < H)[None, :]
         c = tl.load(base + offs, mask=ok, other=0.0)
         d = tl.load(base + noffs, mask=ok, other=0.0).to(tl.float32) - c.to(tl.float32)
-        gn = rcoef[:, None] * d
+        gn = tl.where(rcoef[:, None] != 0, rcoef[:, None] * d, 0.0)  # masked rows: 0, even when non-finite
         tl.store(gbase + noffs, gn.to(c.dtype), mask=ok)
         if DETACH:
             tl.store(gbase + offs, tl.zeros_like(gn).to(c.dtype), mask=ok)

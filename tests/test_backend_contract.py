@@ -265,6 +265,28 @@ def test_layer_penalty_empty_mask_is_zero_with_zero_gradients(bd, gen):
     assert all(torch.count_nonzero(g) == 0 for g in torch.autograd.grad(loss, ys))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_masked_tokens_may_hold_anything(bd, gen, dtype):
+    """Padding may hold NaN/inf: masked tokens add nothing and get an exactly zero gradient."""
+    be, dev = bd
+    ys = [_randn((4, 5, h), dtype, gen, dev) for h in (7, 16)]
+    mask = _mask((2, 5), gen, dev)
+    pad = (mask == 0).repeat(2, 1)  # the masked tokens' rows in both halves
+    bad = []
+    for y in ys:
+        y = y.clone()
+        y[pad] = float("nan")  # the clean copies NaN ...
+        y[2:][mask == 0] = float("inf")  # ... the noisy copies inf
+        bad.append(y.requires_grad_())
+    loss = be.layer_penalty(bad, mask=mask, weights=[1.0, 0.5])
+    xr = [y.clone().requires_grad_() for y in ys]
+    ref = R.layer_penalty(xr, mask=mask, weights=[1.0, 0.5])
+    torch.testing.assert_close(loss, ref.float(), rtol=2e-5, atol=1e-6)
+    for g, gr in zip(torch.autograd.grad(loss, bad), torch.autograd.grad(ref, xr)):
+        assert torch.equal(g[pad], torch.zeros_like(g[pad])) and torch.isfinite(g).all()
+        torch.testing.assert_close(g, gr, **TOL[dtype])
+
+
 def test_layer_penalty_hand_computed(bd):
     # B = 1, T = 2, H = 2.  clean rows (0,0),(1,1); noisy rows (3,4),(1,2): ||d||^2 = 25 and 1.
     be, dev = bd

@@ -191,12 +191,15 @@ def pair_penalty(cleans: Sequence[torch.Tensor], noisys: Sequence[torch.Tensor],
     for j, (clean, noisy) in enumerate(zip(cleans, noisys)):
         if detach_clean:
             clean = clean.detach()
-        sq = (noisy.to(acc) - clean.to(acc)).pow(2).sum(dim=-1)
-        # masked tokens contribute nothing, even when non-finite (padding may hold anything)
+        d = noisy.to(acc) - clean.to(acc)
         if m is None:  # an empty batch gives 0 like an empty mask (N = max(N, 1)), not NaN
+            sq = d.pow(2).sum(dim=-1)
             term = sq.mean() if sq.numel() else sq.sum()
         else:
-            term = torch.where(m != 0, sq * m, 0.0).sum() / n
+            # masked tokens contribute nothing and get a zero gradient, even when non-finite
+            # (padding may hold anything): they are dropped before anything is computed from them
+            d = torch.where((m != 0).unsqueeze(-1), d, 0.0)
+            term = (d.pow(2).sum(dim=-1) * m).sum() / n
         total = total + (1.0 if weights is None else weights[j]) * term
     return total
 
