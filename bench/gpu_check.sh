@@ -6,7 +6,7 @@
 #   2. pytest -m gpu (every GPU test of the project)
 #   3. the kernel benchmark (lnsr backends, torch; then torch-compile in what time is left)
 #   4. a short table, printed last
-# Logs and CSVs go to "$OUT" (default bench/results/gpu_check_<date>) and bench/results/.
+# Logs and CSVs go to "$OUT" (default bench/results/gpu_check_<date>).
 # Each step has a timeout; a failing step is logged and the script goes on.  Total < 8 minutes.
 set -u
 
@@ -14,7 +14,7 @@ START=$(date +%s)
 DEADLINE=$((START + ${GPU_CHECK_BUDGET_S:-480}))   # leaves margin under 9 minutes
 STAMP=$(date +%Y%m%d_%H%M%S)
 OUT="${OUT:-bench/results/gpu_check_$STAMP}"
-mkdir -p "$OUT" bench/results
+mkdir -p "$OUT"
 PY=${PYTHON:-python3}
 SUMMARY="$OUT/summary.txt"
 : > "$SUMMARY"
@@ -68,8 +68,8 @@ grep -E "passed|failed|error|skipped" "$OUT/pytest_gpu.log" | tail -n 3 | tee -a
 
 # 3. kernel benchmark: every lnsr backend and eager torch first (bounded time) ...
 CSV="$OUT/kernels.csv"
-run_step bench_kernels 110 $PY bench/kernels.py --device cuda --dtype bf16,fp32 --kinds relative,gaussian \
-    --no-compile --extra-csv "$CSV"
+run_step bench_kernels 110 $PY -m lnsr.benchmarks.bench_kernels --device cuda --dtype bf16,fp32 \
+    --kinds relative,gaussian --no-compile --csv "$CSV"
 # training step, bf16 autocast: BERT-base B=32 T=128; a 1.1B Llama with activation checkpointing
 STEP_CSV="$OUT/step_gpu.csv"
 run_step bench_step_bert 90 $PY -m lnsr.benchmarks.step --models bert-base --device cuda --batch 32 --seq 128 \
@@ -77,14 +77,14 @@ run_step bench_step_bert 90 $PY -m lnsr.benchmarks.step --models bert-base --dev
 run_step bench_step_llama 100 $PY -m lnsr.benchmarks.step --models llama-1b --device cuda --batch 8 --seq 512 \
     --steps 6 --warmup 2 --best-only --checkpointing --csv "$STEP_CSV"
 # ... then torch.compile of the reference, which may take long to compile: whatever time is left.
-run_step bench_compile 120 $PY bench/kernels.py --device cuda --dtype bf16 --kinds relative \
-    --ops layer_penalty,perturb --providers torch-compile --extra-csv "$CSV"
+run_step bench_compile 120 $PY -m lnsr.benchmarks.bench_kernels --device cuda --dtype bf16 --kinds relative \
+    --ops layer_penalty,perturb --providers torch-compile --csv "$CSV"
 
 # 4. the table, last
 note "done in $(($(date +%s) - START))s; logs in $OUT"
 for f in "$OUT"/bench_step_*.log; do [ -f "$f" ] && grep -A 12 "^model" "$f"; done
 if [ -s "$CSV" ]; then
-    $PY bench/kernels.py --summary "$CSV" 2>&1 | tee "$OUT/table.txt"
+    $PY -m lnsr.benchmarks.bench_kernels --summary "$CSV" 2>&1 | tee "$OUT/table.txt"
 else
     echo "no benchmark rows (see $OUT/bench_kernels.log)"
 fi

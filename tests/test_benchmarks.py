@@ -1,4 +1,11 @@
-"""The step benchmark measures what it says (tiny model, one step per case)."""
+"""The benchmarks measure what they say (tiny model, one step per case), and the tools' layers
+point one way (core <- tools <- scripts), run nothing at import and write where they are told."""
+import ast
+import os
+import pathlib
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -63,3 +70,109 @@ def test_run_times_a_baseline_once_per_model():
                     methods=["plain", "r3f"], log=logged.append)
     assert [(r["method"], r["inject_at_spec"]) for r in rows] == [("plain", "0"), ("r3f", "0"), ("plain", "half")]
     assert "error" not in rows[1] and len(logged) == 2
+
+
+def test_baselines_come_from_the_method_entry_points():
+    """The step benchmark finds the baselines through the ``lnsr.methods`` entry points (setup.py),
+    the same classes as the fine-tuning tool's registry, without importing that tool itself."""
+    from lnsr.finetune import METHODS
+
+    for name in step.BASELINES:
+        assert step.method_class(name) is METHODS[name]
+    with pytest.raises(SystemExit, match="no method 'nope'"):
+        step.method_class("nope")
+
+
+# -- the layers of the tools: one way, nothing at import, results where the user says ----------
+
+REPO = pathlib.Path(__file__).resolve().parent.parent
+
+
+def _imports(path):
+    """``{module: names}`` of a Python file's import statements (relative modules made absolute;
+    ``import a.b`` gives ``{"a.b": set()}``)."""
+    tree = ast.parse(path.read_text(), str(path))
+    pkg = ".".join(path.relative_to(REPO).with_suffix("").parts[:-1]) if REPO / "lnsr" in path.parents else ""
+    out = {}
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            for a in node.names:
+                out.setdefault(a.name, set())
+        elif isinstance(node, ast.ImportFrom):
+            mod = node.module or ""
+            if node.level:
+                parts = pkg.split(".")[: len(pkg.split(".")) - node.level + 1]
+                mod = ".".join(parts + ([node.module] if node.module else []))
+            out.setdefault(mod, set()).update(a.name for a in node.names)
+    return out
+
+
+def test_core_never_imports_the_tools():
+    code = ("import sys, lnsr, lnsr.ops, lnsr.kernels, lnsr.integrations\n"
+            "from lnsr.ops import dispatch\n"
+            "dispatch.available_backends()\n"
+            "bad = sorted(m for m in sys.modules if m.startswith(('lnsr.finetune', 'lnsr.benchmarks', 'lnsr.utils')))\n"
+            "assert not bad, bad\n")
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-2000:]
+
+
+def test_benchmarks_do_not_import_finetune():
+    for path in (REPO / "lnsr" / "benchmarks").glob("*.py"):
+        named = {f"{m}.{n}" for m, names in _imports(path).items() for n in names} | set(_imports(path))
+        assert not any(m.startswith("lnsr.finetune") for m in named), path
+
+
+def test_scripts_use_the_public_api_without_path_games():
+    public = {"lnsr", "lnsr.ops", "lnsr.finetune", "lnsr.integrations", "lnsr.utils.machine"}
+    scripts = [REPO / "examples" / "train_loop.py", REPO / "examples" / "accelerate_lora.py",
+               *(REPO / "bench").glob("*.py"), REPO / "setup.py"]
+    for path in scripts:
+        text = path.read_text()
+        assert "sys.path" not in text, path
+        mods = {m for m in _imports(path) if m == "lnsr" or m.startswith("lnsr.")}
+        assert mods <= public, (path, mods - public)  # names taken from a public module are fine
+
+
+def test_nothing_runs_or_exits_at_import():
+    """Importing a tool module with arguments it would reject prints nothing and exits with 0."""
+    mods = ("lnsr.benchmarks", "lnsr.benchmarks.bench_kernels", "lnsr.benchmarks.step", "lnsr.benchmarks.common",
+            "lnsr.utils.machine", "lnsr.kernels.aot_check")
+    code = "import sys; sys.argv = ['x', '--summary', '/nonexistent.csv', '--bogus']\n" + \
+        "".join(f"import {m}\n" for m in mods)
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0 and res.stdout == "", res.stdout + res.stderr[-2000:]
+
+
+def test_results_default_to_the_current_directory(tmp_path, monkeypatch):
+    import lnsr.benchmarks as bench
+    from lnsr.benchmarks import bench_kernels
+
+    assert bench_kernels.parse_args([]).csv == "kernels.csv"
+    seen = {}
+    monkeypatch.setattr(bench_kernels, "run_in_subprocess", lambda argv: seen.setdefault("argv", argv) and 0)
+    monkeypatch.chdir(tmp_path)
+    bench.main(["--only", "kernels", "--device", "cpu", "--quick"])
+    assert seen["argv"][seen["argv"].index("--csv") + 1] == os.path.join(".", "kernels.csv")
+    assert list(tmp_path.iterdir()) == []  # nothing else written
+
+
+def test_machine_description_and_timing():
+    from lnsr.utils import machine
+
+    assert machine.cpu_name() and str(os.cpu_count()) in machine.device_name("cpu")
+    env = machine.environment("cpu")
+    assert env["torch"] == torch.__version__ and env["device_name"] == machine.device_name("cpu")
+    calls = []
+    ms = machine.median_ms(lambda: calls.append(1), "cpu", budget_s=0.0, min_reps=3)
+    assert ms >= 0 and len(calls) == 4  # one warm-up, three timed
+    res = machine.interleaved_ms({"a": lambda: calls.append("a"), "b": lambda: calls.append("b")}, reps=2)
+    assert set(res) == {"a", "b"} and all(med >= mn >= 0 for med, mn in res.values())
+    assert calls[4:] == ["a", "b", "a", "b", "a", "b"]  # warm-up, then taking turns
+
+
+def test_runner_import_of_cpu_name_still_works():
+    from lnsr.benchmarks.common import cpu_name
+    from lnsr.utils.machine import cpu_name as shared
+
+    assert cpu_name is shared

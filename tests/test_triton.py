@@ -202,9 +202,9 @@ def test_kernels_compile_for_sm90_without_a_gpu():
     import sys
 
     pytest.importorskip("triton.backends.nvidia.compiler")
-    script = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench", "triton_aot_check.py")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    res = subprocess.run([sys.executable, script], env=env, capture_output=True, text=True, timeout=300)
+    res = subprocess.run([sys.executable, "-m", "lnsr.kernels.aot_check"], env=env, capture_output=True, text=True,
+                         timeout=300)
     if res.returncode and "ptxas" in res.stderr and "not found" in res.stderr:
         pytest.skip("no ptxas in this Triton install")
     assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-3000:]

@@ -3,9 +3,11 @@
     lnsr bench --quick              # < 3 minutes on a 2-core CPU: a small kernel and step table
     lnsr bench                      # the full tables for the device (CPU here, GPU when present)
 
-Prints the tables, appends rows to CSVs under ``--out`` (default ``bench/results`` of a source
-checkout, else ``./lnsr-bench``) and draws a PNG of step time and peak memory per case.  It
-downloads nothing: models are built from configurations (the packaged MiniLM when installed).
+Prints the tables, appends rows to CSVs under ``--out`` (default: the current directory) and
+draws a PNG of step time and peak memory per case.  It downloads nothing: models are built from
+configurations (the packaged MiniLM when installed).  The kernel benchmark is
+``lnsr.benchmarks.bench_kernels``, the step benchmark ``lnsr.benchmarks.step``; machine names and
+timing come from ``lnsr.utils.machine``.
 """
 from __future__ import annotations
 
@@ -15,13 +17,7 @@ import os
 
 import torch
 
-_REPO = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
-
-
-def default_out() -> str:
-    if os.path.isdir(os.path.join(_REPO, "bench", "results")):
-        return os.path.join(_REPO, "bench", "results")
-    return os.path.abspath("lnsr-bench")
+from ..utils.machine import device_name
 
 
 def _has_minilm() -> bool:
@@ -50,7 +46,6 @@ def plot_steps(rows: list[dict], path: str) -> str | None:
     axes[1].set_ylabel("peak memory (MB)")
     axes[1].set_xticks(range(len(rows)))
     axes[1].set_xticklabels(labels, rotation=90, fontsize=7)
-    from .common import device_name
     fig.suptitle(f"lnsr training step, {device_name(rows[0]['device'])}")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -65,7 +60,7 @@ def main(argv=None) -> int:
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--only", choices=("kernels", "step"), default=None)
     ap.add_argument("--models", nargs="+", default=None, help="step benchmark models (see lnsr.benchmarks.step)")
-    ap.add_argument("--out", default=None, help="folder for CSVs and the PNG")
+    ap.add_argument("--out", default=".", help="folder for CSVs and the PNG (default: the current directory)")
     ap.add_argument("--batch", type=int, default=None, help="step benchmark batch (default: 32 GPU, 16 CPU, 8 quick)")
     ap.add_argument("--seq", type=int, default=None, help="step benchmark sequence length (default 128, 64 quick)")
     ap.add_argument("--steps", type=int, default=None, help="timed steps per case")
@@ -74,15 +69,15 @@ def main(argv=None) -> int:
     ap.add_argument("--baselines", action="store_true",
                     help="also time the papers' baselines (l2sp, mixout, r3f, smart) in the step benchmark")
     args = ap.parse_args(argv)
-    out = args.out or default_out()
+    out = args.out
     os.makedirs(out, exist_ok=True)
     tag = "gpu" if args.device.startswith("cuda") else "cpu"
     if args.only in (None, "kernels"):
-        from . import kernels
-        print("== kernels ==")
+        from . import bench_kernels
+        print("== kernels ==", flush=True)  # (before the child process prints)
         kargv = ["--device", args.device, "--csv", os.path.join(out, "kernels.csv")]
         kargv += ["--quick"] if args.quick else ["--threads", "1"] if args.device == "cpu" else []
-        kernels.main(kargv)
+        bench_kernels.run_in_subprocess(kargv)
     if args.only in (None, "step"):
         from . import step
         from .common import append_csv

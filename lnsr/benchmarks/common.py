@@ -1,41 +1,16 @@
-"""What every benchmark records beside its numbers: the machine, the versions, the date."""
+"""The benchmarks' CSV files: rows with the machine, the versions and the date beside the numbers.
+
+The machine description itself lives in ``lnsr.utils.machine`` (shared by every tool);
+``cpu_name``, ``device_name`` and ``environment`` are re-exported here for older imports.
+"""
 from __future__ import annotations
 
 import csv
 import os
-import platform
-from datetime import datetime, timezone
 
-import torch
+from ..utils.machine import cpu_name, device_name, environment
 
-
-def cpu_name() -> str:
-    """The processor's model name (``/proc/cpuinfo``), else what ``platform`` knows."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def device_name(device: str) -> str:
-    if str(device).startswith("cuda") and torch.cuda.is_available():
-        return torch.cuda.get_device_name()
-    return f"{cpu_name()} ({os.cpu_count()} cores)"
-
-
-def environment(device: str) -> dict:
-    try:
-        import triton
-        triton_version = triton.__version__
-    except ImportError:
-        triton_version = ""
-    import transformers
-    return {"date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M"), "device_name": device_name(device),
-            "torch": torch.__version__, "triton": triton_version, "transformers": transformers.__version__}
+__all__ = ["append_csv", "cpu_name", "device_name", "environment"]
 
 
 def append_csv(path: str, rows: list[dict], *, kind: str) -> None:

@@ -5,8 +5,9 @@ Cases, for each model and ``inject_at`` in {0, L/2}:
   two-pass      the obvious eager implementation (``lnsr.twopass``: a clean pass, a noisy pass
                 restarted at block k, a Python loop of masked squared errors)
   lnsr-<name>   ``lnsr.LNSR`` with each backend present on the device
-  l2sp, mixout, r3f, smart   with ``--baselines``: the papers' baselines (``lnsr.finetune.baselines``,
-                their default options), timed once per model (they have no injection point)
+  l2sp, mixout, r3f, smart   with ``--baselines``: the papers' baselines, timed once per model
+                (they have no injection point) with their default options; any method that an
+                installed tool registers (``method_class``) can be timed by name the same way
 
 Each case runs in its own child process, so that the peak RSS on CPU belongs to that case
 alone; on a GPU peak memory is ``torch.cuda.max_memory_allocated``.  Step time is the median
@@ -17,6 +18,7 @@ branch it must compute.
 from __future__ import annotations
 
 import argparse
+import importlib.metadata
 import json
 import os
 import resource
@@ -29,6 +31,22 @@ import torch
 
 MODELS = ("bert-base", "minilm", "llama-small", "llama-1b", "tiny-bert")
 BASELINES = ("l2sp", "mixout", "r3f", "smart")
+# Entry-point group through which installed tools offer regularisation methods: each entry is a
+# registry {name: class} (setup.py registers lnsr.finetune's).  The benchmark depends on the
+# protocol (DEFAULTS, attach, extra_loss, detach), not on the tool that implements it.
+METHOD_ENTRY_POINTS = "lnsr.methods"
+
+
+def method_class(name: str):
+    """The class of a method named ``name`` in a registry of the ``lnsr.methods`` entry points."""
+    registries = importlib.metadata.entry_points(group=METHOD_ENTRY_POINTS)
+    for ep in registries:
+        registry = ep.load()
+        if name in registry:
+            return registry[name]
+    found = sorted({n for ep in registries for n in ep.load()})
+    raise SystemExit(f"no method {name!r} among the installed lnsr methods ({', '.join(found) or 'none'}); the "
+                     f"baselines come with lnsr's own entry points: reinstall with `pip install -e .`")
 
 
 def build_model(name: str):
@@ -108,8 +126,8 @@ def run_case(spec: dict) -> dict:
         backend, extra = parse_lnsr_method(method)
         reg = lnsr.LNSR(model, sigma=0.05, inject_at=k, lam=0.01, backend=backend, **extra)
     elif method in BASELINES:
-        from lnsr.finetune import METHODS
-        baseline = METHODS[method](**METHODS[method].DEFAULTS)
+        cls = method_class(method)
+        baseline = cls(**cls.DEFAULTS)
         baseline.attach(model)
     amp = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
 

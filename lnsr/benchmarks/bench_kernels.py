@@ -1,18 +1,19 @@
 """Kernel microbenchmark: perturb and layer_penalty, every backend against the torch reference.
 
-    python bench/kernels.py                    # the device's default shapes (CUDA if present)
-    python bench/kernels.py --device cpu --quick   # tiny shape; Triton runs under the interpreter
-    lnsr bench --only kernels                  # the same, through the CLI
+    python -m lnsr.benchmarks.bench_kernels                        # the device's default shapes
+    python -m lnsr.benchmarks.bench_kernels --device cpu --quick   # tiny shape; Triton interpreted
+    lnsr bench --only kernels                                      # the same, through the CLI
 
-A script, not a library module: it reads its arguments and sets TRITON_INTERPRET (CPU) before
-any kernel module is imported, so it always runs in a process of its own
-(``lnsr.benchmarks.kernels.main`` starts one).
+``main(argv)`` sets TRITON_INTERPRET (on the CPU) before any backend is loaded, which only works
+in a process that has not loaded the Triton kernels yet: ``run_in_subprocess(argv)`` starts one
+(``lnsr bench`` does; it also keeps the setting out of the step benchmark's processes).
+Importing this module runs nothing.
 
 Providers: ``lnsr-<backend>`` for every non-reference backend that loads on the device (so
 lnsr-triton, lnsr-cuda, lnsr-cpu appear by themselves), ``torch`` (lnsr.ops.reference) and
 ``torch-compile`` (torch.compile of the reference).  Bytes count each input read once and each
 output written once; the fraction is of the device-to-device copy bandwidth measured in the same
-run (bytes read + bytes written).  Rows are appended to bench/results/kernels.csv.
+run (bytes read + bytes written).  Rows are appended to ``--csv`` (default ./kernels.csv).
 """
 from __future__ import annotations
 
@@ -21,9 +22,13 @@ import csv
 import datetime as _dt
 import math
 import os
-import statistics
+import subprocess
 import sys
-import time
+
+import torch
+
+import lnsr
+from lnsr.utils import machine
 
 DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
 # (name, batch, seq, hidden): BERT-base up to a 7B decoder's hidden size.
@@ -47,7 +52,7 @@ def parse_args(argv=None):
                    help="also torch.compile the reference perturb on CPU (takes > 10 minutes on 2 cores)")
     p.add_argument("--threads", type=int, default=None,
                    help="torch CPU threads (1 gives stable numbers on a shared machine)")
-    p.add_argument("--csv", default=None, help="append rows here (default: <results folder>/kernels.csv)")
+    p.add_argument("--csv", default="kernels.csv", help="append rows here (default: ./kernels.csv)")
     p.add_argument("--extra-csv", default=None, help="also append the rows here (e.g. $OUT/kernels.csv)")
     p.add_argument("--summary", default=None, metavar="CSV",
                    help="only print a side-by-side table of the rows in CSV (e.g. of several runs) and exit")
@@ -84,86 +89,54 @@ def summary(path):
         print(line)
 
 
-ARGS = parse_args()
-if ARGS.summary:
-    summary(ARGS.summary)
-    sys.exit(0)
-DEVICE = ARGS.device or ("cuda" if __import__("torch").cuda.is_available() else "cpu")
-if DEVICE == "cpu":
-    # Lets lnsr-triton run on CPU tensors (tiny shapes only); must precede any kernel definition.
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-
-import torch  # noqa: E402
-
-import lnsr  # noqa: E402
-from lnsr.benchmarks import common, default_out  # noqa: E402
-
-if ARGS.csv is None:
-    ARGS.csv = os.path.join(default_out(), "kernels.csv")
-from lnsr.ops import reference  # noqa: E402
-from lnsr.ops.dispatch import available_backends, resolve_backend  # noqa: E402
-
-try:
-    import triton
-    import triton.testing
-except ImportError:  # the torch providers still run
-    triton = None
-
-
-# --------------------------------------------------------------------------------------------- timing
-
-def timeit(fn, device) -> float:
-    """Median milliseconds of fn()."""
-    if device == "cuda" and triton is not None:
-        return float(triton.testing.do_bench(fn, warmup=25, rep=100 if ARGS.quick else 200, return_mode="median"))
-    fn()  # warm-up (and compilation)
+def timeit(fn, device, quick: bool) -> float:
+    """Median milliseconds of fn(): Triton's do_bench on a GPU (L2 flushed), else wall time."""
     if device == "cuda":
-        torch.cuda.synchronize()
-    times, budget, t_start = [], (0.5 if ARGS.quick else 2.0), time.perf_counter()
-    while len(times) < 3 or (time.perf_counter() - t_start < budget and len(times) < 50):
-        t0 = time.perf_counter()
-        fn()
-        if device == "cuda":
-            torch.cuda.synchronize()
-        times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times)
+        try:
+            import triton.testing
+            return float(triton.testing.do_bench(fn, warmup=25, rep=100 if quick else 200, return_mode="median"))
+        except ImportError:
+            pass
+    return machine.median_ms(fn, device, budget_s=0.5 if quick else 2.0)
 
 
-def copy_bandwidth(device) -> float:
+def copy_bandwidth(device, quick: bool) -> float:
     """Device-to-device copy bandwidth in GB/s, counting bytes read + bytes written."""
     n = (1 << 28) if device == "cuda" else (1 << 25)  # 1 GiB / 128 MiB of fp32
     src = torch.empty(n, dtype=torch.float32, device=device).fill_(1.0)
     dst = torch.empty_like(src)
-    ms = timeit(lambda: dst.copy_(src), device)
+    ms = timeit(lambda: dst.copy_(src), device, quick)
     return 2 * src.numel() * 4 / ms / 1e6
 
 
 def device_name(device) -> str:
     if device == "cuda":
-        return common.device_name(device)
-    return f"cpu ({common.cpu_name()}, {os.cpu_count()} threads, torch {torch.get_num_threads()})"
+        return machine.device_name(device)
+    return f"cpu ({machine.cpu_name()}, {os.cpu_count()} threads, torch {torch.get_num_threads()})"
 
 
-def providers(device):
+def providers(device, args):
+    from lnsr.ops import available_backends, reference, resolve_backend
+
     out = {}
     for name in available_backends(device):
         if name != "torch":
             impl = resolve_backend(name, device)
             out[f"lnsr-{name}"] = (impl.perturb, impl.layer_penalty)
     out["torch"] = (reference.perturb, reference.layer_penalty)
-    if not ARGS.no_compile:
+    if not args.no_compile:
         out["torch-compile"] = (torch.compile(reference.perturb, dynamic=False),
                                 torch.compile(reference.layer_penalty, dynamic=False))
-    if ARGS.providers:
-        keep = set(ARGS.providers.split(","))
+    if args.providers:
+        keep = set(args.providers.split(","))
         out = {k: v for k, v in out.items() if k in keep}
     return out
 
 
-def cases(device, dtypes, shapes):
+def cases(device, dtypes, shapes, args):
     """(op, pass, label, dtype, fn builder, bytes) for every case."""
-    kinds = ARGS.kinds.split(",")
-    ops = ARGS.ops.split(",")
+    kinds = args.kinds.split(",")
+    ops = args.ops.split(",")
     for dtype in dtypes:
         esize = torch.empty((), dtype=dtype).element_size()
         for sname, b, t, hid in shapes:
@@ -206,17 +179,28 @@ def cases(device, dtypes, shapes):
 
 # --------------------------------------------------------------------------------------------- main
 
-def main():
-    device = DEVICE
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    if args.summary:
+        summary(args.summary)
+        return 0
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cpu":
+        # Lets lnsr-triton run on CPU tensors (tiny shapes only); must precede loading the backend.
+        os.environ.setdefault("TRITON_INTERPRET", "1")
     if device == "cuda" and not torch.cuda.is_available():
-        sys.exit("--device cuda but torch sees no CUDA device")
-    dtypes = [getattr(torch, DTYPES[d]) for d in (ARGS.dtype or ("bf16" if device == "cuda" else "fp32")).split(",")]
-    shapes = SHAPES_QUICK if ARGS.quick else SHAPES_GPU if device == "cuda" else SHAPES_CPU
-    if ARGS.threads:
-        torch.set_num_threads(ARGS.threads)
-    provs = providers(device)
+        raise SystemExit("--device cuda but torch sees no CUDA device")
+    try:
+        import triton
+    except ImportError:  # the torch providers still run
+        triton = None
+    dtypes = [getattr(torch, DTYPES[d]) for d in (args.dtype or ("bf16" if device == "cuda" else "fp32")).split(",")]
+    shapes = SHAPES_QUICK if args.quick else SHAPES_GPU if device == "cuda" else SHAPES_CPU
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    provs = providers(device, args)
     name = device_name(device)
-    copy_gbs = copy_bandwidth(device)
+    copy_gbs = copy_bandwidth(device, args.quick)
     versions = dict(torch=torch.__version__, triton=getattr(triton, "__version__", "-"), lnsr=lnsr.__version__)
     date = _dt.datetime.now().isoformat(timespec="seconds")
     print(f"# {name} | copy bandwidth {copy_gbs:.1f} GB/s (read+write) | torch {versions['torch']} "
@@ -224,7 +208,7 @@ def main():
 
     fields = ["date", "device", "torch", "triton", "op", "pass", "shape", "dtype", "provider", "median_ms",
               "GBps", "frac_copy", "copy_GBps", "speedup_vs_torch", "note"]
-    paths = [p for p in (ARGS.csv, ARGS.extra_csv) if p]
+    paths = [p for p in (args.csv, args.extra_csv) if p]
     for p in paths:
         os.makedirs(os.path.dirname(os.path.abspath(p)), exist_ok=True)
 
@@ -238,20 +222,20 @@ def main():
                 w.writerows(rows)
 
     table = []
-    for op, pas, label, dtype, elems, build, nbytes in cases(device, dtypes, shapes):
+    for op, pas, label, dtype, elems, build, nbytes in cases(device, dtypes, shapes, args):
         res = {}
         for prov, (pt, pl) in provs.items():
             note = ""
             if prov == "lnsr-triton" and device == "cpu" and elems > INTERPRETER_MAX_ELEMS:
                 res[prov] = (math.nan, "skipped: interpreter")
                 continue
-            if prov == "torch-compile" and device == "cpu" and op == "perturb" and not ARGS.compile_perturb_cpu:
+            if prov == "torch-compile" and device == "cpu" and op == "perturb" and not args.compile_perturb_cpu:
                 # Inductor spends > 10 minutes on the reference's integer Philox on a 2-core CPU.
                 res[prov] = (math.nan, "skipped: compile too slow on CPU (--compile-perturb-cpu)")
                 continue
             try:
                 fn = build(pt, pl, pas == "fwd+bwd")
-                ms = timeit(fn, device)
+                ms = timeit(fn, device, args.quick)
                 if prov == "lnsr-triton" and device == "cpu":
                     note = "interpreter"
             except Exception as exc:  # one failing provider must not end the run
@@ -283,7 +267,13 @@ def main():
             print(f"{op:<14}{pas:<8}{label:<32}{dt:<9}{prov:<15}{ms:>10.3f}{gbs:>9.3g}{100 * gbs / copy_gbs:>6.0f}%"
                   f"{base / ms:>9.2f}{comp / ms:>10.2f}  {note}")
     print(f"\nrows appended to {', '.join(paths)}")
+    return 0
+
+
+def run_in_subprocess(argv=None) -> int:
+    """``main(argv)`` in a fresh Python process (see the module docstring); its exit code."""
+    return subprocess.run([sys.executable, "-m", "lnsr.benchmarks.bench_kernels", *(argv or [])]).returncode
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

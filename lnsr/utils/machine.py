@@ -1,0 +1,87 @@
+"""The machine a tool runs on, and how long things take there: one module for every tool.
+
+``cpu_name`` / ``device_name`` / ``environment`` describe the machine (what each result file
+records beside its numbers); ``synchronize``, ``median_ms`` and ``interleaved_ms`` time code.
+"""
+from __future__ import annotations
+
+import os
+import platform
+import statistics
+import time
+from datetime import datetime, timezone
+from typing import Callable
+
+import torch
+
+
+def cpu_name() -> str:
+    """The processor's model name (``/proc/cpuinfo``), else what ``platform`` knows."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def device_name(device) -> str:
+    """The GPU's name for a CUDA device, else the CPU's model name and core count."""
+    if str(device).startswith("cuda") and torch.cuda.is_available():
+        return torch.cuda.get_device_name(torch.device(device))
+    return f"{cpu_name()} ({os.cpu_count()} cores)"
+
+
+def environment(device) -> dict:
+    """Date (UTC), device name and the versions that decide the numbers."""
+    try:
+        import triton
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = ""
+    try:
+        import transformers
+        transformers_version = transformers.__version__
+    except ImportError:
+        transformers_version = ""
+    return {"date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M"), "device_name": device_name(device),
+            "torch": torch.__version__, "triton": triton_version, "transformers": transformers_version}
+
+
+def synchronize(device) -> None:
+    """Wait for the device's queued work (a no-op on the CPU), so that wall time means run time."""
+    if str(device).startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def median_ms(fn: Callable[[], object], device="cpu", *, budget_s: float = 2.0, min_reps: int = 3,
+              max_reps: int = 50) -> float:
+    """Median milliseconds of ``fn()`` after one warm-up call (which also compiles): at least
+    ``min_reps`` timed calls, then more while ``budget_s`` lasts, at most ``max_reps``."""
+    fn()
+    synchronize(device)
+    times, start = [], time.perf_counter()
+    while len(times) < min_reps or (time.perf_counter() - start < budget_s and len(times) < max_reps):
+        t0 = time.perf_counter()
+        fn()
+        synchronize(device)
+        times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times)
+
+
+def interleaved_ms(fns: dict[str, Callable[[], object]], reps: int, device="cpu") -> dict[str, tuple[float, float]]:
+    """``{name: (median, min)}`` milliseconds per callable.  The callables take turns, rep by rep,
+    so that load from other jobs on a shared machine hits all of them alike."""
+    for f in fns.values():
+        f()  # warm-up
+    synchronize(device)
+    times = {k: [] for k in fns}
+    for _ in range(reps):
+        for k, f in fns.items():
+            t0 = time.perf_counter()
+            f()
+            synchronize(device)
+            times[k].append(time.perf_counter() - t0)
+    return {k: (1e3 * statistics.median(v), 1e3 * min(v)) for k, v in times.items()}
