@@ -118,43 +118,123 @@ def test_lora_adapters_only_and_gradients_match_the_definition():
         assert torch.equal(merged_keys[k], v), k
 
 
-@pytest.mark.slow
-def test_torch_compile_trains_like_eager():
+def _compiled_run(fullgraph, steps=3):
+    """Train a tiny BERT through torch.compile (aot_eager) with LNSR attached to the compiled
+    module; ``(losses and penalties per step, unique graphs after each step, graph breaks)``."""
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
     inputs = batch("bert")
-    losses = {}
-    for compiled in (False, True):
-        model = build("bert", layers=2, seed=4)
-        model.train()
-        target = torch.compile(model, backend="aot_eager") if compiled else model
-        opt = torch.optim.SGD(model.parameters(), lr=0.1)
-        reg = lnsr.LNSR(target, sigma=0.1, inject_at=0, lam=0.5)
+    model = build("bert", layers=2, seed=4)
+    model.train()
+    target = torch.compile(model, backend="aot_eager", fullgraph=fullgraph)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    vals, graphs = [], []
+    with lnsr.LNSR(target, sigma=0.1, inject_at=0, lam=0.5) as reg:
         torch.manual_seed(0)
-        vals = []
-        for _ in range(3):
+        for _ in range(steps):
             out = target(**inputs)
             loss = out.loss + reg.loss
             opt.zero_grad()
             loss.backward()
             opt.step()
             vals.append((out.loss.item(), reg.penalty.item()))
-        reg.remove()
-        losses[compiled] = vals
-    for (l0, p0), (l1, p1) in zip(losses[False], losses[True]):
-        assert l0 == pytest.approx(l1, rel=1e-4) and p0 == pytest.approx(p1, rel=1e-4)
+            graphs.append(counters["stats"]["unique_graphs"])
+    return vals, graphs, sum(counters["graph_break"].values())
 
 
-def test_accelerate_lora_example_runs_on_a_tiny_llama():
+def _eager_run(steps=3):
+    inputs = batch("bert")
+    model = build("bert", layers=2, seed=4)
+    model.train()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    vals = []
+    with lnsr.LNSR(model, sigma=0.1, inject_at=0, lam=0.5) as reg:
+        torch.manual_seed(0)
+        for _ in range(steps):
+            out = model(**inputs)
+            loss = out.loss + reg.loss
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            vals.append((out.loss.item(), reg.penalty.item()))
+    return vals
+
+
+@pytest.fixture(scope="module")
+def compiled_run():
+    return _compiled_run(fullgraph=False, steps=4)
+
+
+@pytest.mark.slow
+def test_torch_compile_trains_like_eager_without_graph_breaks(compiled_run):
+    """The model is compiled (graphs captured, no graph break) and trains as in eager mode."""
+    vals, graphs, breaks = compiled_run
+    assert graphs[0] >= 1 and breaks == 0  # Dynamo captured the forward; nothing fell back to eager
+    for (l0, p0), (l1, p1) in zip(_eager_run(steps=4), vals):
+        assert l1 == pytest.approx(l0, rel=1e-5) and p1 == pytest.approx(p0, rel=1e-5)
+
+
+@pytest.mark.slow
+@pytest.mark.xfail(strict=True, reason="issue #14: the block pre-hook's identity lookup (id(x) in the doubling "
+                                       "cache) is guarded on, so every step compiles a new graph")
+def test_torch_compile_does_not_recompile_every_step(compiled_run):
+    _, graphs, _ = compiled_run
+    assert graphs[-1] == graphs[1]  # no new graph after the second step
+
+
+@pytest.mark.slow
+@pytest.mark.xfail(strict=True, raises=torch._dynamo.exc.Unsupported,
+                   reason="issue #14: the identity lookup (id(x) in the doubling cache) cannot be traced in one graph")
+def test_torch_compile_fullgraph():
+    vals, _, breaks = _compiled_run(fullgraph=True, steps=2)
+    assert breaks == 0
+    for (l0, p0), (l1, p1) in zip(_eager_run(steps=2), vals):
+        assert l1 == pytest.approx(l0, rel=1e-5) and p1 == pytest.approx(p0, rel=1e-5)
+
+
+def test_accelerate_lora_example_equals_the_two_pass_definition():
+    """examples/accelerate_lora.py --tiny (LoRA, gradient checkpointing, noisy_fraction 0.5, every 2)
+    against a hand loop over the same model, data and optimiser whose penalty is the two-pass
+    definition on the noisy rows, without checkpointing: the same final loss."""
     pytest.importorskip("accelerate")
-    pytest.importorskip("peft")
+    peft = pytest.importorskip("peft")
     import importlib.util
+    import math
     import os
+
+    import transformers as tf
 
     path = os.path.join(os.path.dirname(__file__), "..", "examples", "accelerate_lora.py")
     spec = importlib.util.spec_from_file_location("accelerate_lora", path)
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
-    loss = mod.main(["--tiny", "--steps", "6", "--noisy-fraction", "0.5", "--every", "2", "--checkpointing"])
-    assert 0 < loss < 10
+    steps, bs, every, fraction, lam = 6, 8, 2, 0.5, 3000.0  # large enough to move the final loss
+    final = mod.main(["--tiny", "--steps", str(steps), "--noisy-fraction", str(fraction), "--every", str(every),
+                      "--checkpointing", "--batch-size", str(bs), "--lam", str(lam)])
+
+    # the hand loop: what the example does, with LNSR replaced by its definition
+    torch.manual_seed(0)
+    cfg = tf.LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
+                         num_attention_heads=4, num_key_value_heads=2)
+    model = peft.get_peft_model(tf.LlamaForCausalLM(cfg), peft.LoraConfig(
+        r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM"))
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=2e-4)
+    model.train()
+    m = math.ceil(fraction * bs)
+    for step in range(steps):
+        ids = torch.randint(0, 128, (bs, 16), generator=torch.Generator().manual_seed(step * 100))
+        enc = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+        loss = task = model(**enc, labels=ids).loss
+        if step % every == 0:  # LNSR's seed draw comes first in its forward; nothing else draws here
+            seed = lnsr.regularizer._draw_seed()
+            _, p_def = two_pass(model, {k: v[bs - m:] for k, v in enc.items()}, seed=seed, sigma=0.05, inject_at=0)
+            loss = task + lam * p_def
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+    assert final == pytest.approx(task.item(), rel=1e-6)  # without the penalty: 1.5e-5 off
 
 
 def test_fp16_autocast_with_grad_scaler():
