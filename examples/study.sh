@@ -12,6 +12,8 @@
 # Runs are resumable (finished runs are skipped, killed runs restart from their checkpoint); each
 # run's JSON lands under $OUT as it finishes. DATA: GLUE-format folder (default ../shared/data);
 # OUT: run records (default docs/runs/study); MODELS: saved seed-1 models (default runs/study_models).
+# JOBS: runs at once (default 1; each gets THREADS torch threads, default: all cores / JOBS). On a
+# 2-core CPU two one-thread runs finish more work per hour than one two-thread run.
 set -euo pipefail
 DATA=${DATA:-../shared/data}
 OUT=${OUT:-docs/runs/study}
@@ -21,10 +23,12 @@ PY=${PYTHON:-python}
 HERE=$(cd "$(dirname "$0")" && pwd)
 REGIMES_ALL="mrpc1k sst2-1k rte1k rte"
 SEEDS_FINAL="1 2 3 4 5 6 7 8 9 10"
+JOBS=${JOBS:-1}
+THREADS=${THREADS:-$(( $(nproc) / JOBS > 0 ? $(nproc) / JOBS : 1 ))}
 # fixed for every arm: batch 16, max length 128 (dynamic padding), warm-up 10%, weight decay 0.01,
 # clipping 1.0, bf16 autocast, scores of the last epoch; checkpoints at epoch ends
 COMMON="--data-dir $DATA --batch-size 16 --max-length 128 --warmup-ratio 0.1 --weight-decay 0.01 --bf16 \
-  --no-progress --checkpoint-every 0"
+  --no-progress --checkpoint-every 0 --threads $THREADS"
 
 regime_args() {  # task and training-set size of a regime
   case "$1" in
@@ -40,45 +44,56 @@ holdout_args() {  # SST-2's held-out 20% is 13,470 sentences: its first 2000 (a 
 }
 recipe_of() { $PY "$HERE/study.py" --runs "$OUT" recipe-choice "$1"; }   # prints "--lr X --epochs Y"
 
+# Each stage lists its runs, one `lnsr finetune` command per (seed, arm), seeds outer, and runs them
+# JOBS at a time; `lnsr tune` afterwards only ranks (its runs are finished, so it skips them).
+run_queue() { tr '\n' '\0' | xargs -0 -P "$JOBS" -I{} bash -c '{}'; }
+
 recipe() {
   local r=$1
-  for seed in 1 2 3; do  # seeds outer: every finished seed is a complete comparison
+  for seed in 1 2 3; do
     for lr in 5e-5 1e-4; do
       for ep in 3 5 10; do
-        $LNSR finetune $(regime_args "$r") $COMMON $(holdout_args "$r") --method vanilla --seeds $seed \
-          --lr $lr --epochs $ep --output-dir "$OUT/recipe/$r/lr${lr}_ep${ep}"
+        echo "$LNSR finetune $(regime_args "$r") $COMMON $(holdout_args "$r") --method vanilla --seeds $seed \
+--lr $lr --epochs $ep --output-dir $OUT/recipe/$r/lr${lr}_ep${ep}"
       done
     done
-  done
+  done | run_queue
   $PY "$HERE/study.py" --runs "$OUT" recipe-table "$r"
 }
 
+GRID_ARMS="vanilla lnsr:lam=0,inject_at=0,noise=relative lnsr:lam=0,inject_at=3,noise=relative"
+for k in 0 3; do for lam in 0.003 0.01 0.03; do GRID_ARMS="$GRID_ARMS lnsr:lam=$lam,inject_at=$k,noise=relative"; done; done
+
 strength() {
-  local r=$1
-  $LNSR tune $(regime_args "$r") $COMMON $(holdout_args "$r") $(recipe_of "$r") --seeds 1 2 3 \
-    --grid lam=0.003,0.01,0.03 inject_at=0,3 noise=relative --sigma 0.05 --rank-by accuracy \
-    --output-dir "$OUT/strength/$r"
+  local r=$1 recipe
+  recipe=$(recipe_of "$r")
+  local tune="$(regime_args "$r") $COMMON $(holdout_args "$r") $recipe --sigma 0.05 --output-dir $OUT/strength/$r"
+  for seed in 1 2 3; do
+    for arm in $GRID_ARMS; do echo "$LNSR finetune $tune --method $arm --seeds $seed"; done
+  done | run_queue
+  # the ranking and best.json (every run above is found finished and skipped)
+  $LNSR tune $tune --seeds 1 2 3 --grid lam=0.003,0.01,0.03 inject_at=0,3 noise=relative --rank-by accuracy
 }
 
 final() {
-  local r=$1 task best k
+  local r=$1 task best k recipe
   task=$($PY "$HERE/study.py" --runs "$OUT" task-of "$r")
   best="$OUT/strength/$r/$task/best.json"
   [ -f "$best" ] || { echo "no $best: run the strength stage of $r first" >&2; exit 2; }
   k=$($PY -c "import json,sys; print(json.load(open(sys.argv[1]))['best']['options']['inject_at'])" "$best")
+  recipe=$(recipe_of "$r")
   local arms="vanilla lnsr:lam=0,inject_at=$k lnsr:@$best lnsr:@$best,noisy_fraction=0.25 r3f mixout"
-  for seed in $SEEDS_FINAL; do  # seeds outer; seed 1's models are kept for the profile
+  for seed in $SEEDS_FINAL; do  # seed 1's models are kept for the profile
     save=""; [ "$seed" = 1 ] && save="--save-model"
-    $LNSR finetune $(regime_args "$r") $COMMON $(recipe_of "$r") --method $arms --seeds $seed \
-      --output-dir "$OUT/final/$r" $save
-    if [ "$seed" = 1 ]; then  # models are big: keep them out of the run records
-      mkdir -p "$MODELS/$r"
-      for d in "$OUT/final/$r/$task"/*/seed1-model; do
-        [ -d "$d" ] || continue
-        arm=$(basename "$(dirname "$d")"); rm -rf "$MODELS/$r/$arm"; mv "$d" "$MODELS/$r/$arm"
-        ln -s "$(realpath "$MODELS/$r/$arm")" "$d"
-      done
-    fi
+    for arm in $arms; do
+      echo "$LNSR finetune $(regime_args "$r") $COMMON $recipe --method $arm --seeds $seed --output-dir $OUT/final/$r $save"
+    done
+  done | run_queue
+  mkdir -p "$MODELS/$r"
+  for d in "$OUT/final/$r/$task"/*/seed1-model; do  # models are big: keep them out of the run records
+    [ -d "$d" ] && [ ! -L "$d" ] || continue
+    arm=$(basename "$(dirname "$d")"); rm -rf "$MODELS/$r/$arm"; mv "$d" "$MODELS/$r/$arm"
+    ln -s "$(realpath "$MODELS/$r/$arm")" "$d"
   done
 }
 
