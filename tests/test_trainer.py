@@ -96,6 +96,20 @@ def test_trainer_without_lnsr_is_the_plain_trainer(tmp_path):
     assert tr.lnsr_reg is None and not any("lnsr_penalty" in h for h in tr.state.log_history)
     with pytest.raises(TypeError, match=r"unknown option\(s\) \['lamda'\]"):
         LNSRTrainer(model=model, args=_args(tmp_path), lnsr={"lamda": 1.0})
+    # values are checked by LNSRConfig when the trainer is built, not when training starts
+    with pytest.raises(ValueError, match="lam must be"):
+        LNSRTrainer(model=model, args=_args(tmp_path), lnsr={"lam": -1.0})
+    with pytest.raises(ValueError, match="noise must be one of"):
+        LNSRTrainer(model=model, args=_args(tmp_path), lnsr=lnsr.LNSRConfig().to_dict() | {"noise": "uniform"})
+
+
+def test_trainer_takes_an_lnsr_config(tmp_path):
+    cfg = lnsr.LNSRConfig(**LNSR_KW)
+    tr = _Recording(model=build("bert", layers=2), args=_args(tmp_path), train_dataset=_data(4),
+                    data_collator=_collate, lnsr=cfg)
+    assert tr.lnsr_config is cfg and tr.lnsr_kwargs == cfg.to_dict()
+    tr.train()
+    assert tr.seen[0]["_penalty"] > 0 and tr.lnsr_reg is None
 
 
 def test_trainer_accumulation_eval_checkpoint(tmp_path):
