@@ -108,7 +108,8 @@ def two_pass(model: nn.Module, inputs: dict, *, seed: int, sigma: float = 0.05, 
     Blocks below ``k`` run twice, as a two-pass implementation does; the noisy pass restarts at
     block ``k`` from the clean pass's input there (so dropout below ``k`` is the clean pass's).
     ``dropout``: what dropout does in blocks ``>= k`` (``independent``: each pass draws its own,
-    ``paired``, ``off``), as ``lnsr.LNSR``'s option of the same name.
+    ``paired``, ``off``), as ``lnsr.LNSR``'s option of the same name.  Call it on a model without
+    gradient checkpointing: its hooks are gone by the time a backward would recompute the blocks.
     """
     _, inner = unwrap(model)
     block_list, _ = find_blocks(inner, blocks)
