@@ -13,9 +13,7 @@ __all__ = ["TASKS", "TaskSpec", "get_task", "load_task", "read_tsv", "METHODS", 
 
 def add_finetune_args(p, tune: bool = False) -> None:
     """The arguments of ``lnsr finetune`` (``tune=True``: those of ``lnsr tune``, which has no --method)."""
-    from ..dropout import DROPOUT_MODES
-    from ..ops import BACKENDS, NOISE_KINDS
-    from ..regularizer import NORMALIZE_MODES
+    from ..config import CHOICES
 
     g = p.add_argument_group("task and data (a GLUE task, or your own files)")
     g.add_argument("--task", nargs="+", default=None, metavar="TASK",
@@ -61,13 +59,13 @@ def add_finetune_args(p, tune: bool = False) -> None:
     g.add_argument("--seeds", nargs="+", type=int, default=[1, 2, 3])
     g = p.add_argument_group("LNSR options (method lnsr)")
     g.add_argument("--sigma", type=float, default=0.05)
-    g.add_argument("--noise", choices=NOISE_KINDS, default="relative")
+    g.add_argument("--noise", choices=CHOICES["noise"], default="relative")
     g.add_argument("--inject-at", type=int, default=0)
     g.add_argument("--lam", type=float, default=0.01)
-    g.add_argument("--normalize", choices=NORMALIZE_MODES, default="token")
-    g.add_argument("--dropout", choices=DROPOUT_MODES, default="paired")
+    g.add_argument("--normalize", choices=CHOICES["normalize"], default="token")
+    g.add_argument("--dropout", choices=CHOICES["dropout"], default="paired")
     g.add_argument("--detach-clean", action="store_true")
-    g.add_argument("--backend", choices=BACKENDS, default="auto")
+    g.add_argument("--backend", choices=CHOICES["backend"], default="auto")
     g = p.add_argument_group("optimisation")
     g.add_argument("--epochs", type=int, default=3)
     g.add_argument("--lr", type=float, default=2e-5)

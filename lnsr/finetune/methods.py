@@ -73,9 +73,11 @@ class LNSRMethod(Method):
 
     @classmethod
     def validate(cls, label, options):
-        if not (options.get("sigma", 0) >= 0 and options.get("lam", 0) >= 0):
-            raise SystemExit(f"method {label}: sigma and lam must be >= 0, got sigma={options.get('sigma')} "
-                             f"lam={options.get('lam')}")
+        from ..config import LNSRConfig  # the one place LNSR's options are checked
+        try:
+            LNSRConfig(**options)
+        except (TypeError, ValueError) as exc:
+            raise SystemExit(f"method {label}: {exc}") from None
 
     def attach(self, model):
         import lnsr
