@@ -318,9 +318,12 @@ def test_penalty_forward_backward_pair(bd, gen, masked):
 
 def test_layer_penalty_rejects_a_wrong_number_of_weights(bd, gen):
     be, dev = bd
-    y = _randn((4, 3, 5), torch.float32, gen, dev)
-    with pytest.raises(ValueError, match="weights"):
-        be.layer_penalty([y, y], weights=[1.0])
+    for dtype in (torch.float32, torch.float64):  # the kernels' path and the fallback alike
+        y = _randn((4, 3, 5), dtype, gen, dev)
+        with pytest.raises(ValueError, match="weights"):
+            be.layer_penalty([y, y], weights=[1.0])
+        with pytest.raises(ValueError, match="weights"):
+            be.layer_penalty([y], weights=torch.ones(2))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -140,6 +140,9 @@ class Backend(abc.ABC):
                       detach_clean: bool = False) -> torch.Tensor:
         """``lnsr.ops.layer_penalty``'s fp32 scalar (inputs already validated)."""
         ys = [ys] if isinstance(ys, torch.Tensor) else list(ys)
+        n_w = None if weights is None else weights.numel() if isinstance(weights, torch.Tensor) else len(weights)
+        if n_w is not None and n_w != len(ys):  # before the fallback: one rule whichever path computes
+            raise ValueError(f"weights has {n_w} entries for {len(ys)} tensors in ys")
         if self.uses_reference(*ys):
             return reference.layer_penalty(ys, mask=mask, weights=weights, detach_clean=detach_clean)
         w = weights_tensor(weights, len(ys), ys[0].device)
