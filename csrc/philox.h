@@ -1,4 +1,4 @@
-// The lnsr noise stream (DESIGN §2), shared by host (C++) and device (CUDA) code.
+// The lnsr noise stream (docs/design.md §2), shared by host (C++) and device (CUDA) code.
 //
 // Element i of the perturbed tensor (flat row-major index) takes output r = i % 4 of
 // normal4(seed, i / 4): Philox4x32-10 keyed by the 64-bit seed with counter (c_lo, c_hi, 0, 0),

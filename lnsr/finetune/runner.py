@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from ..benchmarks.common import cpu_name
+from ..utils.machine import cpu_name
 from .files import load_file_task, parse_eval_files
 from .glue import TaskSpec, get_task, load_task, read_tsv, split_holdout
 from .methods import METHODS

@@ -1,4 +1,4 @@
-"""The lnsr ops: ``noise``, ``perturb``, ``layer_penalty`` (DESIGN §2, §4).
+"""The lnsr ops: ``noise``, ``perturb``, ``layer_penalty`` (docs/design.md §2, §4).
 
 These functions validate their inputs and dispatch to a backend (``lnsr.ops.dispatch``).  The
 torch reference in ``lnsr.ops.reference`` is the ground truth that every backend is tested against.
