@@ -68,6 +68,9 @@ def main(argv=None) -> int:
     ap.add_argument("--best-only", action="store_true", help="only the backend that auto picks")
     ap.add_argument("--baselines", action="store_true",
                     help="also time the papers' baselines (l2sp, mixout, r3f, smart) in the step benchmark")
+    ap.add_argument("--precision", nargs="+", choices=("fp32", "bf16"), default=None,
+                    help="step benchmark autocast precision(s), side by side with a fp32/x column "
+                         "(default: bf16 on CUDA, fp32 on CPU)")
     args = ap.parse_args(argv)
     out = args.out
     os.makedirs(out, exist_ok=True)
@@ -82,7 +85,8 @@ def main(argv=None) -> int:
         from . import step
         from .common import append_csv
         print("== training step ==")
-        opts = dict(device=args.device, schedules=args.schedules, best_only=args.best_only, baselines=args.baselines)
+        opts = dict(device=args.device, schedules=args.schedules, best_only=args.best_only, baselines=args.baselines,
+                    precisions=args.precision)
         if args.quick:
             models = args.models or (["minilm"] if _has_minilm() else ["tiny-bert"])
             rows = step.run(models, batch=args.batch or 8, seq=args.seq or 64, steps=args.steps or 3, warmup=1,

@@ -129,7 +129,8 @@ def run_case(spec: dict) -> dict:
         cls = method_class(method)
         baseline = cls(**cls.DEFAULTS)
         baseline.attach(model)
-    amp = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+    precision = spec.get("precision") or default_precision(device.type)
+    amp = torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
 
     def step():
         with amp:
@@ -166,7 +167,7 @@ def run_case(spec: dict) -> dict:
     peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     # every=n alternates regularised and plain steps: their mean is the cost, a median would pick one kind
     every = method.startswith("lnsr-") and "every" in parse_lnsr_method(method)[1]
-    out = {**spec, "inject_at": k, "layers": n_layers,
+    out = {**spec, "precision": precision, "inject_at": k, "layers": n_layers,
            "step_s": statistics.mean(times) if every else statistics.median(times),
            "step_s_min": min(times), "rss_after_model_mb": rss_model, "peak_rss_mb": peak_rss}
     if device.type == "cuda":
@@ -179,6 +180,11 @@ def run_case(spec: dict) -> dict:
     if baseline is not None:
         baseline.detach()
     return out
+
+
+def default_precision(device_type: str) -> str:
+    # bf16 autocast is what GPU training uses; on the CPU fp32 unless asked (--precision fp32 bf16)
+    return "bf16" if device_type == "cuda" else "fp32"
 
 
 def _child(spec: dict, timeout: float) -> dict:
@@ -225,28 +231,31 @@ def methods_for(device: str, schedules: bool = False, best_only: bool = False, b
 
 def run(models, *, device="cpu", batch=16, seq=128, steps=5, warmup=2, inject=("0", "half"),
         methods=None, checkpointing=False, schedules=False, best_only=False, baselines=False, timeout=1800.0,
-        log=print) -> list[dict]:
+        precisions=None, log=print) -> list[dict]:
     methods = methods or methods_for(device, schedules, best_only, baselines)
+    precisions = precisions or [default_precision(torch.device(device).type)]
     rows = []
     for model in models:
-        plain = None
+        plain = {}
         for k in inject:
-            for method in methods:
-                if method in BASELINES and k != inject[0]:
-                    continue  # no injection point: once per model, beside the first k's rows
-                if method == "plain" and plain is not None:
-                    rows.append({**plain, "inject_at_spec": k, "reused": True})
-                    continue
-                spec = {"model": model, "method": method, "inject_at": 0 if k == "0" else -1, "device": device,
-                        "batch": batch, "seq": seq, "steps": steps, "warmup": warmup,
-                        "checkpointing": checkpointing}
-                r = _child(spec, timeout)
-                r["inject_at_spec"] = k
-                if method == "plain":
-                    plain = r
-                rows.append(r)
-                log(f"  {model:11s} k={k:4s} {method:22s} "
-                    + (r["error"] if "error" in r else f"{r['step_s'] * 1e3:9.1f} ms  peak {r['peak_mem_mb']:8.0f} MB"))
+            for prec in precisions:  # precisions inside k: the rows compared side by side run close in time
+                for method in methods:
+                    if method in BASELINES and k != inject[0]:
+                        continue  # no injection point: once per model, beside the first k's rows
+                    if method == "plain" and prec in plain:
+                        rows.append({**plain[prec], "inject_at_spec": k, "reused": True})
+                        continue
+                    spec = {"model": model, "method": method, "inject_at": 0 if k == "0" else -1, "device": device,
+                            "batch": batch, "seq": seq, "steps": steps, "warmup": warmup,
+                            "checkpointing": checkpointing, "precision": prec}
+                    r = _child(spec, timeout)
+                    r["inject_at_spec"] = k
+                    if method == "plain":
+                        plain[prec] = r
+                    rows.append(r)
+                    log(f"  {model:11s} k={k:4s} {prec:4s} {method:22s} "
+                        + (r["error"] if "error" in r
+                           else f"{r['step_s'] * 1e3:9.1f} ms  peak {r['peak_mem_mb']:8.0f} MB"))
     return add_ratios(rows)
 
 
@@ -256,7 +265,11 @@ def add_ratios(rows: list[dict]) -> list[dict]:
         if "error" in r:
             continue
         group = [x for x in rows if x["model"] == r["model"] and x["inject_at_spec"] == r["inject_at_spec"]
-                 and "error" not in x]
+                 and x.get("precision") == r.get("precision") and "error" not in x]
+        fp32 = next((x for x in rows if x["model"] == r["model"] and x["inject_at_spec"] == r["inject_at_spec"]
+                     and x["method"] == r["method"] and x.get("precision") == "fp32" and "error" not in x), None)
+        if fp32 is not None and r.get("precision") != "fp32":
+            r["speedup_vs_fp32"] = fp32["step_s"] / r["step_s"]
         plain = next((x for x in group if x["method"] == "plain"), None)
         two = next((x for x in group if x["method"] == "two-pass"), None)
         k = next((x["inject_at"] for x in group if x["method"] != "plain"), r["inject_at"])
@@ -281,18 +294,19 @@ def add_ratios(rows: list[dict]) -> list[dict]:
 
 
 def format_table(rows: list[dict]) -> str:
-    head = (f"{'model':11s} {'k':>4s} {'method':22s} {'step ms':>9s} {'x plain':>8s} {'eff':>6s} "
-            f"{'2pass/x':>8s} {'peak MB':>8s} {'mem/plain':>9s} {'mem/2pass':>9s}")
+    head = (f"{'model':11s} {'k':>4s} {'prec':4s} {'method':22s} {'step ms':>9s} {'x plain':>8s} {'eff':>6s} "
+            f"{'2pass/x':>8s} {'fp32/x':>7s} {'peak MB':>8s} {'mem/plain':>9s} {'mem/2pass':>9s}")
     lines = [head, "-" * len(head)]
     f = lambda v, fmt: "" if v is None else format(v, fmt)  # noqa: E731
     for r in rows:
         k = str(r.get("k", r["inject_at_spec"]))
         if "error" in r:
-            lines.append(f"{r['model']:11s} {k:>4s} {r['method']:22s} ERROR {r['error']}")
+            lines.append(f"{r['model']:11s} {k:>4s} {r.get('precision', ''):4s} {r['method']:22s} ERROR {r['error']}")
             continue
-        lines.append(f"{r['model']:11s} {k:>4s} {r['method']:22s} {r['step_s'] * 1e3:9.1f} "
+        lines.append(f"{r['model']:11s} {k:>4s} {r.get('precision', ''):4s} {r['method']:22s} {r['step_s'] * 1e3:9.1f} "
                      f"{f(r.get('vs_plain'), '8.3f'):>8s} {f(r.get('efficiency'), '6.2f'):>6s} "
-                     f"{f(r.get('speedup_vs_two_pass'), '8.3f'):>8s} {r['peak_mem_mb']:8.0f} "
+                     f"{f(r.get('speedup_vs_two_pass'), '8.3f'):>8s} {f(r.get('speedup_vs_fp32'), '7.2f'):>7s} "
+                     f"{r['peak_mem_mb']:8.0f} "
                      f"{f(r.get('mem_vs_plain'), '9.3f'):>9s} {f(r.get('mem_vs_two_pass'), '9.3f'):>9s}")
     return "\n".join(lines)
 
@@ -311,6 +325,8 @@ def main(argv=None):
     ap.add_argument("--schedules", action="store_true", help="also time noisy_fraction 0.5/0.25 and every=4")
     ap.add_argument("--best-only", action="store_true", help="only the backend that auto picks")
     ap.add_argument("--baselines", action="store_true", help="also time l2sp, mixout, r3f, smart")
+    ap.add_argument("--precision", nargs="+", choices=("fp32", "bf16"), default=None,
+                    help="autocast precision(s), side by side (default: bf16 on CUDA, fp32 on CPU)")
     ap.add_argument("--csv", default=None, help="append rows to this CSV")
     args = ap.parse_args(argv)
     if args.worker:
@@ -319,7 +335,7 @@ def main(argv=None):
     models = args.models or ["minilm", "bert-base", "llama-small"]
     rows = run(models, device=args.device, batch=args.batch, seq=args.seq, steps=args.steps, warmup=args.warmup,
                methods=args.methods, checkpointing=args.checkpointing, schedules=args.schedules,
-               best_only=args.best_only, baselines=args.baselines)
+               best_only=args.best_only, baselines=args.baselines, precisions=args.precision)
     print(format_table(rows))
     if args.csv:
         from .common import append_csv

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from ..utils.machine import cpu_name
+from ..utils.machine import cpu_name, source_commit
 from .files import load_file_task, parse_eval_files
 from .glue import TaskSpec, get_task, load_task, read_tsv, split_holdout
 from .methods import METHODS
@@ -435,21 +435,6 @@ def run_one(*, prep: Prepared, config: dict, model_path: str, tokenizer, feats: 
         os.remove(ckpt_path)  # the JSON is the finished run; the checkpoint has done its job
     log(f"{tag} done in {result['wall_time_s']:.0f}s -> {json_path}")
     return result
-
-
-def source_commit() -> str | None:
-    """The git commit of the lnsr source tree this runs from (``+dirty`` with local changes), if any."""
-    import subprocess
-    here = os.path.dirname(os.path.abspath(__file__))
-    try:
-        rev = subprocess.run(["git", "-C", here, "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10)
-        if rev.returncode:
-            return None
-        dirty = subprocess.run(["git", "-C", here, "status", "--porcelain", "--untracked-files=no"],
-                               capture_output=True, text=True, timeout=10).stdout.strip()
-        return rev.stdout.strip() + ("+dirty" if dirty else "")
-    except (OSError, subprocess.SubprocessError):
-        return None
 
 
 def write_json(path: str, obj) -> None:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import platform
+import subprocess
 import statistics
 import time
 from datetime import datetime, timezone
@@ -34,6 +35,20 @@ def device_name(device) -> str:
     return f"{cpu_name()} ({os.cpu_count()} cores)"
 
 
+def source_commit() -> str | None:
+    """The git commit of the lnsr source tree this runs from (``+dirty`` with local changes), if any."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    try:
+        rev = subprocess.run(["git", "-C", here, "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10)
+        if rev.returncode:
+            return None
+        dirty = subprocess.run(["git", "-C", here, "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+        return rev.stdout.strip() + ("+dirty" if dirty else "")
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
 def environment(device) -> dict:
     """Date (UTC), device name and the versions that decide the numbers."""
     try:
@@ -47,7 +62,8 @@ def environment(device) -> dict:
     except ImportError:
         transformers_version = ""
     return {"date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M"), "device_name": device_name(device),
-            "torch": torch.__version__, "triton": triton_version, "transformers": transformers_version}
+            "torch": torch.__version__, "triton": triton_version, "transformers": transformers_version,
+            "commit": source_commit() or ""}
 
 
 def synchronize(device) -> None:
