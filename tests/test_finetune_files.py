@@ -325,3 +325,40 @@ def test_killed_run_resumes_to_the_uninterrupted_result(tmp_path, tiny_model):
     wa = load_file(str(ref_dir / "nli" / "lnsr_every2" / "seed3-model" / "model.safetensors"))
     wb = load_file(str(run_dir / "seed3-model" / "model.safetensors"))
     assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+@pytest.mark.parametrize("method", ["smart", "mixout", "l2sp", "r3f", "lnsr:every=3"])
+def test_interrupted_baselines_resume_exactly(tmp_path, tiny_model, monkeypatch, capsys, method):
+    """Stopped after the epoch-1 checkpoint (an exception in epoch 2's evaluation), a re-run resumes
+    and ends with the uninterrupted run's losses, scores and weights (SMART's teacher included)."""
+    import lnsr.finetune.runner as runner
+    from safetensors.torch import load_file
+
+    train, val, _ = _own_data(tmp_path)
+    common = ["finetune", "--train-file", train, "--validation-file", val, "--method", method, "--seeds", "2",
+              "--epochs", "2", "--batch-size", "6", "--lr", "1e-3", "--lam", "0.5", "--backend", "torch",
+              "--model", tiny_model, "--no-progress", "--save-model", "--task-name", "nli"]
+    main(common + ["--output-dir", str(tmp_path / "ref")])
+    real, calls = runner.evaluate, []
+
+    def stop_in_epoch_2(*a, **k):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt  # as a Ctrl-C in epoch 2
+        return real(*a, **k)
+
+    monkeypatch.setattr(runner, "evaluate", stop_in_epoch_2)
+    with pytest.raises(KeyboardInterrupt):
+        main(common + ["--output-dir", str(tmp_path / "cut")])
+    monkeypatch.setattr(runner, "evaluate", real)
+    capsys.readouterr()
+    main(common + ["--output-dir", str(tmp_path / "cut")])
+    assert "resuming from" in capsys.readouterr().err  # not a re-run from scratch
+    (label,) = [p for p in os.listdir(tmp_path / "ref" / "nli") if os.path.isdir(tmp_path / "ref" / "nli" / p)]
+    ref = json.loads((tmp_path / "ref" / "nli" / label / "seed2.json").read_text())
+    cut = json.loads((tmp_path / "cut" / "nli" / label / "seed2.json").read_text())
+    assert [(e["train_loss"], e["metrics"]) for e in ref["epochs"]] == [(e["train_loss"], e["metrics"])
+                                                                       for e in cut["epochs"]]
+    wa = load_file(str(tmp_path / "ref" / "nli" / label / "seed2-model" / "model.safetensors"))
+    wb = load_file(str(tmp_path / "cut" / "nli" / label / "seed2-model" / "model.safetensors"))
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)

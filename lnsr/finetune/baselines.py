@@ -243,6 +243,14 @@ class SMART(_PenaltyMethod):
         self._last = (float(div.detach()), float(loss.detach()))
         return loss
 
+    def state_dict(self):
+        # the moving-average teacher is the only state beyond the model (run checkpoints save it)
+        return {} if self.teacher is None else {"teacher": self.teacher.state_dict()}
+
+    def load_state_dict(self, state):
+        if self.teacher is not None and "teacher" in state:
+            self.teacher.load_state_dict(state["teacher"])
+
     def detach(self):
         if getattr(self, "_handle", None) is not None:
             self._handle.remove()
