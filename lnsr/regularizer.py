@@ -38,6 +38,7 @@ class _Forward:
     phase: str = OFF
     depth: int = 0                # nesting of entry modules (wrapper -> model) in the running call
     seed: int = 0
+    seed_tensor: torch.Tensor = field(default_factory=lambda: torch.zeros((), dtype=torch.uint64))
     batch: int | None = None      # B, the clean batch, known once block k has run
     noisy: int | None = None      # m, the rows with a noisy copy (the last m of the batch; m = B by default)
     mask: torch.Tensor | None = None
@@ -312,6 +313,7 @@ class LNSR:
         st.mask = mask.detach() if isinstance(mask, torch.Tensor) and mask.dim() == 2 else None
         st.loss_share = self._loss_share(args, kwargs) if self.config.add_to_loss else None
         st.seed = _fold_rank(_draw_seed(), self._rank())
+        st.seed_tensor.fill_(st.seed)  # the same tensor every step, read by traced code (see _inject)
         st.phase = RUN
         self._dropout.activate()
         if use_cache is None and getattr(config, "use_cache", False):
@@ -336,7 +338,10 @@ class LNSR:
                              f"learning rate or the loss scale")
         first = st.batch - st.noisy
         part = h[first:] if first else h
-        out = ops.perturb(part, st.seed, sigma=cfg.sigma, kind=cfg.noise, mask=self._penalty_mask(),
+        # Traced code reads the seed from a tensor: an int would be a guarded constant, and each
+        # step's new seed would compile a new graph (issue #14).
+        seed = st.seed_tensor if torch.compiler.is_compiling() else st.seed
+        out = ops.perturb(part, seed, sigma=cfg.sigma, kind=cfg.noise, mask=self._penalty_mask(),
                           n_anchors=cfg.n_anchors, backend=cfg.backend)
         if first:  # noisy_fraction < 1: [h, noisy copies of the last m rows]
             out = torch.cat([h[:first], out], dim=0)
@@ -404,6 +409,10 @@ class LNSR:
         st = self._fwd
         if isinstance(x, torch.Tensor):
             if x.dim() >= 2 and x.shape[0] == st.batch:
+                if torch.compiler.is_compiling():
+                    # No identity lookup in traced code: Dynamo guards on the tensor's id, which
+                    # changes every step, so each step would compile a new graph (issue #14).
+                    return torch.cat([x, x[st.batch - st.noisy:]], dim=0)
                 hit = st.doubled.get(id(x))
                 if hit is None or hit[0] is not x:
                     hit = (x, torch.cat([x, x[st.batch - st.noisy:]], dim=0))

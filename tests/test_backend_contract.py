@@ -384,6 +384,43 @@ def test_torch_compile_fullgraph(bd, gen):
     torch.testing.assert_close(g, g2)
 
 
+@pytest.mark.parametrize("kind", ["relative", "manifold"])
+def test_torch_compile_tensor_seed_is_a_graph_input(bd, gen, kind):
+    """A (uint64 CPU) tensor seed traced by torch.compile is one opaque op: a new seed value
+    compiles no new graph, and the values and gradients are those of the int seed."""
+    be, dev = bd
+    compiled = []
+
+    def counting_backend(gm, example_inputs):
+        compiled.append(gm)
+        return torch._dynamo.lookup_backend("aot_eager")(gm, example_inputs)
+
+    def step(h, seed, mask):
+        return lnsr.ops.perturb(h, seed, sigma=0.05, kind=kind, mask=mask, n_anchors=4, backend=be.name)
+
+    torch._dynamo.reset()
+    fn = torch.compile(step, backend=counting_backend, fullgraph=True)
+    h = _randn((2, 4, 16), torch.float32, gen, dev)
+    mask = _mask((2, 4), gen, dev, empty_row=False)
+    seed_t = torch.zeros((), dtype=torch.uint64)
+    for seed in SEEDS[1:]:
+        seed_t.fill_(seed)
+        x = h.clone().requires_grad_()
+        out = fn(x, seed_t, mask)
+        (g,) = torch.autograd.grad((out * out).sum(), x)
+        x2 = h.clone().requires_grad_()
+        ref = be.perturb(x2, seed, sigma=0.05, kind=kind, mask=mask, n_anchors=4)
+        (g2,) = torch.autograd.grad((ref * ref).sum(), x2)
+        torch.testing.assert_close(out, ref, rtol=0, atol=0, msg=f"seed {seed}")
+        torch.testing.assert_close(g, g2, msg=f"seed {seed}")
+    assert len(compiled) == 1
+    # what the traced path checks (by metadata; an exception inside a fullgraph trace is rewrapped)
+    for bad, err in ((torch.zeros(2, dtype=torch.int64), TypeError), (torch.zeros((), dtype=torch.float32), TypeError),
+                     (torch.zeros((), dtype=torch.int64, device="meta"), ValueError)):
+        with pytest.raises(err, match="seed"):
+            lnsr.ops._check_seed_tensor(bad)
+
+
 # ---------------------------------------------------------------------------------------------
 # LNSR end to end: the same penalty, task loss and gradients as with the torch backend
 # ---------------------------------------------------------------------------------------------

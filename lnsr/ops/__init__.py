@@ -57,15 +57,55 @@ def perturb(h: torch.Tensor, seed: int, *, sigma: float, kind: str = "relative",
     _check_float(h, "h")
     if h.dim() < 2:
         raise ValueError(f"h must have shape [batch, ..., hidden], got {tuple(h.shape)}")
-    seed = check_seed(seed)
+    traced_seed = isinstance(seed, torch.Tensor) and torch.compiler.is_compiling()
+    seed = _check_seed_tensor(seed) if traced_seed else check_seed(seed)
     sigma = check_sigma(sigma)
     if kind not in NOISE_KINDS:
         raise ValueError(f"unknown noise kind {kind!r}; choose one of {', '.join(NOISE_KINDS)}")
     if isinstance(n_anchors, bool) or not isinstance(n_anchors, int) or n_anchors < 1:
         raise ValueError(f"n_anchors must be a positive int, got {n_anchors!r}")
     _check_mask(mask, h.shape[:-1], "h")
+    if traced_seed:  # the seed stays a graph input: a new value each step does not recompile
+        return torch.ops.lnsr_seeded.perturb(h, seed, sigma, kind, mask, n_anchors, backend)
     impl = resolve_backend(backend, h.device)
     return impl.perturb(h, seed, sigma=sigma, kind=kind, mask=mask, n_anchors=n_anchors)
+
+
+def _check_seed_tensor(seed: torch.Tensor) -> torch.Tensor:
+    # While tracing, a tensor seed is checked by its metadata only (.item() would break the graph).
+    if seed.numel() != 1 or seed.dtype.is_floating_point or seed.dtype.is_complex or seed.dtype == torch.bool:
+        raise TypeError(f"seed must be a Python int or a one-element integer tensor, got a {seed.dtype} tensor "
+                        f"of shape {tuple(seed.shape)}")
+    if seed.device.type != "cpu":
+        raise ValueError(f"a tensor seed must be on the CPU (its value is read on the host), got {seed.device}")
+    return seed
+
+
+# ``perturb`` with the seed as a (CPU, uint64 or int64) tensor, as one opaque op.  Used while
+# torch.compile traces (``LNSR`` passes its per-step seed this way): an int seed would be a
+# constant of the graph, guarded on, and each step's new seed would compile a new graph.  The op
+# reads the seed on the host when it runs and dispatches to the backend as ``perturb`` does.
+@torch.library.custom_op("lnsr_seeded::perturb", mutates_args=())
+def _perturb_seeded(h: torch.Tensor, seed: torch.Tensor, sigma: float, kind: str, mask: torch.Tensor | None,
+                    n_anchors: int, backend: str) -> torch.Tensor:
+    impl = resolve_backend(backend, h.device)
+    out = impl.perturb(h, check_seed(seed), sigma=sigma, kind=kind, mask=mask, n_anchors=n_anchors)
+    return out.clone() if out._base is not None else out  # a custom op may not return a view of anything
+
+
+@_perturb_seeded.register_fake
+def _(h, seed, sigma, kind, mask, n_anchors, backend):
+    return h.new_empty((2 * h.shape[0], *h.shape[1:]))
+
+
+def _perturb_seeded_backward(ctx, grad):
+    # eps is detached for every kind (docs/design.md §1): the gradient is g[:B] + g[B:], in fp32
+    b = grad.shape[0] // 2
+    acc = torch.promote_types(grad.dtype, torch.float32)
+    return (grad[:b].to(acc) + grad[b:].to(acc)).to(grad.dtype), None, None, None, None, None, None
+
+
+_perturb_seeded.register_autograd(_perturb_seeded_backward)
 
 
 def layer_penalty(ys: Sequence[torch.Tensor], *, mask: torch.Tensor | None = None,
