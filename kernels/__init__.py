@@ -10,12 +10,21 @@ when a kernel is defined).
 from __future__ import annotations
 
 import os
+import re
 
 import torch
 
 from lnsr.ops.backend import OpsBackend
 
-__all__ = ["backend", "TritonBackend"]
+__all__ = ["backend", "TritonBackend", "TRITON_MIN"]
+
+# The oldest Triton whose tl.randn4x splits a 64-bit offset into both Philox counter words (the
+# stream of docs/design.md §2); older ones draw another stream past 2**32 counters.  setup.py pins it.
+TRITON_MIN = (3, 4)
+
+
+def _version_tuple(version: str) -> tuple[int, ...]:
+    return tuple(int(x) for x in re.findall(r"\d+", version)[:2])
 
 
 class TritonBackend(OpsBackend):
@@ -43,6 +52,10 @@ def backend() -> TritonBackend:
         import triton  # noqa: F401
     except Exception as exc:  # ImportError, or a broken install raising something else
         raise ImportError(f"triton is not importable ({type(exc).__name__}: {exc})") from exc
+    version = getattr(triton, "__version__", "0")
+    if _version_tuple(version) < TRITON_MIN:
+        raise ImportError(f"triton {version} is too old: lnsr's noise stream needs triton>="
+                          f"{'.'.join(map(str, TRITON_MIN))} (`pip install -U 'triton>=3.4'`)")
     from . import _triton as impl  # defines the ops (once)
 
     return TritonBackend(impl.INTERPRETED)

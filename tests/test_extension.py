@@ -236,3 +236,75 @@ def test_broken_build_warns_once_and_falls_back(monkeypatch):
         assert "failed to load" in dispatch._ERRORS["cpu"]
         with pytest.raises(RuntimeError, match="failed to load"):
             dispatch.resolve_backend("cuda", "cuda")
+
+
+# ---------------------------------------------------------------------------------------------
+# the compute-capability check of ``auto`` (faked: no GPU is needed)
+# ---------------------------------------------------------------------------------------------
+
+def test_arch_list_round_trip():
+    """setup.py's arch_token (the build's -DLNSR_CUDA_ARCHS) read back by parse_archs, and the rule
+    of which GPUs run which code."""
+    import importlib.util as iu
+
+    from lnsr.ops.extension import parse_archs, runs_on
+
+    spec = iu.spec_from_file_location("lnsr_setup", os.path.join(os.path.dirname(__file__), "..", "setup.py"))
+    setup_py = iu.module_from_spec(spec)
+    spec.loader.exec_module(setup_py)
+    assert setup_py.arch_token("8.0;9.0+PTX") == "0_8.0_9.0_PTX"
+    archs = parse_archs(setup_py.arch_token("8.0;9.0+PTX"))
+    assert archs == [(8, 0, "", False), (9, 0, "", True)]
+    assert runs_on((8, 0), archs) and runs_on((8, 6), archs) and runs_on((8, 9), archs)  # sm_80 SASS
+    assert runs_on((9, 0), archs) and runs_on((10, 0), archs) and runs_on((12, 0), archs)  # compute_90 PTX
+    assert not runs_on((7, 5), archs) and not runs_on((7, 0), archs)  # nothing below 8.0
+    assert not runs_on((9, 0), parse_archs(setup_py.arch_token("8.0 8.6")))
+    assert runs_on((9, 0), parse_archs("0_9.0a")) and not runs_on((10, 0), parse_archs("0_9.0a"))
+    assert parse_archs(None) is None and parse_archs("0_Ampere") is None  # unknown: not checked
+    with pytest.raises(ValueError, match="TORCH_CUDA_ARCH_LIST"):
+        setup_py.arch_token("8.0;sm-90")
+
+
+@pytest.mark.skipif(NO_EXT, reason="LNSR_NO_EXT=1")
+def test_built_extension_reports_its_cuda_archs():
+    from lnsr.ops import extension
+
+    mod = importlib.import_module("lnsr._C")
+    if not mod.WITH_CUDA:
+        pytest.skip("lnsr._C built without CUDA")
+    archs = extension.compiled_archs()
+    assert archs, f"lnsr._C.CUDA_ARCHS={getattr(mod, 'CUDA_ARCHS', None)!r} does not parse"
+
+
+def test_auto_falls_back_to_triton_on_a_gpu_the_build_lacks(monkeypatch):
+    """A GPU of compute capability 7.5 with a build for 8.0;9.0+PTX: ``auto`` takes Triton with one
+    warning (however many calls), an explicit ``cuda`` raises naming TORCH_CUDA_ARCH_LIST; a
+    capability the build covers keeps the extension."""
+    pytest.importorskip("triton")
+    import warnings
+
+    from lnsr.ops import dispatch, extension
+
+    be = _cpu_backend()  # the extension loads
+    monkeypatch.setattr(extension, "with_cuda", lambda: True)
+    monkeypatch.setattr(extension, "compiled_archs", lambda: extension.parse_archs("0_8.0_9.0_PTX"))
+    monkeypatch.setattr(extension, "_CAPABILITY_OK", {})
+    monkeypatch.setattr(extension._C, "CUDA_ARCHS", "0_8.0_9.0_PTX", raising=False)
+    monkeypatch.setattr(dispatch, "_CACHE", {"cpu": be, "cuda": extension.ExtensionBackend("cuda")})
+    monkeypatch.setattr(dispatch, "_ERRORS", {})
+    monkeypatch.delenv("LNSR_BACKEND", raising=False)
+    cap = [(7, 5)]
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: cap[0])
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        picked = [dispatch.resolve_backend("auto", "cuda").name for _ in range(3)]
+    assert picked == ["triton"] * 3
+    msgs = [str(w.message) for w in caught if "compute capability" in str(w.message)]
+    assert len(msgs) == 1 and "7.5" in msgs[0] and "TORCH_CUDA_ARCH_LIST" in msgs[0], msgs
+    with pytest.raises(RuntimeError, match=r"'cuda' cannot run on cuda.*compute capability 7\.5.*TORCH_CUDA_ARCH_LIST"):
+        dispatch.resolve_backend("cuda", "cuda")
+    cap[0] = (8, 6)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert dispatch.resolve_backend("auto", "cuda").name == "cuda"
+

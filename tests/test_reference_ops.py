@@ -42,6 +42,39 @@ def test_noise_equals_triton_randn4x(seed):
     assert torch.isfinite(got).all()
 
 
+@triton.jit
+def _randn4x_at(out_ptr, seed, c0, n_calls, BLOCK: tl.constexpr):
+    # tl.randn4x at the int64 counters c0 + k: past 2**32 the high word is the second counter word
+    k = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    n1, n2, n3, n4 = tl.randn4x(seed, c0 + k.to(tl.int64))
+    z = tl.interleave(tl.interleave(n1, n3), tl.interleave(n2, n4))
+    offs = tl.program_id(0) * BLOCK * 4 + tl.arange(0, 4 * BLOCK)
+    tl.store(out_ptr + offs, z, mask=offs < 4 * n_calls)
+
+
+@pytest.mark.parametrize("seed", [7, 2**63 + 12345])
+def test_noise_equals_the_pinned_triton_past_2_32_counters(seed):
+    """The installed Triton is the pinned one (setup.py: triton>=3.4, lnsr.kernels.TRITON_MIN) and
+    its randn4x is the reference stream where the counter's high word is not 0 (offsets of 2**34
+    elements and more, which older Tritons dropped)."""
+    from lnsr.kernels import TRITON_MIN, _version_tuple
+
+    assert _version_tuple(triton.__version__) >= TRITON_MIN, f"triton {triton.__version__} is below the pin"
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    c0, n_calls = 2**32 - 40, 96  # crosses the word boundary
+    out = torch.full((4 * n_calls,), float("nan"), device=device)
+    _randn4x_at[(3,)](out, seed, c0, n_calls, BLOCK=32)
+    counter = torch.arange(c0, c0 + n_calls, dtype=torch.int64, device=device)
+    i1, i2, i3, i4 = reference.philox4x32(seed, counter)
+    n1, n2 = reference._box_muller(reference._uniform(i1), reference._uniform(i2))
+    n3, n4 = reference._box_muller(reference._uniform(i3), reference._uniform(i4))
+    want = torch.stack([n1, n2, n3, n4], dim=-1).reshape(-1)
+    torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-5)
+    # the high word matters: the same low words with a zero high word are another stream
+    low = reference.philox4x32(seed, counter & 0xFFFFFFFF)[0]
+    assert not torch.equal(low[-8:], i1[-8:])
+
+
 def test_noise_is_standard_normal_and_prefix_stable():
     z = ops.noise(200_003, 7)
     assert abs(z.mean().item()) < 0.01 and abs(z.std().item() - 1) < 0.01

@@ -122,6 +122,17 @@ def test_unavailable_explicit_backend_raises(monkeypatch):
     assert dispatch.resolve_backend("triton", DEV).name == "triton"
 
 
+def test_triton_older_than_the_pin_is_refused(monkeypatch):
+    """Below triton 3.4 tl.randn4x draws another stream past 2**32 counters: the backend does not
+    load (auto then skips it) and the reason names the version to install."""
+    assert kernels.backend().name == "triton"  # the installed one is at or above the pin
+    monkeypatch.setattr(triton, "__version__", "3.3.1")
+    with pytest.raises(ImportError, match=r"triton 3\.3\.1 is too old.*triton>=3\.4"):
+        kernels.backend()
+    monkeypatch.setattr(triton, "__version__", "3.4.0+git1234")
+    assert kernels.backend().name == "triton"
+
+
 def test_cpu_without_interpreter_is_unsupported(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     assert not BE.supports(torch.device("cpu"))

@@ -116,6 +116,9 @@ def resolve_backend(backend: str, device: torch.device | str):
         return _load("torch")
     impl = load_backend(backend)
     if not impl.supports(device):
+        why = getattr(impl, "unsupported_reason", lambda d: None)(device)
+        if why:
+            raise RuntimeError(f"lnsr backend {backend!r} cannot run on {device}: {why}; or use backend='auto'")
         raise RuntimeError(f"lnsr backend {backend!r} does not run on {device.type} tensors; "
                            f"use backend='auto' or move the model to a device it supports")
     return impl

@@ -12,6 +12,7 @@ reason.  A build that exists but does not load (e.g. compiled against another to
 from __future__ import annotations
 
 import importlib.util
+import re
 import warnings
 
 import torch
@@ -66,6 +67,75 @@ def with_cuda() -> bool:
         return False
 
 
+def parse_archs(token: str | None) -> list[tuple[int, int, str, bool]] | None:
+    """``(major, minor, suffix, ptx)`` per arch of lnsr._C's ``CUDA_ARCHS`` (setup.py ``arch_token``:
+    ``'0_8.0_9.0_PTX'`` -> ``[(8, 0, '', False), (9, 0, '', True)]``); None when unknown (a build
+    from before the attribute existed, or named archs such as ``Ampere``)."""
+    if not token:
+        return None
+    parts = token.split("_")
+    if parts[0] != "0":
+        return None
+    archs = []
+    for part in parts[1:]:
+        if part.upper() == "PTX" and archs:
+            archs[-1] = archs[-1][:3] + (True,)
+            continue
+        m = re.fullmatch(r"(\d+)\.(\d+)([af]?)", part)
+        if m is None:
+            return None
+        archs.append((int(m.group(1)), int(m.group(2)), m.group(3), False))
+    return archs or None
+
+
+def runs_on(capability: tuple[int, int], archs) -> bool:
+    """Whether code built for ``archs`` (``parse_archs``) runs on a GPU of ``capability``: machine
+    code for the same major and a minor not above the device's (``a`` variants: that arch only), or
+    PTX of an arch not above the device's (the driver compiles it)."""
+    cap = tuple(capability)
+    for major, minor, suffix, ptx in archs:
+        if suffix == "a":
+            if (major, minor) == cap:
+                return True
+            continue
+        if major == cap[0] and minor <= cap[1]:
+            return True
+        if ptx and (major, minor) <= cap:
+            return True
+    return False
+
+
+def compiled_archs():
+    """The CUDA archs lnsr._C was compiled for (``parse_archs``), None when unknown or not built."""
+    try:
+        return parse_archs(getattr(load(), "CUDA_ARCHS", None))
+    except ImportError:
+        return None
+
+
+_CAPABILITY_OK: dict[tuple[int, int], bool] = {}
+
+
+def _capability_ok(device) -> bool:
+    # Once per capability (supports() runs on every op call), warning once when the build lacks it.
+    cap = tuple(torch.cuda.get_device_capability(device))
+    ok = _CAPABILITY_OK.get(cap)
+    if ok is None:
+        archs = compiled_archs()
+        ok = _CAPABILITY_OK[cap] = archs is None or runs_on(cap, archs)  # unknown: trust the build
+        if not ok:
+            warnings.warn(f"lnsr: {capability_reason(cap)}; backend='auto' uses Triton (or torch) on this GPU "
+                          f"instead", RuntimeWarning, stacklevel=2)
+    return ok
+
+
+def capability_reason(cap) -> str:
+    archs = getattr(_C, "CUDA_ARCHS", "?").removeprefix("0_").replace("_PTX", "+PTX").replace("_", ";")
+    return (f"lnsr._C has no CUDA code for this GPU (compute capability {cap[0]}.{cap[1]}; built for "
+            f"TORCH_CUDA_ARCH_LIST={archs}); rebuild with `TORCH_CUDA_ARCH_LIST=\"{cap[0]}.{cap[1]}\" "
+            f"pip install --no-build-isolation -e .`")
+
+
 # ---------------------------------------------------------------------------------------------
 # The backend (the contract of lnsr.ops.backend; the ops' fake implementations and autograd are
 # registered there, shared with the Triton ops of the same schema)
@@ -87,7 +157,14 @@ class ExtensionBackend(OpsBackend):
         device = torch.device(device)
         if device.type != self.name:
             return False
-        return self.name == "cpu" or with_cuda()
+        return self.name == "cpu" or (with_cuda() and _capability_ok(device))
+
+    def unsupported_reason(self, device) -> str | None:
+        """Why ``supports(device)`` is False when the device type is right (for an explicit request)."""
+        device = torch.device(device)
+        if device.type == "cuda" == self.name and with_cuda() and not _capability_ok(device):
+            return capability_reason(tuple(torch.cuda.get_device_capability(device)))
+        return None
 
 
 def backend(kind: str) -> ExtensionBackend:
