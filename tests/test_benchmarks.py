@@ -176,3 +176,29 @@ def test_runner_import_of_cpu_name_still_works():
     from lnsr.utils.machine import cpu_name as shared
 
     assert cpu_name is shared
+
+
+def test_kernel_baselines_are_user_code_and_the_reference_a_named_row():
+    """The "x torch" baseline is eager PyTorch as a user writes it (torch.randn_like noise, one
+    masked mean per layer), "x compile" torch.compile of it; the reference is its own row."""
+    import lnsr.ops.reference as R
+    from lnsr.benchmarks import bench_kernels as K
+
+    provs = K.providers("cpu", K.parse_args(["--no-compile"]))
+    assert provs["torch"] == (K.user_perturb, K.user_layer_penalty)
+    assert provs["reference"] == (R.perturb, R.layer_penalty)
+    assert "torch-compile" not in provs
+    gen = torch.Generator().manual_seed(0)
+    ys = [torch.randn(4, 5, h, generator=gen) for h in (8, 3)]
+    mask = torch.tensor([[1, 1, 1, 0, 0], [1, 0, 0, 0, 0]])
+    for m in (mask, None):
+        torch.testing.assert_close(K.user_layer_penalty(ys, mask=m, weights=[1.0, 0.5]),
+                                   R.layer_penalty(ys, mask=m, weights=[1.0, 0.5]))
+    h = torch.randn(64, 16, 256, generator=gen) * 3.0
+    torch.manual_seed(0)
+    out = K.user_perturb(h, 123, sigma=0.05, kind="relative")
+    assert out.shape == (128, 16, 256) and torch.equal(out[:64], h)
+    rel = ((out[64:] - h).pow(2).mean(-1) / h.pow(2).mean(-1)).mean().sqrt()
+    assert abs(rel.item() - 0.05) < 0.002
+    torch.manual_seed(0)
+    assert not torch.equal(out, R.perturb(h, 123, sigma=0.05, kind="relative"))  # torch's RNG, not lnsr's stream
