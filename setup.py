@@ -257,7 +257,9 @@ def setup_package(ext_modules, cmdclass) -> None:
         extras_require={
             # what the test suite needs beyond the core (LoRA, Trainer and Accelerate tests included)
             "test": ["pytest>=7", "pytest-timeout>=2", "matplotlib>=3.7", "tqdm>=4.60", "accelerate>=0.26",
-                     "peft>=0.10"],
+                     "peft>=0.10", "datasets>=2.14",
+                     # reference implementations the metrics and the study's statistics are tested against
+                     "scipy>=1.10", "scikit-learn>=1.3"],
             "bench": ["matplotlib>=3.7"],
             # >= 3.4: older tl.randn4x drop the high word of a 64-bit offset (another noise stream)
             "triton": ["triton>=3.4"],
