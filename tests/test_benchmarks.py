@@ -137,7 +137,7 @@ def test_scripts_use_the_public_api_without_path_games():
 def test_nothing_runs_or_exits_at_import():
     """Importing a tool module with arguments it would reject prints nothing and exits with 0."""
     mods = ("lnsr.benchmarks", "lnsr.benchmarks.bench_kernels", "lnsr.benchmarks.step", "lnsr.benchmarks.common",
-            "lnsr.utils.machine", "lnsr.kernels.aot_check")
+            "lnsr.utils.machine", "lnsr.kernels.aot_check", "lnsr.benchmarks.host_overhead")
     code = "import sys; sys.argv = ['x', '--summary', '/nonexistent.csv', '--bogus']\n" + \
         "".join(f"import {m}\n" for m in mods)
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
@@ -202,3 +202,37 @@ def test_kernel_baselines_are_user_code_and_the_reference_a_named_row():
     assert abs(rel.item() - 0.05) < 0.002
     torch.manual_seed(0)
     assert not torch.equal(out, R.perturb(h, 123, sigma=0.05, kind="relative"))  # torch's RNG, not lnsr's stream
+
+
+def test_host_overhead_table_compares_the_same_work(tmp_path, monkeypatch):
+    """`lnsr bench --only host`: the two ways of each op compute the same values (so the ratio
+    compares like with like), and the table and CSV have one row per op with its ratio."""
+    pytest.importorskip("lnsr._C")
+    from lnsr import benchmarks as bench
+    from lnsr.benchmarks import host_overhead as H
+
+    for op, (via_ops, direct) in H.cases().items():
+        (a, ga), (b, gb) = via_ops(), direct()
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=0, msg=op)
+        assert len(ga) == len(gb) == (H.N_LAYERS if op == "layer_penalty" else 1)
+        for x, y in zip(ga, gb):
+            torch.testing.assert_close(x, y, rtol=1e-6, atol=0, msg=op)
+    rows = [dict(op="layer_penalty", shape="12x[4, 8, 64]", device="cpu", us_lnsr_ops=90.0, us_direct=30.0, ratio=3.0),
+            dict(op="perturb", shape="[4, 8, 64]", device="cpu", us_lnsr_ops=40.0, us_direct=20.0, ratio=2.0)]
+    monkeypatch.setattr(H, "run", lambda quick=False: rows)
+    monkeypatch.chdir(tmp_path)
+    assert bench.main(["--only", "host", "--device", "cpu", "--quick"]) == 0
+    text = (tmp_path / "host_overhead.csv").read_text()
+    assert "layer_penalty" in text and "perturb" in text and "ratio" in text.splitlines()[0]
+    table = H.format_table(rows)
+    assert "3.00x" in table and "2.00x" in table and "direct ops" in table
+
+
+@pytest.mark.slow
+def test_host_overhead_runs():
+    pytest.importorskip("lnsr._C")
+    from lnsr.benchmarks import host_overhead as H
+
+    rows = H.run(quick=True)
+    assert [r["op"] for r in rows] == ["layer_penalty", "perturb"]
+    assert all(r["us_direct"] > 0 and r["ratio"] > 0 for r in rows)

@@ -2,11 +2,13 @@
 
     lnsr bench --quick              # < 3 minutes on a 2-core CPU: a small kernel and step table
     lnsr bench                      # the full tables for the device (CPU here, GPU when present)
+    lnsr bench --only host          # host overhead of the ops vs their compiled ops called directly
 
 Prints the tables, appends rows to CSVs under ``--out`` (default: the current directory) and
 draws a PNG of step time and peak memory per case.  It downloads nothing: models are built from
 configurations (the packaged MiniLM when installed).  The kernel benchmark is
-``lnsr.benchmarks.bench_kernels``, the step benchmark ``lnsr.benchmarks.step``; machine names and
+``lnsr.benchmarks.bench_kernels``, the host-overhead table ``lnsr.benchmarks.host_overhead``, the
+step benchmark ``lnsr.benchmarks.step``; machine names and
 timing come from ``lnsr.utils.machine``.
 """
 from __future__ import annotations
@@ -58,7 +60,7 @@ def main(argv=None) -> int:
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="small shapes, few steps (< 3 min on a 2-core CPU)")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--only", choices=("kernels", "step"), default=None)
+    ap.add_argument("--only", choices=("kernels", "host", "step"), default=None)
     ap.add_argument("--models", nargs="+", default=None, help="step benchmark models (see lnsr.benchmarks.step)")
     ap.add_argument("--out", default=".", help="folder for CSVs and the PNG (default: the current directory)")
     ap.add_argument("--batch", type=int, default=None, help="step benchmark batch (default: 32 GPU, 16 CPU, 8 quick)")
@@ -81,6 +83,21 @@ def main(argv=None) -> int:
         kargv = ["--device", args.device, "--csv", os.path.join(out, "kernels.csv")]
         kargv += ["--quick"] if args.quick else ["--threads", "1"] if args.device == "cpu" else []
         bench_kernels.run_in_subprocess(kargv)
+    if args.only in (None, "host"):
+        from . import host_overhead
+        from .common import append_csv
+        print("== host overhead (CPU, lnsr._C) ==", flush=True)
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)  # the host's cost, not the kernels'; and stable on a shared machine
+        try:
+            rows = host_overhead.run(quick=args.quick)
+        except RuntimeError as exc:  # no lnsr._C: say so, run the rest
+            print(f"skipped: {exc}")
+        else:
+            print(host_overhead.format_table(rows))
+            append_csv(os.path.join(out, "host_overhead.csv"), rows, kind="host_overhead")
+        finally:
+            torch.set_num_threads(threads)
     if args.only in (None, "step"):
         from . import step
         from .common import append_csv

@@ -1,0 +1,110 @@
+"""Host overhead of the ops at host-bound sizes (issue #14, "What must be shown"; measured only).
+
+    lnsr bench --only host [--quick]
+    python -m lnsr.benchmarks.host_overhead
+
+Side by side in one run, on CPU tensors and the ``cpu`` backend (lnsr._C):
+
+- ``layer_penalty`` forward + backward over 12 layers of ``[4, 8, 64]`` (``2B = 4``) with a mask:
+  through ``lnsr.ops`` and autograd (what ``LNSR`` does) vs the compiled ops called directly,
+  ``torch.ops.lnsr.layer_penalty`` then ``torch.ops.lnsr.layer_penalty_backward``;
+- ``perturb`` (relative) of ``[4, 8, 64]`` forward + backward: ``lnsr.ops.perturb`` and autograd vs
+  ``torch.ops.lnsr.perturb`` then ``torch.ops.lnsr.perturb_backward``.
+
+The ratio is the time through ``lnsr.ops`` over the direct calls (design target: at most 2x).  The
+callables take turns, rep by rep (``lnsr.utils.machine.interleaved_ms``), so that other load on a
+shared machine hits both alike; each timed call runs the pair ``inner`` times.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+
+import torch
+
+N_LAYERS = 12
+SHAPE = (4, 8, 64)  # [2B, T, H] of each layer; perturb's h is the same shape
+
+
+def cases():
+    """``{op: (through lnsr.ops, direct ops)}``: two callables per op, each one forward + backward,
+    returning ``(forward output, [gradients])`` (the same values both ways)."""
+    import lnsr
+    from lnsr.ops import backend as B
+
+    be = lnsr.ops.resolve_backend("cpu", "cpu")  # raises, naming the build command, without lnsr._C
+    ops = torch.ops.lnsr
+    gen = torch.Generator().manual_seed(0)
+    ys = [torch.randn(SHAPE, generator=gen).requires_grad_() for _ in range(N_LAYERS)]
+    ys_plain = [y.detach() for y in ys]
+    mask = torch.ones(SHAPE[0] // 2, SHAPE[1], dtype=torch.long)
+    mask[:, -2:] = 0
+    weights = B.weights_tensor(None, N_LAYERS, "cpu")
+    one = torch.ones(())
+
+    def penalty_ops():
+        loss = lnsr.ops.layer_penalty(ys, mask=mask, backend=be.name)
+        return loss, torch.autograd.grad(loss, ys)
+
+    def penalty_direct():
+        loss, count = ops.layer_penalty(ys_plain, mask, weights, False)
+        return loss, ops.layer_penalty_backward(one, count, ys_plain, mask, weights, False)
+
+    h = torch.randn(SHAPE, generator=gen).requires_grad_()
+    h_plain = h.detach()
+    g = torch.randn((2 * SHAPE[0], *SHAPE[1:]), generator=gen)
+    seed = 12345
+
+    def perturb_ops():
+        out = lnsr.ops.perturb(h, seed, sigma=0.05, kind="relative", backend=be.name)
+        return out, torch.autograd.grad(out, h, g)
+
+    def perturb_direct():
+        return ops.perturb(h_plain, B.seed_bits(seed), 0.05, "relative"), [ops.perturb_backward(g)]
+
+    return {"layer_penalty": (penalty_ops, penalty_direct), "perturb": (perturb_ops, perturb_direct)}
+
+
+def run(quick: bool = False) -> list[dict]:
+    """One row per op: microseconds per forward + backward both ways and their ratio."""
+    from lnsr.utils.machine import interleaved_ms
+
+    inner, reps = (20, 15) if quick else (50, 41)
+    rows = []
+    for op, (via_ops, direct) in cases().items():
+        def loop(fn):
+            def timed():
+                for _ in range(inner):
+                    fn()
+            return timed
+        res = interleaved_ms({"ops": loop(via_ops), "direct": loop(direct)}, reps)
+        us = {k: 1e3 * med / inner for k, (med, _best) in res.items()}
+        rows.append(dict(op=op, shape=f"{N_LAYERS}x{list(SHAPE)}" if op == "layer_penalty" else str(list(SHAPE)),
+                         device="cpu", backend="cpu", threads=torch.get_num_threads(),
+                         us_lnsr_ops=round(us["ops"], 2), us_direct=round(us["direct"], 2),
+                         ratio=round(us["ops"] / us["direct"], 2)))
+    return rows
+
+
+def format_table(rows) -> str:
+    lines = ["# host overhead, forward + backward, CPU (lnsr._C), median us per call; ratio = lnsr.ops / "
+             "direct torch.ops.lnsr calls (target <= 2x)",
+             f"{'op':<15}{'shape':<18}{'lnsr.ops + autograd':>21}{'direct ops':>12}{'ratio':>8}"]
+    for r in rows:
+        lines.append(f"{r['op']:<15}{r['shape']:<18}{r['us_lnsr_ops']:>21.1f}{r['us_direct']:>12.1f}"
+                     f"{r['ratio']:>7.2f}x")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="fewer repetitions")
+    ap.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1: host cost, not kernels)")
+    args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    print(format_table(run(quick=args.quick)))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
