@@ -12,6 +12,7 @@ Philox call per 4 elements, laid out by ``interleave(interleave(n1, n3), interle
 """
 from __future__ import annotations
 
+import collections
 import math
 
 import torch
@@ -295,6 +296,48 @@ def _perturb_bwd_impl(g: torch.Tensor) -> torch.Tensor:
     return out
 
 
+# Small int64 tables the kernels read (pointer deltas, hidden sizes, layer indices), cached per
+# (device, values): the values are the layer count, the shapes and, for the pointer deltas, the
+# tensors' relative addresses, which repeat from step to step (the caching allocator, and always
+# under a CUDA graph's static pool).  A hit costs no host-to-device copy, so a warmed-up step can be
+# captured in a CUDA graph, where such copies are forbidden.  LRU-bounded: addresses do change.
+_TABLES: "collections.OrderedDict[tuple, torch.Tensor]" = collections.OrderedDict()
+_TABLES_MAX = 512
+_TABLE_STATS = {"hits": 0, "misses": 0}
+
+
+def table_cache_info() -> dict:
+    """``{"hits", "misses", "size"}`` of the device-table cache (for tests and benchmarks)."""
+    return {**_TABLE_STATS, "size": len(_TABLES)}
+
+
+def _capturing(device: torch.device) -> bool:
+    return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+
+
+def _device_table(values, device: torch.device) -> torch.Tensor:
+    """``torch.tensor(values, int64)`` on ``device``, from the cache when it was built before."""
+    key = (device.type, device.index, tuple(values))
+    table = _TABLES.get(key)
+    if table is not None:
+        _TABLES.move_to_end(key)
+        _TABLE_STATS["hits"] += 1
+        return table
+    _TABLE_STATS["misses"] += 1
+    if _capturing(device):
+        # First seen during a capture (addresses of the graph's own pool): scalar fills can be
+        # captured, a host-to-device copy cannot.  Not cached: the memory belongs to the graph.
+        table = torch.empty(len(values), dtype=torch.int64, device=device)
+        for j, v in enumerate(values):
+            table[j].fill_(v)
+        return table
+    table = torch.tensor(list(values), dtype=torch.int64).to(device, non_blocking=True)
+    _TABLES[key] = table
+    if len(_TABLES) > _TABLES_MAX:
+        _TABLES.popitem(last=False)
+    return table
+
+
 def _penalty_geometry(ys, device):
     m = math.prod(ys[0].shape[:-1]) // 2   # token rows per half, shared by all layers
     hmax = max(1, max(y.shape[-1] for y in ys))
@@ -317,16 +360,14 @@ def _deltas(ts):
     div = 16
     while div > 1 and any(d % div for d in deltas):
         div //= 2
-    table = torch.tensor(deltas, dtype=torch.int64).to(ts[0].device, non_blocking=True)
-    return table, div
+    return _device_table(deltas, ts[0].device), div
 
 
 def _group_args(sub):
     device = sub[0].device
     hids = [y.shape[-1] for y in sub]
     uniform = len(set(hids)) == 1
-    hid = torch.tensor(hids, dtype=torch.int64).to(device, non_blocking=True)
-    return hid, hids[0], uniform
+    return _device_table(hids, device), hids[0], uniform
 
 
 def _groups(ys):
@@ -377,7 +418,7 @@ def _penalty_impl(ys: list[torch.Tensor], mask, weights: torch.Tensor, detach_cl
         sub = [ys[j] for j in idx]
         deltas, div = _deltas(sub)
         hid, h0, uniform = _group_args(sub)
-        w = weights if len(idx) == len(ys) else weights[torch.tensor(idx, device=device)]
+        w = weights if len(idx) == len(ys) else weights[_device_table(idx, device)]
         _penalty_fwd_kernel[(len(sub) * nrb,)](sub[0], deltas, hid, h0, w, maskf, partials[start:], m, nrb,
                                                HAS_MASK=has_mask, ROWS=rows, BLOCK_H=block_h, DELTA_DIV=div,
                                                UNIFORM_H=uniform, num_warps=_warps(rows * block_h))
@@ -406,7 +447,7 @@ def _penalty_bwd_impl(gout, count, ys, mask, weights, detach_clean):
         deltas, div = _deltas(sub)
         gdeltas, gdiv = _deltas(gsub)
         hid, h0, uniform = _group_args(sub)
-        w = weights if len(idx) == len(ys) else weights[torch.tensor(idx, device=device)]
+        w = weights if len(idx) == len(ys) else weights[_device_table(idx, device)]
         _penalty_bwd_kernel[(len(sub) * nrb,)](sub[0], deltas, gsub[0], gdeltas, hid, h0, w, maskf, gout, count,
                                                m, nrb, HAS_MASK=has_mask, DETACH=bool(detach_clean), ROWS=rows,
                                                BLOCK_H=block_h, DELTA_DIV=min(div, gdiv), UNIFORM_H=uniform,

@@ -63,6 +63,111 @@ def test_layer_penalty_single_token(hid):  # M = 1 and H = 1 become constexprs i
             torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
 
+# ------------------------------------------------------------- host tables (CUDA-graph safe calls)
+
+def test_host_tables_are_cached_between_calls():
+    """The second call with the same layers builds no table on the host (no host-to-device copy):
+    the pointer deltas, hidden sizes, layer indices and float weights come from the caches.  Other
+    tensors of the same shapes (other addresses) still get their own, correct tables."""
+    from lnsr.kernels import _triton as impl
+    from lnsr.ops import backend as B
+
+    hids = [16, 16, 8, 16]
+    ys = _ys(4, (4, 6, 16), torch.float32, 11, hids=hids)
+    ys[2] = ys[2].detach().to(torch.bfloat16).requires_grad_()  # two dtype groups: a layer-index table too
+    mask = _mask((2, 6), 12)
+    weights = [1.0, 0.5, 2.0, 0.25]
+
+    with torch.no_grad():  # the forward: tables of the inputs only
+        first = BE.layer_penalty(ys, mask=mask, weights=weights)
+        before, w_before = impl.table_cache_info(), B.weights_tensor(weights, 4, DEV)
+        second = BE.layer_penalty(ys, mask=mask, weights=weights)
+        after = impl.table_cache_info()
+    assert after["misses"] == before["misses"], (before, after)
+    assert after["hits"] >= before["hits"] + 5  # per dtype group: deltas and hids; one index table
+    assert B.weights_tensor(weights, 4, DEV) is w_before
+    assert torch.equal(first, second)
+
+    # forward + backward as in a training loop (each step's gradients freed before the next): the
+    # backward's table of gradient addresses is a hit whenever the allocator hands out the same memory
+    seen, misses = [], []
+    for _ in range(5):
+        loss = BE.layer_penalty(ys, mask=mask, weights=weights)
+        grads = torch.autograd.grad(loss, ys)
+        seen.append(tuple(g.data_ptr() for g in grads))
+        misses.append(impl.table_cache_info()["misses"])
+        del loss, grads
+    if len(set(seen[1:])) == 1:
+        assert misses[-1] == misses[1], misses
+
+    others = [y.detach().clone().mul_(1.5).requires_grad_() for y in ys]  # same shapes, other memory
+    out = BE.layer_penalty(others, mask=mask, weights=weights)
+    ref = reference.layer_penalty(others, mask=mask, weights=weights)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)
+    for a, b in zip(torch.autograd.grad(out, others), torch.autograd.grad(ref, others)):
+        torch.testing.assert_close(a, b, rtol=1.6e-2, atol=1e-5)
+
+
+@pytest.mark.gpu
+def test_cuda_graph_capture_of_penalty_forward_and_backward():
+    """After one eager call, the ops' forward and backward are captured in a CUDA graph (no
+    host-to-device copy inside) and its replays follow new values of the static inputs."""
+    ops = torch.ops.lnsr_triton
+    ys = [torch.randn(8, 32, 64, device="cuda") for _ in range(3)]
+    mask = _mask((4, 32), 3).to("cuda")
+    w = torch.tensor([1.0, 0.5, 2.0], device="cuda")
+    one = torch.ones((), device="cuda")
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):  # warm-up: compiles the kernels, fills the table caches
+        loss, count = ops.layer_penalty(ys, mask, w, False)
+        ops.layer_penalty_backward(one, count, ys, mask, w, False)
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        loss, count = ops.layer_penalty(ys, mask, w, False)
+        grads = ops.layer_penalty_backward(one, count, ys, mask, w, False)
+    for step in range(3):
+        for y in ys:
+            y.normal_()
+        graph.replay()
+        torch.cuda.synchronize()
+        xs = [y.clone().requires_grad_() for y in ys]
+        ref = reference.layer_penalty(xs, mask=mask, weights=[1.0, 0.5, 2.0])
+        torch.testing.assert_close(loss, ref.detach(), rtol=1e-5, atol=1e-6)
+        for a, b in zip(grads, torch.autograd.grad(ref, xs)):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.gpu
+def test_reduce_overhead_compile_captures_the_penalty():
+    """torch.compile(mode="reduce-overhead") runs the Triton penalty inside CUDA graphs (no
+    cudagraph skip), forward and backward equal to eager over several steps."""
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    ys = [torch.randn(8, 32, 64, device="cuda", requires_grad=True) for _ in range(3)]
+    mask = _mask((4, 32), 4).to("cuda")
+
+    def penalty(a, b, c):
+        return BE.layer_penalty([a, b, c], mask=mask, weights=[1.0, 0.5, 2.0])
+
+    fn = torch.compile(penalty, mode="reduce-overhead", fullgraph=True)
+    for step in range(4):
+        with torch.no_grad():
+            for y in ys:
+                y.normal_()
+        loss = fn(*ys)
+        grads = torch.autograd.grad(loss, ys)
+        xs = [y.detach().clone().requires_grad_() for y in ys]
+        ref = penalty(*xs)
+        torch.testing.assert_close(loss, ref, rtol=1e-5, atol=1e-6)
+        for a, b in zip(grads, torch.autograd.grad(ref, xs)):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    assert counters["inductor"]["cudagraph_skips"] == 0, dict(counters["inductor"])
+
+
 # ------------------------------------------------------------------------------------- torch.library
 
 def test_ops_registered_and_opcheck():

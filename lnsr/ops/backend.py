@@ -25,6 +25,7 @@ torch.library ops of one schema, with fake implementations and autograd register
 from __future__ import annotations
 
 import abc
+import collections
 import math
 from typing import Sequence
 
@@ -62,14 +63,33 @@ def unsigned_seed(bits: int) -> int:
     return bits + (1 << 64) if bits < 0 else bits
 
 
+# Weights given as floats, as device tensors, per (device, values): LNSR passes the same constant
+# weights every step, and a cached tensor costs no host-to-device copy (which a CUDA graph capture
+# forbids).  Bounded: normalize="gain" gives new values every step.
+_WEIGHTS: "collections.OrderedDict[tuple, torch.Tensor]" = collections.OrderedDict()
+_WEIGHTS_MAX = 64
+
+
 def weights_tensor(weights, n: int, device) -> torch.Tensor:
     """Layer weights (None = all 1, a sequence of floats, or a tensor) as an fp32 [n] tensor on device."""
     if weights is None:
         return torch.ones(n, dtype=torch.float32, device=device)
     if isinstance(weights, torch.Tensor):
         w = weights.detach().to(device=device, dtype=torch.float32).reshape(-1)
+    elif torch.compiler.is_compiling():  # a constant of the graph; a global cache would be guarded on
+        w = torch.tensor([float(x) for x in weights], dtype=torch.float32, device=device)
     else:
-        w = torch.tensor([float(x) for x in weights], dtype=torch.float32).to(device, non_blocking=True)
+        values = tuple(float(x) for x in weights)
+        device = torch.device(device)
+        key = (device.type, device.index, values)
+        w = _WEIGHTS.get(key)
+        if w is None:
+            w = torch.tensor(values, dtype=torch.float32).to(device, non_blocking=True)
+            _WEIGHTS[key] = w
+            if len(_WEIGHTS) > _WEIGHTS_MAX:
+                _WEIGHTS.popitem(last=False)
+        else:
+            _WEIGHTS.move_to_end(key)
     if w.numel() != n:
         raise ValueError(f"weights has {w.numel()} entries for {n} tensors in ys")
     return w
