@@ -82,7 +82,7 @@ def test_clear_errors(tmp_path):
         main(["finetune", "--task", "rtee", "--data-dir", str(tmp_path / "rte")])
     with pytest.raises(SystemExit, match=r"unknown method 'l2s': choose from vanilla, lnsr, l2sp, mixout, r3f, smart"):
         main(_ft(tmp_path, tmp_path / "rte", "--method", "l2s"))
-    with pytest.raises(SystemExit, match=r"method lnsr: sigma and lam must be >= 0"):
+    with pytest.raises(SystemExit, match=r"method lnsr: lam must be a finite float >= 0"):
         main(_ft(tmp_path, tmp_path / "rte", "--method", "vanilla", "lnsr", "--lam", "-1"))
     with pytest.raises(SystemExit, match=r"bad method spec"):
         main(_ft(tmp_path, tmp_path / "rte", "--method", "lnsr:lamda=1"))
