@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import lnsr
-from tiny_models import VOCAB, batch, build
+from tiny_models import batch, build, pad_collate, ragged_rows
 
 OPTS = dict(sigma=0.1, lam=0.3, inject_at=1, backend="torch")
 
@@ -159,23 +159,6 @@ def test_bad_add_to_loss_is_a_clear_error():
 
 
 # -- the plain Hugging Face Trainer ------------------------------------------------------------------
-def _rows(n, t=10, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    rows = []
-    for i in range(n):
-        length = t - (i % 3)  # ragged: the collator pads, the mask matters
-        ids = torch.randint(3, VOCAB, (length,), generator=g).tolist()
-        rows.append({"input_ids": ids, "attention_mask": [1] * length, "labels": int(i % 2)})
-    return rows
-
-
-def _collate(rows):
-    t = max(len(r["input_ids"]) for r in rows)
-    return {"input_ids": torch.tensor([r["input_ids"] + [0] * (t - len(r["input_ids"])) for r in rows]),
-            "attention_mask": torch.tensor([r["attention_mask"] + [0] * (t - len(r["attention_mask"])) for r in rows]),
-            "labels": torch.tensor([r["labels"] for r in rows])}
-
-
 @pytest.mark.parametrize("accumulation", [1, 2])
 def test_plain_trainer_with_add_to_loss_equals_lnsr_trainer(tmp_path, accumulation):
     pytest.importorskip("accelerate")
@@ -189,15 +172,15 @@ def test_plain_trainer_with_add_to_loss_equals_lnsr_trainer(tmp_path, accumulati
                                     disable_tqdm=True, dataloader_num_workers=0, optim="sgd")
 
     init = build("bert", layers=3, dropout=0.1, seed=2)
-    data = _rows(12)
+    data = ragged_rows(12)
     model_a = copy.deepcopy(init)
     reg = lnsr.LNSR(model_a, add_to_loss=True, **OPTS)  # the one line
-    tr_a = tf.Trainer(model=model_a, args=args("a"), train_dataset=data, data_collator=_collate)
+    tr_a = tf.Trainer(model=model_a, args=args("a"), train_dataset=data, data_collator=pad_collate)
     tr_a.train()
     assert reg.steps == 3 * accumulation and reg.penalty > 0
     reg.remove()
     model_b = copy.deepcopy(init)
-    tr_b = LNSRTrainer(model=model_b, args=args("b"), train_dataset=data, data_collator=_collate, lnsr=OPTS)
+    tr_b = LNSRTrainer(model=model_b, args=args("b"), train_dataset=data, data_collator=pad_collate, lnsr=OPTS)
     tr_b.train()
     _assert_same_params(_params(model_a), _params(model_b), rtol=1e-5, atol=1e-7)
     assert not all(torch.equal(p, q) for p, q in zip(init.parameters(), model_a.parameters()))

@@ -10,27 +10,10 @@ import transformers as tf  # noqa: E402
 
 import lnsr  # noqa: E402
 from lnsr.integrations import LNSRTrainer  # noqa: E402
-from tiny_models import VOCAB, build  # noqa: E402
+from tiny_models import build, pad_collate, ragged_rows  # noqa: E402
 
 LNSR_KW = dict(sigma=0.1, lam=0.3, inject_at=1, backend="torch")
 SEED = 1234
-
-
-def _data(n, t=10, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    rows = []
-    for i in range(n):
-        length = t - (i % 3)  # ragged: the collator pads, the mask matters
-        ids = torch.randint(3, VOCAB, (length,), generator=g).tolist()
-        rows.append({"input_ids": ids, "attention_mask": [1] * length, "labels": int(i % 2)})
-    return rows
-
-
-def _collate(rows):
-    t = max(len(r["input_ids"]) for r in rows)
-    return {"input_ids": torch.tensor([r["input_ids"] + [0] * (t - len(r["input_ids"])) for r in rows]),
-            "attention_mask": torch.tensor([r["attention_mask"] + [0] * (t - len(r["attention_mask"])) for r in rows]),
-            "labels": torch.tensor([r["labels"] for r in rows])}
 
 
 class _FixSeed(tf.TrainerCallback):
@@ -63,7 +46,7 @@ def _args(tmp_path, **kw):
 def test_trainer_penalty_equals_hand_loop(tmp_path):
     model = build("bert", layers=3, dropout=0.1)
     init = copy.deepcopy(model)
-    tr = _Recording(model=model, args=_args(tmp_path), train_dataset=_data(4), data_collator=_collate,
+    tr = _Recording(model=model, args=_args(tmp_path), train_dataset=ragged_rows(4), data_collator=pad_collate,
                     lnsr=LNSR_KW, callbacks=[_FixSeed()])
     tr.train()
     rec = tr.seen[0]
@@ -91,7 +74,7 @@ def test_trainer_penalty_equals_hand_loop(tmp_path):
 
 def test_trainer_without_lnsr_is_the_plain_trainer(tmp_path):
     model = build("bert", layers=2)
-    tr = LNSRTrainer(model=model, args=_args(tmp_path), train_dataset=_data(4), data_collator=_collate)
+    tr = LNSRTrainer(model=model, args=_args(tmp_path), train_dataset=ragged_rows(4), data_collator=pad_collate)
     tr.train()
     assert tr.lnsr_reg is None and not any("lnsr_penalty" in h for h in tr.state.log_history)
     with pytest.raises(TypeError, match=r"unknown option\(s\) \['lamda'\]"):
@@ -105,8 +88,8 @@ def test_trainer_without_lnsr_is_the_plain_trainer(tmp_path):
 
 def test_trainer_takes_an_lnsr_config(tmp_path):
     cfg = lnsr.LNSRConfig(**LNSR_KW)
-    tr = _Recording(model=build("bert", layers=2), args=_args(tmp_path), train_dataset=_data(4),
-                    data_collator=_collate, lnsr=cfg)
+    tr = _Recording(model=build("bert", layers=2), args=_args(tmp_path), train_dataset=ragged_rows(4),
+                    data_collator=pad_collate, lnsr=cfg)
     assert tr.lnsr_config is cfg and tr.lnsr_kwargs == cfg.to_dict()
     tr.train()
     assert tr.seen[0]["_penalty"] > 0 and tr.lnsr_reg is None
@@ -119,8 +102,8 @@ def test_trainer_accumulation_eval_checkpoint(tmp_path):
     args = _args(tmp_path, per_device_train_batch_size=2, gradient_accumulation_steps=2, max_steps=2,
                  eval_strategy="steps", eval_steps=1, save_strategy="steps", save_steps=2,
                  per_device_eval_batch_size=4)
-    tr = _Recording(model=model, args=args, train_dataset=_data(8), eval_dataset=_data(4, seed=5),
-                    data_collator=_collate, lnsr=dict(LNSR_KW, lam=0.05))
+    tr = _Recording(model=model, args=args, train_dataset=ragged_rows(8), eval_dataset=ragged_rows(4, seed=5),
+                    data_collator=pad_collate, lnsr=dict(LNSR_KW, lam=0.05))
     tr.train()
     assert len(tr.seen) == 4  # 2 optimizer steps x 2 micro-batches
     train_logs = [h for h in tr.state.log_history if "loss" in h]
@@ -135,7 +118,7 @@ def test_trainer_accumulation_eval_checkpoint(tmp_path):
     ckpt = os.path.join(args.output_dir, "checkpoint-2")
     assert os.path.isfile(os.path.join(ckpt, "config.json"))
     reloaded = tf.BertForSequenceClassification.from_pretrained(ckpt).eval()
-    batch = _collate(_data(4, seed=5))
+    batch = pad_collate(ragged_rows(4, seed=5))
     with torch.no_grad():
         plain = reloaded(**batch).loss
     assert tr.evaluate()["eval_loss"] == pytest.approx(float(plain), rel=1e-5)
@@ -151,7 +134,7 @@ def test_trainer_accumulated_gradient_matches_hand_loop(tmp_path, scaled_for_ga)
     init = copy.deepcopy(model)
     args = _args(tmp_path, per_device_train_batch_size=2, gradient_accumulation_steps=2, learning_rate=0.0,
                  max_grad_norm=1e9)
-    tr = _Recording(model=model, args=args, train_dataset=_data(4), data_collator=_collate, lnsr=LNSR_KW,
+    tr = _Recording(model=model, args=args, train_dataset=ragged_rows(4), data_collator=pad_collate, lnsr=LNSR_KW,
                     callbacks=[_FixSeed()])
     if scaled_for_ga is not None:
         tr.loss_is_scaled_for_ga = scaled_for_ga

@@ -52,3 +52,22 @@ def batch(family: str, *, b: int = 3, t: int = 9, seed: int = 1, pad: bool = Tru
     else:
         out["labels"] = torch.randint(0, 2, (b,), generator=g)
     return out
+
+
+def ragged_rows(n, t=10, seed=0):
+    """Classification rows of lengths t, t-1, t-2, ... for Trainer tests: the collator pads, the mask matters."""
+    g = torch.Generator().manual_seed(seed)
+    rows = []
+    for i in range(n):
+        length = t - (i % 3)
+        ids = torch.randint(3, VOCAB, (length,), generator=g).tolist()
+        rows.append({"input_ids": ids, "attention_mask": [1] * length, "labels": int(i % 2)})
+    return rows
+
+
+def pad_collate(rows):
+    """Right-pad ``ragged_rows`` to the longest row (pad id 0, mask 0)."""
+    t = max(len(r["input_ids"]) for r in rows)
+    return {"input_ids": torch.tensor([r["input_ids"] + [0] * (t - len(r["input_ids"])) for r in rows]),
+            "attention_mask": torch.tensor([r["attention_mask"] + [0] * (t - len(r["attention_mask"])) for r in rows]),
+            "labels": torch.tensor([r["labels"] for r in rows])}
