@@ -2,9 +2,10 @@
 
 Blocks below ``k`` run once on the batch of ``B``.  A pre-hook on block ``k`` replaces its input
 ``h`` by ``cat([h, h + eps])``; pre-hooks on blocks ``>= k`` double every other batch-sized tensor
-argument; forward hooks collect each block's ``[2B, ...]`` output and the last one hands only the
-clean half on to the head; when the model's forward returns, the penalty over all of them is
-computed in one op.
+argument; forward hooks pass each block's ``[2B, ...]`` output through a tap of the streaming
+penalty (``lnsr.ops.PenaltyStream``: its backward adds that layer's penalty gradient into the
+block's own) and the last one hands only the clean half on to the head; when the model's forward
+returns, the penalty's value over all of them is computed in one op.
 """
 from __future__ import annotations
 
@@ -44,7 +45,7 @@ class _Forward:
     mask: torch.Tensor | None = None
     loss_share: torch.Tensor | None = None    # add_to_loss: this call's share of num_items_in_batch
     injected: tuple | None = None             # normalize="gain": (h, h + eps) at block k, detached
-    ys: list = field(default_factory=list)
+    stream: ops.PenaltyStream | None = None   # the block outputs met so far (RUN), their taps
     doubled: dict = field(default_factory=dict)  # id(tensor) -> (tensor, cat([tensor, tensor[B-m:]]))
 
 
@@ -238,7 +239,7 @@ class LNSR:
         if st.depth:
             return None  # a nested entry returned
         if st.phase == RUN:
-            if len(st.ys) == len(self.blocks) - self.inject_at:
+            if st.stream is not None and len(st.stream.ys) == len(self.blocks) - self.inject_at:
                 # Computed here, outside every block: a block whose __call__ runs inside an
                 # activation checkpoint must save the same tensors when recomputed.
                 self._finish(output)
@@ -246,7 +247,9 @@ class LNSR:
             else:  # the forward ended early (an exception): undo everything
                 st.phase = OFF
                 self._dropout.deactivate()
-        st.ys, st.doubled, st.injected = [], {}, None
+        st.doubled, st.injected = {}, None
+        if st.phase != REPLAY:
+            st.stream = None
         return None
 
     def _block_pre(self, j, module, args, kwargs):
@@ -276,23 +279,24 @@ class LNSR:
         y = output if isinstance(output, torch.Tensor) else output[0] if isinstance(output, (tuple, list)) else None
         if not isinstance(y, torch.Tensor) or y.shape[0] != b + m:
             return None  # an exception inside the block; _entry_post cleans up
-        if st.phase == RUN:
-            st.ys.append(y[b - m:])  # [2m, ...]: clean rows then their noisy copies
-        if j != len(self.blocks) - 1:
-            return None
-        if isinstance(output, torch.Tensor):  # the head sees the clean half only
-            return output[:b]
-        halves = [v[:b] if isinstance(v, torch.Tensor) and v.dim() >= 1 and v.shape[0] == b + m else v
-                  for v in output]
-        return type(output)(halves) if isinstance(output, tuple) and not hasattr(output, "_fields") \
-            else halves if isinstance(output, list) else type(output)(*halves)
+        last = j == len(self.blocks) - 1
+        # The tap: rows b-m:b are clean, b: their noisy copies; the head sees the clean half only.
+        # A recomputation (REPLAY) taps again, so that it saves what the forward saved.
+        z = st.stream.tap(y, first=b - m, keep=b if last else b + m, record=st.phase == RUN)
+        if isinstance(output, torch.Tensor):
+            return z
+        rest = [v[:b] if last and isinstance(v, torch.Tensor) and v.dim() >= 1 and v.shape[0] == b + m else v
+                for v in output[1:]]
+        items = [z, *rest]
+        return type(output)(items) if isinstance(output, tuple) and not hasattr(output, "_fields") \
+            else items if isinstance(output, list) else type(output)(*items)
 
     # -- one forward: begin, inject, finish -----------------------------------------------------------
     def _begin(self, args, kwargs):
         """Start a call of the model: decide whether it is regularised; returns new (args, kwargs) or None."""
         st = self._fwd
         self._dropout.deactivate()  # the previous forward's window ends here
-        st.phase, st.batch, st.noisy, st.ys, st.doubled, st.injected = OFF, None, None, [], {}, None
+        st.phase, st.batch, st.noisy, st.stream, st.doubled, st.injected = OFF, None, None, None, {}, None
         self.loss = self._zero()  # what a forward that is not regularised leaves
         if not (self.model.training and torch.is_grad_enabled()):
             return None
@@ -326,6 +330,9 @@ class LNSR:
         if st.batch is None:
             st.batch = h.shape[0]
             st.noisy = max(1, min(st.batch, math.ceil(cfg.noisy_fraction * st.batch - 1e-9)))
+        if st.stream is None:
+            st.stream = ops.PenaltyStream(mask=self._penalty_mask(), detach_clean=cfg.detach_clean,
+                                          backend=cfg.backend)
         mask = st.mask
         if mask is not None and tuple(mask.shape) != tuple(h.shape[:-1]):
             raise ValueError(f"attention_mask has shape {tuple(mask.shape)} but the hidden state entering block "
@@ -351,15 +358,14 @@ class LNSR:
 
     def _finish(self, output) -> None:
         st, cfg = self._fwd, self.config
-        ys, mask = st.ys, self._penalty_mask()
+        ys, mask = st.stream.ys, self._penalty_mask()
         if cfg.normalize == "token":
             weights = self.layer_weights
         elif cfg.normalize == "element":
             weights = [w / y.shape[-1] for w, y in zip(self.layer_weights, ys)]
         else:
             weights = gain_weights(self.layer_weights, *st.injected, ys, mask)
-        penalty = ops.layer_penalty(ys, mask=mask, weights=weights, detach_clean=cfg.detach_clean,
-                                    backend=cfg.backend)
+        penalty = st.stream.loss(weights)
         self.penalty = penalty.detach()
         self.loss = cfg.lam * penalty
         self.steps += 1

@@ -456,3 +456,107 @@ def test_lnsr_equals_torch_backend_on_tiny_bert(bd, noise):
     assert g_t.keys() == g_k.keys() and len(g_t) > 10
     for name in g_t:
         torch.testing.assert_close(g_k[name], g_t[name], rtol=1e-3, atol=1e-5, msg=name)
+
+
+# ---------------------------------------------------------------------------------------------
+# the streaming penalty (lnsr.ops.PenaltyStream): layer_penalty's value and gradients, one layer's
+# penalty gradient at a time
+# ---------------------------------------------------------------------------------------------
+
+def _stream_case(be, dev, ys, first, keep, mask, weights, detach_clean, gen):
+    """PenaltyStream vs the reference: loss = sum_j <c_j, z_j> + layer_penalty(ys[first:]) with
+    random c_j standing in for the gradient from above; returns nothing, asserts."""
+    dtype = ys[0].dtype
+    ups = [torch.randn((keep, *y.shape[1:]), generator=gen).to(device=dev, dtype=torch.float32) for y in ys]
+    xs = [y.clone().requires_grad_() for y in ys]
+    stream = lnsr.ops.PenaltyStream(mask=mask, detach_clean=detach_clean, backend=be.name)
+    zs = [stream.tap(x, first=first, keep=keep) for x in xs]
+    assert all(z.shape[0] == keep for z in zs)
+    pen = stream.loss(weights)
+    assert stream.ys == []  # released once the value is computed
+    above = sum((z.float() * u).sum() for z, u in zip(zs, ups))
+    grads = torch.autograd.grad(above + pen, xs)
+    xr = [y.clone().requires_grad_() for y in ys]
+    ref = R.layer_penalty([x[first:] for x in xr], mask=mask, weights=weights, detach_clean=detach_clean)
+    above_r = sum((x[:keep].float() * u).sum() for x, u in zip(xr, ups))
+    grads_r = torch.autograd.grad(above_r + ref, xr)
+    torch.testing.assert_close(pen.float(), ref.float(), rtol=2e-5 if dtype == torch.float32 else 1e-3, atol=1e-6,
+                               msg=_msg("stream value"))
+    for g, gr in zip(grads, grads_r):
+        assert g.dtype == dtype and g.shape == gr.shape
+        torch.testing.assert_close(g, gr, **TOL[dtype], msg=_msg("stream gradient"))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("hidden", [1, 33])
+def test_penalty_stream_equals_layer_penalty(bd, gen, dtype, hidden):
+    be, dev = bd
+    for batch, noisy in ((1, 1), (3, 3), (4, 1)):  # noisy < batch: noisy_fraction's layout
+        first = batch - noisy
+        ys = [_randn((batch + noisy, 5, h), dtype, gen, dev) for h in (hidden, 7)]
+        mask = _mask((noisy, 5), gen, dev)
+        for keep in (batch + noisy, batch):  # inner blocks pass every row on; the last, the clean half
+            for m, w, dc in ((mask, [0.5, 2.0], False), (None, None, True), (mask, None, True)):
+                _stream_case(be, dev, ys, first, keep, m, w, dc, gen)
+
+
+def test_penalty_stream_padding_and_empty_mask(bd, gen):
+    """Padding may hold NaN/Inf: its penalty gradient is exactly 0 (the gradient from above passes
+    through untouched); an empty mask gives 0 and adds nothing."""
+    be, dev = bd
+    y = _randn((4, 5, 16), torch.float32, gen, dev)
+    mask = _mask((2, 5), gen, dev)
+    pad = (mask == 0).repeat(2, 1)
+    y[pad] = float("nan")
+    y[2:][mask == 0] = float("inf")
+    for m in (mask, torch.zeros_like(mask)):
+        x = y.clone().requires_grad_()
+        stream = lnsr.ops.PenaltyStream(mask=m, backend=be.name)
+        z = stream.tap(x, first=0, keep=4)
+        pen = stream.loss()
+        up = torch.where(pad.unsqueeze(-1), 0.0, torch.ones_like(y))  # finite gradient from above
+        (g,) = torch.autograd.grad((z * up).nansum() + pen, x)
+        assert torch.isfinite(pen) and torch.isfinite(g).all(), _msg("padding")("non-finite")
+        assert torch.count_nonzero(g[pad]) == 0
+        if not m.any():
+            assert pen.item() == 0.0 and torch.equal(g, up)
+
+
+def test_penalty_stream_rejects_bad_layouts(bd, gen):
+    be, dev = bd
+    y = _randn((4, 5, 8), torch.float32, gen, dev)
+    for kw in (dict(first=1, keep=4), dict(first=0, keep=0), dict(first=0, keep=5), dict(first=4, keep=4)):
+        with pytest.raises(ValueError, match="tap needs"):
+            lnsr.ops.PenaltyStream(backend=be.name).tap(y, **kw)
+    with pytest.raises(ValueError, match="mask has shape"):
+        lnsr.ops.PenaltyStream(mask=torch.ones(3, 5, device=dev), backend=be.name).tap(y, first=0, keep=4)
+    with pytest.raises(ValueError, match="no layer"):
+        lnsr.ops.PenaltyStream(backend=be.name).loss()
+
+
+def test_lnsr_backward_holds_one_penalty_gradient_at_a_time(bd):
+    """Inside a model, each layer's penalty gradient is made when that block's backward starts and
+    is gone before the next one is made: never two alive (the fused backward made all L at once)."""
+    import weakref
+    be, dev = bd
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.BertConfig(vocab_size=97, hidden_size=32, num_hidden_layers=4, num_attention_heads=4,
+                                  intermediate_size=64, max_position_embeddings=64)
+    torch.manual_seed(0)
+    model = transformers.BertForSequenceClassification(cfg).to(dev).train()
+    ids = torch.randint(0, 97, (3, 10), generator=torch.Generator().manual_seed(0)).to(dev)
+    made, alive_at_call = [], []
+    original = type(be).penalty_tap_backward
+
+    def spy(self, *args, **kwargs):
+        alive_at_call.append(sum(r() is not None for r in made))
+        out = original(self, *args, **kwargs)
+        made.append(weakref.ref(out))
+        return out
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(type(be), "penalty_tap_backward", spy)
+        with lnsr.LNSR(model, sigma=0.1, lam=1.0, inject_at=0, backend=be.name) as reg:
+            out = model(input_ids=ids, labels=torch.tensor([0, 1, 1], device=dev))
+            (out.loss + reg.loss).backward()
+    assert len(alive_at_call) == 4 and alive_at_call == [0, 0, 0, 0], alive_at_call

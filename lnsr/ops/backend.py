@@ -169,6 +169,26 @@ class Backend(abc.ABC):
         loss, _count = self.penalty_forward(ys, mask, w, bool(detach_clean))
         return loss
 
+    # -- the streaming penalty (docs/design.md §4): the value once, each layer's gradient in its backward
+
+    def penalty_value(self, ys: Sequence[torch.Tensor], mask: torch.Tensor | None,
+                      weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(loss, count)`` of ``layer_penalty`` as detached fp32 scalars (no graph is recorded)."""
+        with torch.no_grad():
+            if self.uses_reference(*ys):
+                loss = reference.layer_penalty(ys, mask=mask, weights=weights)
+                rows = math.prod(ys[0].shape[:-1]) // 2
+                count = (mask.to(torch.float32).sum() if mask is not None
+                         else torch.tensor(float(rows), device=ys[0].device))
+                return loss, count
+            return self.penalty_forward(list(ys), mask, weights, False)
+
+    def penalty_tap_backward(self, grad: torch.Tensor | None, coef: torch.Tensor, y: torch.Tensor, first: int,
+                             mask: torch.Tensor | None, detach_clean: bool) -> torch.Tensor:
+        """One layer's gradient under the streaming penalty (``reference.penalty_tap_backward``).
+        A backend may override it with a fused kernel; the default is the reference."""
+        return reference.penalty_tap_backward(grad, coef, y, first, mask, detach_clean)
+
     def __repr__(self) -> str:
         return f"<lnsr backend {self.name!r} ({type(self).__name__})>"
 

@@ -215,3 +215,36 @@ def layer_penalty(ys: Sequence[torch.Tensor], *, mask: torch.Tensor | None = Non
     b = ys[0].shape[0] // 2
     return pair_penalty([y[:b] for y in ys], [y[b:] for y in ys], mask=mask, weights=weights,
                         detach_clean=detach_clean)
+
+
+def penalty_tap_backward(grad: torch.Tensor | None, coef: torch.Tensor, y: torch.Tensor, first: int,
+                         mask: torch.Tensor | None = None, detach_clean: bool = False) -> torch.Tensor:
+    """The gradient reaching one layer's output ``y`` under the streaming penalty (docs/design.md §4).
+
+    ``y``: ``[first + 2m, ..., H]``: rows ``first:first+m`` are clean, the last ``m`` their noisy
+    copies (rows ``:first`` have none).  ``grad``: the gradient of ``y[:keep]`` from above (``keep <=
+    first + 2m`` rows; None = zeros).  ``coef``: a scalar, the penalty's gradient times ``w_j / N``.
+    Returns ``grad`` padded with zeros to ``y``'s rows plus ``coef`` times the gradient of
+    ``sum m ||noisy - clean||^2`` (``2 m (noisy - clean)`` on the noisy rows, its negative on the
+    clean rows unless ``detach_clean``), in ``y``'s dtype; masked tokens get nothing from it.
+    """
+    acc = torch.promote_types(y.dtype, torch.float32)
+    m = (y.shape[0] - first) // 2
+    clean, noisy = y[first:first + m], y[first + m:]
+    d = noisy.to(acc) - clean.to(acc)  # the one [m, ..., H] temporary (in place from here)
+    if mask is not None:  # padding may hold anything: it is zeroed after the product, never used
+        w = mask.to(acc).unsqueeze(-1)
+        d.mul_(w).masked_fill_(w == 0, 0.0)
+    d.mul_(2.0 * coef.to(acc))
+    # grad's rows as they are (autograd hands a gradient in y's dtype); the additions are computed
+    # in fp32 and rounded once, as the kernels do
+    if grad is not None and grad.shape[0] == y.shape[0]:
+        out = grad.to(y.dtype, copy=True)
+    else:
+        out = torch.zeros(y.shape, dtype=y.dtype, device=y.device)
+        if grad is not None:
+            out[:grad.shape[0]] = grad
+    out[first + m:] += d
+    if not detach_clean:
+        out[first:first + m] -= d
+    return out
