@@ -1,6 +1,7 @@
-// The one torch-facing file: registers the lnsr ops with TORCH_LIBRARY and turns tensors into the
-// raw-pointer launchers of cpu_kernels.cpp and cuda_kernels.cu.  Autograd and the fake (meta)
-// implementations are registered from Python (lnsr/ops/extension.py) with torch.library.
+// The one torch-facing file: registers the lnsr ops with TORCH_LIBRARY, turns tensors into the
+// raw-pointer launchers of cpu_kernels.cpp and cuda_kernels.cu, and gives perturb and
+// layer_penalty their autograd in C++ (a forward + backward never enters Python).  The fake
+// (meta) implementations are registered from Python (lnsr/ops/backend.py, register_op_extras).
 //
 // Built with -DLNSR_WITH_CUDA=1 when the CUDA kernels are compiled in (csrc/build_ext.py).
 #include <Python.h>
@@ -9,6 +10,8 @@
 #include <ATen/ops/empty.h>
 #include <ATen/ops/empty_like.h>
 #include <c10/core/Device.h>
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <torch/csrc/autograd/custom_function.h>
 #include <torch/library.h>
 
 #include <string_view>
@@ -263,6 +266,99 @@ at::Tensor noise_any(int64_t numel, int64_t seed, c10::Device device) {
   return {};
 }
 
+// ---------------------------------------------------------------------------------------------
+// Autograd (the Autograd dispatch key): the ops are called again below autograd, so one C++
+// function serves CPU and CUDA; the backward calls the backward ops the same way.
+// ---------------------------------------------------------------------------------------------
+
+using torch::autograd::AutogradContext;
+using torch::autograd::variable_list;
+
+at::Tensor call_perturb(const at::Tensor& h, int64_t seed, double sigma, std::string_view kind) {
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("lnsr::perturb", "")
+                       .typed<at::Tensor(const at::Tensor&, int64_t, double, std::string_view)>();
+  return op.call(h, seed, sigma, kind);
+}
+
+at::Tensor call_perturb_backward(const at::Tensor& grad) {
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("lnsr::perturb_backward", "")
+                       .typed<at::Tensor(const at::Tensor&)>();
+  return op.call(grad);
+}
+
+std::tuple<at::Tensor, at::Tensor> call_layer_penalty(at::TensorList ys, const c10::optional<at::Tensor>& mask,
+                                                      const at::Tensor& weights, bool detach_clean) {
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("lnsr::layer_penalty", "")
+                       .typed<std::tuple<at::Tensor, at::Tensor>(at::TensorList, const c10::optional<at::Tensor>&,
+                                                                 const at::Tensor&, bool)>();
+  return op.call(ys, mask, weights, detach_clean);
+}
+
+std::vector<at::Tensor> call_layer_penalty_backward(const at::Tensor& grad, const at::Tensor& count, at::TensorList ys,
+                                                    const c10::optional<at::Tensor>& mask, const at::Tensor& weights,
+                                                    bool detach_clean) {
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("lnsr::layer_penalty_backward", "")
+                       .typed<std::vector<at::Tensor>(const at::Tensor&, const at::Tensor&, at::TensorList,
+                                                      const c10::optional<at::Tensor>&, const at::Tensor&, bool)>();
+  return op.call(grad, count, ys, mask, weights, detach_clean);
+}
+
+struct PerturbFunction : public torch::autograd::Function<PerturbFunction> {
+  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& h, int64_t seed, double sigma,
+                            std::string_view kind) {
+    at::AutoDispatchBelowADInplaceOrView below;
+    return call_perturb(h, seed, sigma, kind);
+  }
+  // eps is detached for every kind (docs/design.md §1): the gradient is g[:B] + g[B:]
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    return {call_perturb_backward(grads[0]), at::Tensor(), at::Tensor(), at::Tensor()};
+  }
+};
+
+struct PenaltyFunction : public torch::autograd::Function<PenaltyFunction> {
+  static variable_list forward(AutogradContext* ctx, at::TensorList ys, const c10::optional<at::Tensor>& mask,
+                               const at::Tensor& weights, bool detach_clean) {
+    at::AutoDispatchBelowADInplaceOrView below;
+    auto [loss, count] = call_layer_penalty(ys, mask, weights, detach_clean);
+    const bool has_mask = mask.has_value() && mask->defined();
+    // Only the inputs (alive anyway: the model keeps them for its own backward) and two tiny
+    // tensors; no activation of the penalty is stored.
+    variable_list saved{count, weights, has_mask ? *mask : count};
+    saved.insert(saved.end(), ys.begin(), ys.end());
+    ctx->save_for_backward(saved);
+    ctx->saved_data["has_mask"] = has_mask;
+    ctx->saved_data["detach_clean"] = detach_clean;
+    ctx->mark_non_differentiable({count});
+    return {loss, count};
+  }
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    variable_list saved = ctx->get_saved_variables();
+    std::vector<at::Tensor> ys(saved.begin() + 3, saved.end());
+    c10::optional<at::Tensor> mask;
+    if (ctx->saved_data["has_mask"].toBool()) mask = saved[2];
+    at::Tensor grad = grads[0].defined() ? grads[0] : at::zeros_like(saved[0]);
+    std::vector<at::Tensor> gys =
+        call_layer_penalty_backward(grad, saved[0], ys, mask, saved[1], ctx->saved_data["detach_clean"].toBool());
+    variable_list out(gys.begin(), gys.end());
+    out.resize(gys.size() + 3);  // mask, weights, detach_clean: no gradient
+    return out;
+  }
+};
+
+at::Tensor perturb_autograd(const at::Tensor& h, int64_t seed, double sigma, std::string_view kind) {
+  return PerturbFunction::apply(h, seed, sigma, kind);
+}
+
+std::tuple<at::Tensor, at::Tensor> layer_penalty_autograd(at::TensorList ys, const c10::optional<at::Tensor>& mask,
+                                                          const at::Tensor& weights, bool detach_clean) {
+  variable_list out = PenaltyFunction::apply(ys, mask, weights, detach_clean);
+  return {out[0], out[1]};
+}
+
 }  // namespace
 
 TORCH_LIBRARY(lnsr, m) {
@@ -281,6 +377,11 @@ TORCH_LIBRARY_IMPL(lnsr, CPU, m) {
   m.impl("perturb_backward", TORCH_FN(perturb_backward_cpu));
   m.impl("layer_penalty", TORCH_FN(layer_penalty_cpu));
   m.impl("layer_penalty_backward", TORCH_FN(layer_penalty_backward_cpu));
+}
+
+TORCH_LIBRARY_IMPL(lnsr, Autograd, m) {
+  m.impl("perturb", TORCH_FN(perturb_autograd));
+  m.impl("layer_penalty", TORCH_FN(layer_penalty_autograd));
 }
 
 #if LNSR_WITH_CUDA

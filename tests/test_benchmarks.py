@@ -205,27 +205,31 @@ def test_kernel_baselines_are_user_code_and_the_reference_a_named_row():
 
 
 def test_host_overhead_table_compares_the_same_work(tmp_path, monkeypatch):
-    """`lnsr bench --only host`: the two ways of each op compute the same values (so the ratio
-    compares like with like), and the table and CSV have one row per op with its ratio."""
+    """`lnsr bench --only host`: the three ways of each op compute the same values (so the ratios
+    compare like with like), and the table and CSV have one row per op with its ratios."""
     pytest.importorskip("lnsr._C")
     from lnsr import benchmarks as bench
     from lnsr.benchmarks import host_overhead as H
 
-    for op, (via_ops, direct) in H.cases().items():
-        (a, ga), (b, gb) = via_ops(), direct()
+    for op, (via_ops, direct, engine) in H.cases().items():
+        (a, ga), (b, gb), (c, gc) = via_ops(), direct(), engine()
         torch.testing.assert_close(a, b, rtol=1e-6, atol=0, msg=op)
-        assert len(ga) == len(gb) == (H.N_LAYERS if op == "layer_penalty" else 1)
-        for x, y in zip(ga, gb):
+        torch.testing.assert_close(c, b, rtol=1e-6, atol=0, msg=op)
+        assert len(ga) == len(gb) == len(gc) == (H.N_LAYERS if op == "layer_penalty" else 1)
+        for x, y, z in zip(ga, gb, gc):
             torch.testing.assert_close(x, y, rtol=1e-6, atol=0, msg=op)
-    rows = [dict(op="layer_penalty", shape="12x[4, 8, 64]", device="cpu", us_lnsr_ops=90.0, us_direct=30.0, ratio=3.0),
-            dict(op="perturb", shape="[4, 8, 64]", device="cpu", us_lnsr_ops=40.0, us_direct=20.0, ratio=2.0)]
+            torch.testing.assert_close(z, y, rtol=1e-6, atol=0, msg=op)
+    rows = [dict(op="layer_penalty", shape="12x[4, 8, 64]", device="cpu", us_lnsr_ops=90.0, us_direct=30.0, ratio=3.0,
+                 us_engine=60.0, engine_ratio=2.0, ratio_vs_engine=1.5),
+            dict(op="perturb", shape="[4, 8, 64]", device="cpu", us_lnsr_ops=40.0, us_direct=20.0, ratio=2.0,
+                 us_engine=32.0, engine_ratio=1.6, ratio_vs_engine=1.25)]
     monkeypatch.setattr(H, "run", lambda quick=False: rows)
     monkeypatch.chdir(tmp_path)
     assert bench.main(["--only", "host", "--device", "cpu", "--quick"]) == 0
     text = (tmp_path / "host_overhead.csv").read_text()
     assert "layer_penalty" in text and "perturb" in text and "ratio" in text.splitlines()[0]
     table = H.format_table(rows)
-    assert "3.00x" in table and "2.00x" in table and "direct ops" in table
+    assert "3.00x" in table and "2.00x" in table and "direct ops" in table and "1.25x" in table
 
 
 @pytest.mark.slow

@@ -308,3 +308,27 @@ def test_auto_falls_back_to_triton_on_a_gpu_the_build_lacks(monkeypatch):
         warnings.simplefilter("error")
         assert dispatch.resolve_backend("auto", "cuda").name == "cuda"
 
+
+
+def test_autograd_of_the_compiled_ops_is_cpp(cpu, gen):
+    """perturb and layer_penalty differentiate in C++ (csrc/binding.cpp's Autograd kernels): their
+    backward runs no Python function, and torch's dispatcher lists an Autograd kernel for both."""
+    import sys
+
+    for op in ("perturb", "layer_penalty"):
+        line = [x for x in torch._C._dispatch_dump(f"lnsr::{op}").splitlines() if x.startswith("Autograd")]
+        assert len(line) == 1 and "binding.cpp" in line[0], line
+    ys = [torch.randn(4, 3, 8, generator=gen).requires_grad_() for _ in range(3)]
+    h = torch.randn(2, 3, 8, generator=gen).requires_grad_()
+    loss, _count = torch.ops.lnsr.layer_penalty(ys, torch.ones(2, 3), torch.ones(3), False)
+    out = torch.ops.lnsr.perturb(h, 5, 0.1, "relative")
+    total = loss + out.sum()
+    calls = []
+    sys.setprofile(lambda frame, event, arg: calls.append(frame.f_code.co_filename) if event == "call" else None)
+    try:
+        total.backward()
+    finally:
+        sys.setprofile(None)
+    python_in_backward = [f for f in calls if "lnsr" in f or "torch/_library" in f or "autograd/function.py" in f]
+    assert python_in_backward == [], python_in_backward
+    assert all(y.grad is not None for y in ys) and h.grad is not None

@@ -282,7 +282,7 @@ def _cli(args, env=None):
 def test_killed_run_resumes_to_the_uninterrupted_result(tmp_path, tiny_model):
     train, val, _ = _own_data(tmp_path)
     big = write_table(tmp_path / "big.csv", ["id", "premise", "hypothesis", "label"],
-                      pairs(160, seed=5, labels=("neg", "pos")))
+                      pairs(320, seed=5, labels=("neg", "pos")))
     common = ["finetune", "--train-file", big, "--validation-file", val, "--method", "lnsr:every=2", "--seeds", "3",
               "--epochs", "3", "--batch-size", "4", "--lr", "1e-3", "--lam", "0.5", "--backend", "torch",
               "--model", tiny_model, "--no-progress", "--save-model", "--checkpoint-every", "7",
@@ -291,7 +291,8 @@ def test_killed_run_resumes_to_the_uninterrupted_result(tmp_path, tiny_model):
     ref_dir, cut_dir = tmp_path / "ref", tmp_path / "cut"
     subprocess.run(_cli(common + ["--output-dir", str(ref_dir)]), check=True, env=env, capture_output=True)
 
-    # kill -9 the same run as soon as a mid-epoch checkpoint of epoch 2 is on disk
+    # kill -9 the same run as soon as a mid-epoch checkpoint of epoch 2 or 3 is on disk (either
+    # interrupts an epoch after a finished one; a loaded machine may let the poller miss epoch 2)
     run_dir = cut_dir / "nli" / "lnsr_every2"
     proc = subprocess.Popen(_cli(common + ["--output-dir", str(cut_dir)]), env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
@@ -304,7 +305,7 @@ def test_killed_run_resumes_to_the_uninterrupted_result(tmp_path, tiny_model):
                 st = torch.load(ckpt, weights_only=False)
             except Exception:  # being replaced right now
                 st = None
-            if st and st["epoch"] == 2 and st["step"] > 0:
+            if st and st["epoch"] >= 2 and st["step"] > 0:
                 proc.send_signal(signal.SIGKILL)
                 killed_at = (st["epoch"], st["step"])
                 break

@@ -9,9 +9,12 @@ Side by side in one run, on CPU tensors and the ``cpu`` backend (lnsr._C):
   through ``lnsr.ops`` and autograd (what ``LNSR`` does) vs the compiled ops called directly,
   ``torch.ops.lnsr.layer_penalty`` then ``torch.ops.lnsr.layer_penalty_backward``;
 - ``perturb`` (relative) of ``[4, 8, 64]`` forward + backward: ``lnsr.ops.perturb`` and autograd vs
-  ``torch.ops.lnsr.perturb`` then ``torch.ops.lnsr.perturb_backward``.
+  ``torch.ops.lnsr.perturb`` then ``torch.ops.lnsr.perturb_backward``;
 
-The ratio is the time through ``lnsr.ops`` over the direct calls (design target: at most 2x).  The
+and a third column, the floor of any autograd path: the compiled op called with tensors that
+require grad and ``torch.autograd.grad`` (torch's engine and the C++ autograd of lnsr._C, no
+Python of lnsr).  The ratio is the time through ``lnsr.ops`` over the direct calls (design target:
+at most 2x); ``vs engine`` splits it into what lnsr's Python adds and what the engine costs.  The
 callables take turns, rep by rep (``lnsr.utils.machine.interleaved_ms``), so that other load on a
 shared machine hits both alike; each timed call runs the pair ``inner`` times.
 """
@@ -27,8 +30,8 @@ SHAPE = (4, 8, 64)  # [2B, T, H] of each layer; perturb's h is the same shape
 
 
 def cases():
-    """``{op: (through lnsr.ops, direct ops)}``: two callables per op, each one forward + backward,
-    returning ``(forward output, [gradients])`` (the same values both ways)."""
+    """``{op: (through lnsr.ops, direct ops, op + torch's autograd)}``: three callables per op, each
+    one forward + backward, returning ``(forward output, [gradients])`` (the same values all ways)."""
     import lnsr
     from lnsr.ops import backend as B
 
@@ -50,6 +53,10 @@ def cases():
         loss, count = ops.layer_penalty(ys_plain, mask, weights, False)
         return loss, ops.layer_penalty_backward(one, count, ys_plain, mask, weights, False)
 
+    def penalty_engine():
+        loss, _count = ops.layer_penalty(ys, mask, weights, False)
+        return loss, torch.autograd.grad(loss, ys)
+
     h = torch.randn(SHAPE, generator=gen).requires_grad_()
     h_plain = h.detach()
     g = torch.randn((2 * SHAPE[0], *SHAPE[1:]), generator=gen)
@@ -62,7 +69,12 @@ def cases():
     def perturb_direct():
         return ops.perturb(h_plain, B.seed_bits(seed), 0.05, "relative"), [ops.perturb_backward(g)]
 
-    return {"layer_penalty": (penalty_ops, penalty_direct), "perturb": (perturb_ops, perturb_direct)}
+    def perturb_engine():
+        out = ops.perturb(h, B.seed_bits(seed), 0.05, "relative")
+        return out, torch.autograd.grad(out, h, g)
+
+    return {"layer_penalty": (penalty_ops, penalty_direct, penalty_engine),
+            "perturb": (perturb_ops, perturb_direct, perturb_engine)}
 
 
 def run(quick: bool = False) -> list[dict]:
@@ -71,28 +83,32 @@ def run(quick: bool = False) -> list[dict]:
 
     inner, reps = (20, 15) if quick else (50, 41)
     rows = []
-    for op, (via_ops, direct) in cases().items():
+    for op, (via_ops, direct, engine) in cases().items():
         def loop(fn):
             def timed():
                 for _ in range(inner):
                     fn()
             return timed
-        res = interleaved_ms({"ops": loop(via_ops), "direct": loop(direct)}, reps)
+        res = interleaved_ms({"ops": loop(via_ops), "direct": loop(direct), "engine": loop(engine)}, reps)
         us = {k: 1e3 * med / inner for k, (med, _best) in res.items()}
         rows.append(dict(op=op, shape=f"{N_LAYERS}x{list(SHAPE)}" if op == "layer_penalty" else str(list(SHAPE)),
                          device="cpu", backend="cpu", threads=torch.get_num_threads(),
                          us_lnsr_ops=round(us["ops"], 2), us_direct=round(us["direct"], 2),
-                         ratio=round(us["ops"] / us["direct"], 2)))
+                         us_engine=round(us["engine"], 2), ratio=round(us["ops"] / us["direct"], 2),
+                         engine_ratio=round(us["engine"] / us["direct"], 2),
+                         ratio_vs_engine=round(us["ops"] / us["engine"], 2)))
     return rows
 
 
 def format_table(rows) -> str:
     lines = ["# host overhead, forward + backward, CPU (lnsr._C), median us per call; ratio = lnsr.ops / "
              "direct torch.ops.lnsr calls (target <= 2x)",
-             f"{'op':<15}{'shape':<18}{'lnsr.ops + autograd':>21}{'direct ops':>12}{'ratio':>8}"]
+             f"{'op':<15}{'shape':<18}{'lnsr.ops + autograd':>21}{'direct ops':>12}{'ratio':>8}"
+             f"{'op + engine':>13}{'engine/direct':>15}{'lnsr/engine':>13}"]
     for r in rows:
         lines.append(f"{r['op']:<15}{r['shape']:<18}{r['us_lnsr_ops']:>21.1f}{r['us_direct']:>12.1f}"
-                     f"{r['ratio']:>7.2f}x")
+                     f"{r['ratio']:>7.2f}x{r['us_engine']:>13.1f}{r['engine_ratio']:>14.2f}x"
+                     f"{r['ratio_vs_engine']:>12.2f}x")
     return "\n".join(lines)
 
 

@@ -124,13 +124,17 @@ def layer_penalty(ys: Sequence[torch.Tensor], *, mask: torch.Tensor | None = Non
     if not ys:
         raise ValueError("layer_penalty needs at least one tensor in ys")
     first = ys[0]
+    _check_float(first, "ys[0]")
+    if first.dim() < 2 or first.shape[0] % 2:
+        raise ValueError(f"ys[0] must have shape [2B, ..., H] (clean half first), got {tuple(first.shape)}")
+    tokens, device = first.shape[:-1], first.device
     for j, y in enumerate(ys):
-        _check_float(y, f"ys[{j}]")
-        if y.dim() < 2 or y.shape[0] % 2:
-            raise ValueError(f"ys[{j}] must have shape [2B, ..., H] (clean half first), got {tuple(y.shape)}")
-        if y.shape[:-1] != first.shape[:-1] or y.device != first.device:
+        # one cheap test per tensor (this runs every step); the messages are built only on failure
+        if not (isinstance(y, torch.Tensor) and y.dtype in FLOAT_DTYPES and y.shape[:-1] == tokens
+                and y.device == device):
+            _check_float(y, f"ys[{j}]")
             raise ValueError(f"ys[{j}] has shape {tuple(y.shape)} on {y.device}; every tensor needs the batch "
-                             f"and token dims {tuple(first.shape[:-1])} of ys[0] and the same device")
+                             f"and token dims {tuple(tokens)} of ys[0] and the same device")
     _check_mask(mask, (first.shape[0] // 2, *first.shape[1:-1]), "ys")
     if weights is not None:
         weights = [float(w) for w in weights]

@@ -73,7 +73,7 @@ _WEIGHTS_MAX = 64
 def weights_tensor(weights, n: int, device) -> torch.Tensor:
     """Layer weights (None = all 1, a sequence of floats, or a tensor) as an fp32 [n] tensor on device."""
     if weights is None:
-        return torch.ones(n, dtype=torch.float32, device=device)
+        weights = (1.0,) * n
     if isinstance(weights, torch.Tensor):
         w = weights.detach().to(device=device, dtype=torch.float32).reshape(-1)
     elif torch.compiler.is_compiling():  # a constant of the graph; a global cache would be guarded on
@@ -259,9 +259,11 @@ class OpsBackend(Backend):
 _REGISTERED: set[str] = set()
 
 
-def register_op_extras(namespace: str) -> None:
-    """Fake implementations and autograd of the ``OP_SCHEMAS`` ops of ``namespace``, written once
-    for both compiled backends.  Call after the ops are defined; later calls do nothing."""
+def register_op_extras(namespace: str, *, autograd: bool = True) -> None:
+    """Fake implementations and (``autograd=True``) autograd of the ``OP_SCHEMAS`` ops of
+    ``namespace``, written once for both compiled backends.  lnsr._C registers its autograd in
+    C++ (csrc/binding.cpp) and passes ``autograd=False``.  Call after the ops are defined; later
+    calls do nothing."""
     if namespace in _REGISTERED:
         return
     _REGISTERED.add(namespace)
@@ -287,6 +289,9 @@ def register_op_extras(namespace: str) -> None:
     @torch.library.register_fake(q("layer_penalty_backward"))
     def _layer_penalty_backward_fake(grad, count, ys, mask, weights, detach_clean):
         return [torch.empty_like(y, memory_format=torch.contiguous_format) for y in ys]
+
+    if not autograd:
+        return
 
     def perturb_setup(ctx, inputs, output):
         pass  # the backward needs nothing saved: g[:B] + g[B:]

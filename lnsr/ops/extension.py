@@ -1,9 +1,10 @@
 """The ``cpu`` and ``cuda`` backends: the compiled kernels of ``lnsr._C`` (``csrc/``).
 
 Importing ``lnsr._C`` registers the ops ``torch.ops.lnsr.{noise, perturb, perturb_backward,
-layer_penalty, layer_penalty_backward}`` (C++ ``TORCH_LIBRARY``, CPU and CUDA kernels).  This module
-adds what is easier in Python: autograd and the fake implementations that ``torch.compile`` and
-``opcheck`` need, shared with the Triton ops (``lnsr.ops.backend.register_op_extras``: one schema).
+layer_penalty, layer_penalty_backward}`` (C++ ``TORCH_LIBRARY``: CPU and CUDA kernels, and the
+autograd of ``perturb`` and ``layer_penalty``).  This module adds the fake implementations that
+``torch.compile`` and ``opcheck`` need, shared with the Triton ops
+(``lnsr.ops.backend.register_op_extras``: one schema).
 
 ``backend(kind)`` raises ImportError when the extension is not built, fails to load, or (for
 ``kind='cuda'``) was built without CUDA kernels; ``lnsr.ops.dispatch`` then falls back and keeps the
@@ -142,7 +143,8 @@ def capability_reason(cap) -> str:
 # ---------------------------------------------------------------------------------------------
 
 def _register_python_parts() -> None:
-    register_op_extras("lnsr")
+    # the fake implementations only: autograd is C++ (the Autograd kernels of csrc/binding.cpp)
+    register_op_extras("lnsr", autograd=False)
 
 
 class ExtensionBackend(OpsBackend):
