@@ -27,8 +27,9 @@ JOBS=${JOBS:-1}
 THREADS=${THREADS:-$(( $(nproc) / JOBS > 0 ? $(nproc) / JOBS : 1 ))}
 # fixed for every arm: batch 16, max length 128 (dynamic padding), warm-up 10%, weight decay 0.01,
 # clipping 1.0, bf16 autocast, scores of the last epoch; checkpoints at epoch ends
+# MODEL / DEVICE (optional): another copy of the model and another device (examples/study_gpu.sh)
 COMMON="--data-dir $DATA --batch-size 16 --max-length 128 --warmup-ratio 0.1 --weight-decay 0.01 --bf16 \
-  --no-progress --checkpoint-every 0 --threads $THREADS"
+  --no-progress --checkpoint-every 0 --threads $THREADS${MODEL:+ --model $MODEL}${DEVICE:+ --device $DEVICE}"
 
 regime_args() {  # task and training-set size of a regime
   case "$1" in
