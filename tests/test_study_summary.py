@@ -1,0 +1,101 @@
+"""examples/study.py, the study's reporting: the recipe choice, the degenerate-run rule, the final
+tables' paired statistics and the rewrite of docs/results.md's block, on synthetic run files
+whose answers are known by hand (nothing is trained)."""
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+
+import numpy as np
+import pytest
+
+pytest.importorskip("matplotlib")
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+@pytest.fixture(scope="module")
+def study():
+    spec = importlib.util.spec_from_file_location("study", os.path.join(HERE, "..", "examples", "study.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def _run(path, seed, acc, *, epochs=1, predicted=(40, 60), labels=(30, 70)):
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    run = {"config": {"seed": seed}, "final": {"accuracy": acc, "f1": acc},
+           "epochs": [{"epoch": e + 1, "task_loss": 0.5 / (e + 1), "metrics": {"accuracy": acc},
+                       "predicted_per_class": list(predicted)} for e in range(epochs)],
+           "evaluation_label_counts": list(labels)}
+    with open(path, "w") as f:
+        json.dump(run, f)
+
+
+def _recipe(root, regime="mrpc1k", skip=None):
+    best = ("1e-4", 5)
+    for lr in ("5e-5", "1e-4"):
+        for ep in (3, 5, 10):
+            for seed in (1, 2, 3):
+                if skip == (lr, ep, seed):
+                    continue
+                acc = 0.80 if (lr, ep) == best else 0.70 + 0.001 * ep
+                _run(os.path.join(root, "recipe", regime, f"lr{lr}_ep{ep}", "mrpc", "vanilla", f"seed{seed}.json"),
+                     seed, acc + 0.001 * seed, epochs=ep)
+
+
+def test_recipe_choice_is_the_best_mean_and_waits_for_every_run(study, tmp_path):
+    _recipe(tmp_path, skip=("5e-5", 3, 2))
+    with pytest.raises(SystemExit, match=r"not finished: lr 5e-5 x 3 epochs \(2/3 seeds\)"):
+        study.recipe_choice(str(tmp_path), "mrpc1k")
+    table = study.recipe_table(str(tmp_path), "mrpc1k")
+    assert "incomplete: 17/18 runs" in table and "**chosen**" not in table
+    _run(os.path.join(tmp_path, "recipe", "mrpc1k", "lr5e-5_ep3", "mrpc", "vanilla", "seed2.json"), 2, 0.7)
+    best = study.recipe_choice(str(tmp_path), "mrpc1k")
+    assert (best["lr"], best["epochs"]) == ("1e-4", 5) and best["mean"] == pytest.approx(0.802)
+    assert "| 1e-4 | 5 **chosen** | 3 | 80.20 |" in study.recipe_table(str(tmp_path), "mrpc1k")
+
+
+def test_degenerate_runs(study):
+    def run(acc, predicted, labels=(30, 70)):
+        return {"final": {"accuracy": acc}, "epochs": [{"predicted_per_class": list(predicted)}],
+                "evaluation_label_counts": list(labels)}
+    assert study.degenerate(run(0.70, (0, 100)))        # one predicted class
+    assert study.degenerate(run(0.705, (10, 90)))       # within 1 point of the majority rate 0.70
+    assert not study.degenerate(run(0.72, (10, 90)))
+
+
+def test_final_tables_paired_statistics_and_block_rewrite(study, tmp_path):
+    runs = tmp_path / "runs"
+    vanilla = [0.70, 0.72, 0.74, 0.71, 0.73]
+    arms = {"vanilla": vanilla,
+            "lnsr_lam0_inject_at0": [v + d for v, d in zip(vanilla, (0.01, -0.01, 0.02, -0.02, 0.0))],
+            "lnsr_lam0.01_inject_at0_noiserelative": [v + 0.02 for v in vanilla]}
+    for arm, accs in arms.items():
+        for seed, acc in enumerate(accs, start=1):
+            predicted = (0, 100) if (arm, seed) == ("vanilla", 1) else (40, 60)
+            _run(str(runs / "final" / "mrpc1k" / "mrpc" / arm / f"seed{seed}.json"), seed, acc, predicted=predicted,
+                 labels=(40, 60))  # majority rate 0.60: only the one-class run is degenerate
+    text = study.final_section(str(runs), "mrpc1k", str(tmp_path / "plots"))
+    lines = text.splitlines()
+    row = next(x for x in lines if x.startswith("| vanilla |"))
+    assert f"| {100 * np.mean(vanilla):.2f} |" in row and "| 1 |" in row  # seed 1 degenerate
+    ahead = next(x for x in lines if x.startswith("| lnsr_lam0.01_inject_at0_noiserelative - vanilla"))
+    assert "+2.00 [+2.00, +2.00]" in ahead and "5/0" in ahead and ahead.endswith("ahead |")
+    noisy = next(x for x in lines if x.startswith("| lnsr_lam0_inject_at0 - vanilla"))
+    assert "+0.00" in noisy and "2/2" in noisy and noisy.endswith("no measurable effect |")
+    vs_control = next(x for x in lines if x.startswith("| lnsr_lam0.01_inject_at0_noiserelative - lnsr_lam0_"))
+    assert "+2.00" in vs_control
+    assert (tmp_path / "plots" / "final_mrpc1k.png").is_file()
+
+    results = tmp_path / "results.md"
+    results.write_text("# head\n<!-- study:begin -->\nold\n<!-- study:end -->\n# tail\n")
+    study.summary(str(runs), str(results), str(tmp_path / "plots"))
+    out = results.read_text()
+    assert out.startswith("# head\n<!-- study:begin -->") and out.endswith("<!-- study:end -->\n# tail\n")
+    assert "old" not in out and "**3. Final (GLUE dev).**" in out and "SST-2, 1000 training sentences" in out
+    assert "Not run yet." in out  # the regimes without runs say so
+    results.write_text("no markers\n")
+    with pytest.raises(SystemExit, match="no <!-- study:begin -->"):
+        study.summary(str(runs), str(results), str(tmp_path / "plots"))
