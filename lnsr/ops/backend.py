@@ -72,6 +72,15 @@ _WEIGHTS_MAX = 64
 
 def weights_tensor(weights, n: int, device) -> torch.Tensor:
     """Layer weights (None = all 1, a sequence of floats, or a tensor) as an fp32 [n] tensor on device."""
+    if weights is None and not torch.compiler.is_compiling():  # the common case, one lookup
+        device = torch.device(device)
+        key = (device.type, device.index, n)
+        w = _WEIGHTS.get(key)
+        if w is None:
+            w = _WEIGHTS[key] = torch.ones(n, dtype=torch.float32, device=device)
+            if len(_WEIGHTS) > _WEIGHTS_MAX:
+                _WEIGHTS.popitem(last=False)
+        return w
     if weights is None:
         weights = (1.0,) * n
     if isinstance(weights, torch.Tensor):
@@ -133,7 +142,10 @@ class Backend(abc.ABC):
     @staticmethod
     def uses_reference(*tensors: torch.Tensor) -> bool:
         """The fallback rule: empty tensors and dtypes without a kernel (float64) take the reference."""
-        return any(t.numel() == 0 or t.dtype not in KERNEL_DTYPES for t in tensors)
+        for t in tensors:  # a plain loop: this runs on every op call
+            if t.dtype not in KERNEL_DTYPES or t.numel() == 0:
+                return True
+        return False
 
     def noise(self, numel: int, seed: int, *, device=None, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """``z[0:numel]`` of the noise stream (computed in fp32, returned as ``dtype``; CPU by default)."""
