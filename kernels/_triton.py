@@ -235,6 +235,43 @@ def _penalty_bwd_kernel(ref_ptr, delta_ptr, gref_ptr, gdelta_ptr, hid_ptr, H_arg
             tl.store(gbase + offs, (-gn).to(c.dtype), mask=ok)
 
 
+@triton.jit
+def _tap_bwd_kernel(y_ptr, g_ptr, out_ptr, mask_ptr, coef_ptr, P, M, G, H, HAS_MASK: tl.constexpr,
+                    HAS_GRAD: tl.constexpr, DETACH: tl.constexpr, ROWS: tl.constexpr, BLOCK_H: tl.constexpr):
+    """The streaming penalty's gradient of one layer (lnsr.ops.reference.penalty_tap_backward) on
+    token rows: clean rows P..P+M, noisy rows P+M..P+2M, the gradient from above on rows < G.
+    out = g + 2c m (noisy - clean) on a noisy row, g - (the same) on its clean row, in one pass."""
+    i = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS).to(tl.int64)
+    row_ok = i < M
+    c2 = 2.0 * tl.load(coef_ptr)
+    if HAS_MASK:
+        s = c2 * tl.load(mask_ptr + i, mask=row_ok, other=0.0)
+    else:
+        s = c2 + tl.zeros([ROWS], dtype=tl.float32)
+    crow = P + i
+    nrow = P + M + i
+    cols = tl.arange(0, BLOCK_H)
+    for k0 in range(0, H, BLOCK_H):
+        col_ok = (k0 + cols) < H
+        ok = row_ok[:, None] & col_ok[None, :]
+        coffs = crow[:, None] * H + (k0 + cols)[None, :]
+        noffs = nrow[:, None] * H + (k0 + cols)[None, :]
+        yc = tl.load(y_ptr + coffs, mask=ok, other=0.0)
+        yn = tl.load(y_ptr + noffs, mask=ok, other=0.0)
+        d = tl.where(s[:, None] != 0, s[:, None] * (yn.to(tl.float32) - yc.to(tl.float32)), 0.0)  # padding: 0
+        if HAS_GRAD:
+            gc = tl.load(g_ptr + coffs, mask=ok & (crow < G)[:, None], other=0.0).to(tl.float32)
+            gn = tl.load(g_ptr + noffs, mask=ok & (nrow < G)[:, None], other=0.0).to(tl.float32)
+        else:
+            gc = tl.zeros([ROWS, BLOCK_H], dtype=tl.float32)
+            gn = tl.zeros([ROWS, BLOCK_H], dtype=tl.float32)
+        tl.store(out_ptr + noffs, (gn + d).to(yc.dtype), mask=ok)
+        if DETACH:
+            tl.store(out_ptr + coffs, gc.to(yc.dtype), mask=ok)
+        else:
+            tl.store(out_ptr + coffs, (gc - d).to(yc.dtype), mask=ok)
+
+
 # ---------------------------------------------------------------------------------------------
 # launchers
 # ---------------------------------------------------------------------------------------------
@@ -455,6 +492,32 @@ def _penalty_bwd_impl(gout, count, ys, mask, weights, detach_clean):
     return grads
 
 
+def _tap_bwd_impl(grad: torch.Tensor | None, coef: torch.Tensor, y: torch.Tensor, first: int,
+                  mask: torch.Tensor | None, detach_clean: bool) -> torch.Tensor:
+    _check_dtype(y, "y")
+    y = y.contiguous()
+    hid = y.shape[-1]
+    tokens = y.numel() // max(1, y.shape[0] * hid)  # token rows per batch row
+    pairs = (y.shape[0] - first) // 2
+    out = torch.empty_like(y)
+    if first:  # rows without a noisy copy: the gradient from above only
+        out[:first].zero_()
+        if grad is not None:
+            out[:min(first, grad.shape[0])].copy_(grad[:first])
+    m_rows = pairs * tokens
+    if m_rows and hid:
+        g = grad.to(y.dtype).contiguous() if grad is not None else y  # y: a placeholder, never read
+        msk = mask.to(device=y.device, dtype=torch.float32).contiguous() if mask is not None else y
+        block_h = min(triton.next_power_of_2(hid), 4096)
+        rows = max(1, min(triton.next_power_of_2(m_rows), _tile(y.device) // block_h))
+        _tap_bwd_kernel[(triton.cdiv(m_rows, rows),)](
+            y, g, out, msk, coef.to(device=y.device, dtype=torch.float32).reshape(()), first * tokens, m_rows,
+            (grad.shape[0] if grad is not None else 0) * tokens, hid, HAS_MASK=mask is not None,
+            HAS_GRAD=grad is not None, DETACH=bool(detach_clean), ROWS=rows, BLOCK_H=block_h,
+            num_warps=_warps(rows * block_h))
+    return out
+
+
 # ---------------------------------------------------------------------------------------------
 # torch.library ops: the schema of lnsr.ops.backend.OP_SCHEMAS (torch.compile and opcheck see
 # these); fake implementations and autograd come from lnsr.ops.backend.register_op_extras
@@ -470,3 +533,14 @@ perturb_backward_op = _op("perturb_backward", _perturb_bwd_impl)
 layer_penalty_op = _op("layer_penalty", _penalty_impl)
 layer_penalty_backward_op = _op("layer_penalty_backward", _penalty_bwd_impl)
 register_op_extras("lnsr_triton")
+
+# The streaming penalty's per-layer backward (lnsr.ops.PenaltyStream); Triton only, so outside the
+# shared OP_SCHEMAS.  An op so that torch.compile traces it as one node.
+penalty_tap_backward_op = torch.library.custom_op(
+    "lnsr_triton::penalty_tap_backward", _tap_bwd_impl, mutates_args=(),
+    schema="(Tensor? grad, Tensor coef, Tensor y, int first, Tensor? mask, bool detach_clean) -> Tensor")
+
+
+@penalty_tap_backward_op.register_fake
+def _(grad, coef, y, first, mask, detach_clean):
+    return torch.empty_like(y, memory_format=torch.contiguous_format)

@@ -182,6 +182,10 @@ def test_ops_registered_and_opcheck():
     torch.library.opcheck(impl.layer_penalty_op, (ys, None, w, False), test_utils=utils)
     torch.library.opcheck(impl.layer_penalty_op, (ys, torch.ones(2, 3, device=DEV), w, True), test_utils=utils)
     torch.library.opcheck(impl.noise_op, (10, 5, torch.device(DEV)), test_utils=("test_schema", "test_faketensor"))
+    # the streaming penalty's per-layer backward (no autograd of its own: it is a backward)
+    y, g, c = torch.randn(5, 3, 8, device=DEV), torch.randn(3, 3, 8, device=DEV), torch.tensor(0.3, device=DEV)
+    for args in ((g, c, y, 1, torch.ones(2, 3, device=DEV), False), (None, c, y, 1, None, True)):
+        torch.library.opcheck(impl.penalty_tap_backward_op, args, test_utils=("test_schema", "test_faketensor"))
 
 
 def test_ops_reject_what_they_cannot_compute():
