@@ -10,8 +10,8 @@ from typing import Sequence
 
 import torch
 
-from . import reference
-from .backend import weights_tensor
+from . import dispatch, reference
+from .backend import Backend, weights_tensor
 from .dispatch import BACKENDS, available_backends, register_loader, resolve_backend
 from .reference import DEFAULT_ANCHORS, NOISE_KINDS, SEED_MAX, check_seed, make_eps, noise
 
@@ -68,7 +68,13 @@ def perturb(h: torch.Tensor, seed: int, *, sigma: float, kind: str = "relative",
     _check_mask(mask, h.shape[:-1], "h")
     if traced_seed:  # the seed stays a graph input: a new value each step does not recompile
         return torch.ops.lnsr_seeded.perturb(h, seed, sigma, kind, mask, n_anchors, backend)
-    impl = resolve_backend(backend, h.device)
+    if backend == "auto" and kind in ("gaussian", "relative") and not Backend.uses_reference(h):
+        hd = h.detach()
+        impl = dispatch.resolve_for(
+            "perturb", dispatch.input_class(kind, h.dtype, h.shape[-1], h.numel()), h.device,
+            lambda be: be.perturb_backward(be.perturb_forward(hd, 0, sigma, kind)))
+    else:
+        impl = resolve_backend(backend, h.device)
     return impl.perturb(h, seed, sigma=sigma, kind=kind, mask=mask, n_anchors=n_anchors)
 
 
@@ -142,8 +148,22 @@ def layer_penalty(ys: Sequence[torch.Tensor], *, mask: torch.Tensor | None = Non
             raise ValueError(f"weights has {len(weights)} entries for {len(ys)} tensors in ys")
         if not all(math.isfinite(w) for w in weights):
             raise ValueError(f"weights must be finite, got {weights}")
-    impl = resolve_backend(backend, first.device)
+    if backend == "auto" and not Backend.uses_reference(*ys):
+        impl = dispatch.resolve_for(
+            "layer_penalty", dispatch.input_class(len(ys), first.dtype, first.shape[-1], first.numel(),
+                                                  mask is not None), first.device,
+            lambda be: _penalty_round_trip(be, ys, mask, detach_clean))
+    else:
+        impl = resolve_backend(backend, first.device)
     return impl.layer_penalty(ys, mask=mask, weights=weights, detach_clean=bool(detach_clean))
+
+
+def _penalty_round_trip(be, ys, mask, detach_clean):
+    # what ``auto`` times for layer_penalty: the backend's forward and backward kernels, no autograd
+    ys = [y.detach() for y in ys]
+    w = weights_tensor(None, len(ys), ys[0].device)
+    loss, count = be.penalty_forward(ys, mask, w, bool(detach_clean))
+    return be.penalty_backward(torch.ones_like(loss), count, ys, mask, w, bool(detach_clean))
 
 
 # ---------------------------------------------------------------------------------------------

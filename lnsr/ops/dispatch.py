@@ -7,7 +7,10 @@ nothing until asked for.
 """
 from __future__ import annotations
 
+import math
 import os
+import statistics
+import time
 from typing import Callable
 
 import torch
@@ -122,3 +125,93 @@ def resolve_backend(backend: str, device: torch.device | str):
         raise RuntimeError(f"lnsr backend {backend!r} does not run on {device.type} tensors; "
                            f"use backend='auto' or move the model to a device it supports")
     return impl
+
+
+# ---------------------------------------------------------------------------------------------
+# ``auto`` by measurement (issue #14): on a device with more than one compiled backend (CUDA: the
+# C++ kernels and Triton) the fastest depends on the op, the noise kind and the shape, so a rule
+# cannot know it.  The first call of an op for a class of inputs (kind, dtype, hidden size and
+# element count rounded up to powers of 2) times each candidate on that input and keeps the
+# fastest for the rest of the process.  ``LNSR_AUTO=rule`` keeps AUTO_ORDER's order; nothing is
+# measured while torch.compile traces or a CUDA graph is being captured (the rule applies then).
+# ---------------------------------------------------------------------------------------------
+MEASURED = {"cuda"}                 # device types where ``auto`` measures
+_CHOICES: dict[tuple, object] = {}  # (device type, index, op, key) -> backend
+_TIMINGS: dict[tuple, dict] = {}    # the same key -> {backend name: median seconds}
+
+
+def input_class(*parts) -> tuple:
+    """A cache key for ``resolve_for``: ints are rounded up to a power of 2, the rest kept."""
+    return tuple(1 << max(0, math.ceil(math.log2(p))) if isinstance(p, int) and not isinstance(p, bool) and p > 0
+                 else p for p in parts)
+
+
+def candidates(device: torch.device) -> list:
+    """The compiled backends of ``auto``'s order that load and support ``device`` (never ``torch``)."""
+    out = []
+    for name in AUTO_ORDER.get(device.type, ()):
+        impl = _load(name) if name != "torch" else None
+        if impl is not None and impl.supports(device):
+            out.append(impl)
+    return out
+
+
+def _busy(device: torch.device) -> bool:
+    if torch.compiler.is_compiling():
+        return True
+    return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+
+
+def _median_seconds(run: Callable[[object], object], impl, device: torch.device, reps: int = 3) -> float:
+    def sync():
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
+    run(impl)  # warm-up (a Triton kernel compiles for these shapes here)
+    sync()
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        run(impl)
+        sync()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def resolve_for(op: str, key: tuple, device: torch.device | str, run: Callable[[object], object]):
+    """``auto``'s backend for one call of ``op`` on inputs of class ``key``: measured once per
+    (device, op, key) with ``run(backend)`` (a forward + backward of the op on the call's own inputs,
+    without autograd), where ``MEASURED`` holds the device type and two or more candidates exist;
+    otherwise ``resolve_backend('auto', device)``."""
+    device = torch.device(device)
+    if (os.environ.get("LNSR_BACKEND", "").strip().lower() not in ("", "auto")
+            or os.environ.get("LNSR_AUTO", "measure").strip().lower() == "rule"
+            or device.type not in MEASURED or _busy(device)):
+        return resolve_backend("auto", device)
+    ck = (device.type, device.index, op, key)
+    impl = _CHOICES.get(ck)
+    if impl is not None:
+        return impl
+    cands = candidates(device)
+    if len(cands) < 2:
+        impl = resolve_backend("auto", device)
+    else:
+        times = {}
+        with torch.no_grad():
+            for cand in cands:
+                try:
+                    times[cand.name] = _median_seconds(run, cand, device)
+                except Exception as exc:  # a backend that fails on this input is not chosen
+                    times[cand.name] = float("inf")
+                    _ERRORS.setdefault(f"{cand.name}:{op}", f"{type(exc).__name__}: {exc}")
+        _TIMINGS[ck] = times
+        best = min(times, key=times.get)
+        impl = next(c for c in cands if c.name == best) if math.isfinite(times[best]) else resolve_backend("auto", device)
+    _CHOICES[ck] = impl
+    return impl
+
+
+def auto_choices() -> list[dict]:
+    """What ``auto`` measured and chose so far: one dict per (device, op, input class)."""
+    return [{"device": f"{k[0]}" + (f":{k[1]}" if k[1] is not None else ""), "op": k[2], "key": k[3],
+             "backend": impl.name, "seconds": _TIMINGS.get(k, {})} for k, impl in _CHOICES.items()]
