@@ -70,17 +70,24 @@ _WEIGHTS: "collections.OrderedDict[tuple, torch.Tensor]" = collections.OrderedDi
 _WEIGHTS_MAX = 64
 
 
+def _cached_weights(key: tuple, make) -> torch.Tensor:
+    """``_WEIGHTS[key]``, made by ``make()`` on a miss; least recently used entries go first."""
+    w = _WEIGHTS.get(key)
+    if w is None:
+        w = _WEIGHTS[key] = make()
+        if len(_WEIGHTS) > _WEIGHTS_MAX:
+            _WEIGHTS.popitem(last=False)
+    else:
+        _WEIGHTS.move_to_end(key)
+    return w
+
+
 def weights_tensor(weights, n: int, device) -> torch.Tensor:
     """Layer weights (None = all 1, a sequence of floats, or a tensor) as an fp32 [n] tensor on device."""
-    if weights is None and not torch.compiler.is_compiling():  # the common case, one lookup
+    if weights is None and not torch.compiler.is_compiling():  # the common case: keyed by n, one lookup
         device = torch.device(device)
-        key = (device.type, device.index, n)
-        w = _WEIGHTS.get(key)
-        if w is None:
-            w = _WEIGHTS[key] = torch.ones(n, dtype=torch.float32, device=device)
-            if len(_WEIGHTS) > _WEIGHTS_MAX:
-                _WEIGHTS.popitem(last=False)
-        return w
+        return _cached_weights((device.type, device.index, n),
+                               lambda: torch.ones(n, dtype=torch.float32, device=device))
     if weights is None:
         weights = (1.0,) * n
     if isinstance(weights, torch.Tensor):
@@ -90,18 +97,20 @@ def weights_tensor(weights, n: int, device) -> torch.Tensor:
     else:
         values = tuple(float(x) for x in weights)
         device = torch.device(device)
-        key = (device.type, device.index, values)
-        w = _WEIGHTS.get(key)
-        if w is None:
-            w = torch.tensor(values, dtype=torch.float32).to(device, non_blocking=True)
-            _WEIGHTS[key] = w
-            if len(_WEIGHTS) > _WEIGHTS_MAX:
-                _WEIGHTS.popitem(last=False)
-        else:
-            _WEIGHTS.move_to_end(key)
+        w = _cached_weights((device.type, device.index, values),
+                            lambda: torch.tensor(values, dtype=torch.float32).to(device, non_blocking=True))
     if w.numel() != n:
         raise ValueError(f"weights has {w.numel()} entries for {n} tensors in ys")
     return w
+
+
+def _reference_loss_count(ys, mask, weights, detach_clean):
+    """``(loss, count)`` by the reference: the torch backend's forward and every fallback's."""
+    loss = reference.layer_penalty(ys, mask=mask, weights=weights, detach_clean=detach_clean)
+    rows = math.prod(ys[0].shape[:-1]) // 2
+    count = (mask.to(torch.float32).sum() if mask is not None
+             else torch.tensor(float(rows), device=ys[0].device))
+    return loss, count
 
 
 class Backend(abc.ABC):
@@ -188,11 +197,7 @@ class Backend(abc.ABC):
         """``(loss, count)`` of ``layer_penalty`` as detached fp32 scalars (no graph is recorded)."""
         with torch.no_grad():
             if self.uses_reference(*ys):
-                loss = reference.layer_penalty(ys, mask=mask, weights=weights)
-                rows = math.prod(ys[0].shape[:-1]) // 2
-                count = (mask.to(torch.float32).sum() if mask is not None
-                         else torch.tensor(float(rows), device=ys[0].device))
-                return loss, count
+                return _reference_loss_count(ys, mask, weights, False)
             return self.penalty_forward(list(ys), mask, weights, False)
 
     def penalty_tap_backward(self, grad: torch.Tensor | None, coef: torch.Tensor, y: torch.Tensor, first: int,
@@ -225,11 +230,7 @@ class TorchBackend(Backend):
         return (grad[:b].to(acc) + grad[b:].to(acc)).to(grad.dtype)
 
     def penalty_forward(self, ys, mask, weights, detach_clean):
-        loss = reference.layer_penalty(ys, mask=mask, weights=weights, detach_clean=detach_clean)
-        rows = math.prod(ys[0].shape[:-1]) // 2
-        count = (mask.to(torch.float32).sum() if mask is not None
-                 else torch.tensor(float(rows), device=ys[0].device))
-        return loss, count
+        return _reference_loss_count(ys, mask, weights, detach_clean)
 
     def penalty_backward(self, grad, count, ys, mask, weights, detach_clean):
         ys = [y.detach().requires_grad_() for y in ys]
