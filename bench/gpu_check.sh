@@ -3,7 +3,7 @@
 # Run from the repo root:  bash bench/gpu_check.sh
 #   1. install lnsr with the machine's own torch (builds the C++/CUDA extension when csrc/ has it;
 #      a failed build is logged and the pure-Python install retried without it)
-#   2. pytest -m gpu (every GPU test of the project)
+#   2. pytest -m gpu (every GPU test of the project), then the backend contract on the cuda backends
 #   3. the kernel benchmark (lnsr backends, torch; then torch-compile in what time is left)
 #   4. a short table, printed last
 # Logs and CSVs go to "$OUT" (default bench/results/gpu_check_<date>).
@@ -65,6 +65,9 @@ EOF
 # 2. GPU tests (all of the project's, not only the Triton ones)
 run_step pytest_gpu 150 $PY -m pytest -m gpu -q -rfEs -p no:cacheprovider --junitxml="$OUT/pytest_gpu.xml" tests
 grep -E "passed|failed|error|skipped" "$OUT/pytest_gpu.log" | tail -n 3 | tee -a "$SUMMARY"
+# the backend contract on the GPU's backends (cuda, triton): every kernel against the reference
+run_step pytest_contract_cuda 120 $PY -m pytest -q -rfE -p no:cacheprovider -k "cuda" tests/test_backend_contract.py
+grep -E "passed|failed|error" "$OUT/pytest_contract_cuda.log" | tail -n 3 | tee -a "$SUMMARY"
 
 # 3. kernel benchmark: every lnsr backend and eager torch first (bounded time) ...
 CSV="$OUT/kernels.csv"

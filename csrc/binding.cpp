@@ -51,6 +51,14 @@ int dtype_code(const at::Tensor& t, const char* what) {
 // Seeds are unsigned 64-bit; the schema carries them as int64 bit patterns.
 uint64_t seed_bits(int64_t seed) { return static_cast<uint64_t>(seed); }
 
+// perturb_seeded's seed: a one-element int64 tensor on h's device holding the seed's bits.
+void check_device_seed(const at::Tensor& seed, const at::Tensor& h) {
+  TORCH_CHECK(seed.scalar_type() == at::kLong && seed.numel() == 1 && seed.device() == h.device(),
+              "lnsr::perturb_seeded: seed must be a one-element int64 tensor on ", h.device(),
+              " (the seed's 64 bits), got a ", seed.scalar_type(), " tensor of shape ", seed.sizes(), " on ",
+              seed.device());
+}
+
 int noise_kind(std::string_view kind) {
   if (kind == "gaussian") return lnsr::kGaussian;
   if (kind == "relative") return lnsr::kRelative;
@@ -133,6 +141,12 @@ at::Tensor perturb_cpu(const at::Tensor& h_in, int64_t seed, double sigma, std::
   return out;
 }
 
+// On the CPU the device seed is read on the host (no graph to capture there).
+at::Tensor perturb_seeded_cpu(const at::Tensor& h, const at::Tensor& seed, double sigma, std::string_view kind) {
+  check_device_seed(seed, h);
+  return perturb_cpu(h, seed.item<int64_t>(), sigma, kind);
+}
+
 at::Tensor perturb_backward_cpu(const at::Tensor& g_in) {
   TORCH_CHECK(g_in.dim() >= 2 && g_in.size(0) % 2 == 0, "lnsr::perturb_backward: grad must be [2B, ..., H]");
   const int dt = dtype_code(g_in, "grad");
@@ -188,7 +202,9 @@ at::Tensor noise_cuda(int64_t numel, int64_t seed, c10::Device device) {
   return z;
 }
 
-at::Tensor perturb_cuda(const at::Tensor& h_in, int64_t seed, double sigma, std::string_view kind) {
+// seed_ptr: nullptr (use `seed`) or perturb_seeded's device seed, read by the kernel.
+at::Tensor perturb_cuda_impl(const at::Tensor& h_in, int64_t seed, const int64_t* seed_ptr, double sigma,
+                             std::string_view kind) {
   TORCH_CHECK(h_in.dim() >= 2, "lnsr::perturb: h must be [B, ..., H]");
   const int dt = dtype_code(h_in, "h");
   const int k = noise_kind(kind);
@@ -198,9 +214,19 @@ at::Tensor perturb_cuda(const at::Tensor& h_in, int64_t seed, double sigma, std:
   const int64_t H = last_dim(h);
   if (h.numel() > 0)
     check_cuda(lnsr::cuda::perturb_forward(dt, h.const_data_ptr(), out.mutable_data_ptr(), h.numel() / H, H,
-                                           seed_bits(seed), static_cast<float>(sigma), k, stream_of(h)),
+                                           seed_bits(seed), seed_ptr, static_cast<float>(sigma), k, stream_of(h)),
                "perturb");
   return out;
+}
+
+at::Tensor perturb_cuda(const at::Tensor& h, int64_t seed, double sigma, std::string_view kind) {
+  return perturb_cuda_impl(h, seed, nullptr, sigma, kind);
+}
+
+at::Tensor perturb_seeded_cuda(const at::Tensor& h, const at::Tensor& seed, double sigma, std::string_view kind) {
+  check_device_seed(seed, h);
+  const at::Tensor s = seed.contiguous();  // one element: already contiguous, kept alive by the caller
+  return perturb_cuda_impl(h, 0, s.const_data_ptr<int64_t>(), sigma, kind);
 }
 
 at::Tensor perturb_backward_cuda(const at::Tensor& g_in) {
@@ -281,6 +307,13 @@ at::Tensor call_perturb(const at::Tensor& h, int64_t seed, double sigma, std::st
   return op.call(h, seed, sigma, kind);
 }
 
+at::Tensor call_perturb_seeded(const at::Tensor& h, const at::Tensor& seed, double sigma, std::string_view kind) {
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("lnsr::perturb_seeded", "")
+                       .typed<at::Tensor(const at::Tensor&, const at::Tensor&, double, std::string_view)>();
+  return op.call(h, seed, sigma, kind);
+}
+
 at::Tensor call_perturb_backward(const at::Tensor& grad) {
   static auto op = c10::Dispatcher::singleton()
                        .findSchemaOrThrow("lnsr::perturb_backward", "")
@@ -314,6 +347,17 @@ struct PerturbFunction : public torch::autograd::Function<PerturbFunction> {
     return call_perturb(h, seed, sigma, kind);
   }
   // eps is detached for every kind (docs/design.md §1): the gradient is g[:B] + g[B:]
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    return {call_perturb_backward(grads[0]), at::Tensor(), at::Tensor(), at::Tensor()};
+  }
+};
+
+struct PerturbSeededFunction : public torch::autograd::Function<PerturbSeededFunction> {
+  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& h, const at::Tensor& seed, double sigma,
+                            std::string_view kind) {
+    at::AutoDispatchBelowADInplaceOrView below;
+    return call_perturb_seeded(h, seed, sigma, kind);
+  }
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     return {call_perturb_backward(grads[0]), at::Tensor(), at::Tensor(), at::Tensor()};
   }
@@ -353,6 +397,10 @@ at::Tensor perturb_autograd(const at::Tensor& h, int64_t seed, double sigma, std
   return PerturbFunction::apply(h, seed, sigma, kind);
 }
 
+at::Tensor perturb_seeded_autograd(const at::Tensor& h, const at::Tensor& seed, double sigma, std::string_view kind) {
+  return PerturbSeededFunction::apply(h, seed, sigma, kind);
+}
+
 std::tuple<at::Tensor, at::Tensor> layer_penalty_autograd(at::TensorList ys, const c10::optional<at::Tensor>& mask,
                                                           const at::Tensor& weights, bool detach_clean) {
   variable_list out = PenaltyFunction::apply(ys, mask, weights, detach_clean);
@@ -365,6 +413,7 @@ TORCH_LIBRARY(lnsr, m) {
   m.def("noise(int numel, int seed, Device device) -> Tensor");
   m.def("perturb(Tensor h, int seed, float sigma, str kind) -> Tensor");
   m.def("perturb_backward(Tensor grad) -> Tensor");
+  m.def("perturb_seeded(Tensor h, Tensor seed, float sigma, str kind) -> Tensor");
   // The schema of lnsr.ops.backend.OP_SCHEMAS, shared with the Triton ops (tests compare them).
   m.def("layer_penalty(Tensor[] ys, Tensor? mask, Tensor weights, bool detach_clean) -> (Tensor, Tensor)");
   m.def("layer_penalty_backward(Tensor grad, Tensor count, Tensor[] ys, Tensor? mask, Tensor weights, "
@@ -374,6 +423,7 @@ TORCH_LIBRARY(lnsr, m) {
 
 TORCH_LIBRARY_IMPL(lnsr, CPU, m) {
   m.impl("perturb", TORCH_FN(perturb_cpu));
+  m.impl("perturb_seeded", TORCH_FN(perturb_seeded_cpu));
   m.impl("perturb_backward", TORCH_FN(perturb_backward_cpu));
   m.impl("layer_penalty", TORCH_FN(layer_penalty_cpu));
   m.impl("layer_penalty_backward", TORCH_FN(layer_penalty_backward_cpu));
@@ -381,12 +431,14 @@ TORCH_LIBRARY_IMPL(lnsr, CPU, m) {
 
 TORCH_LIBRARY_IMPL(lnsr, Autograd, m) {
   m.impl("perturb", TORCH_FN(perturb_autograd));
+  m.impl("perturb_seeded", TORCH_FN(perturb_seeded_autograd));
   m.impl("layer_penalty", TORCH_FN(layer_penalty_autograd));
 }
 
 #if LNSR_WITH_CUDA
 TORCH_LIBRARY_IMPL(lnsr, CUDA, m) {
   m.impl("perturb", TORCH_FN(perturb_cuda));
+  m.impl("perturb_seeded", TORCH_FN(perturb_seeded_cuda));
   m.impl("perturb_backward", TORCH_FN(perturb_backward_cuda));
   m.impl("layer_penalty", TORCH_FN(layer_penalty_cuda));
   m.impl("layer_penalty_backward", TORCH_FN(layer_penalty_backward_cuda));

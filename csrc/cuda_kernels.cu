@@ -99,10 +99,19 @@ __global__ void noise_kernel(uint64_t seed, int64_t numel, float* __restrict__ z
 // perturb
 // ------------------------------------------------------------------------------------------------
 
+// The seed of a perturb launch: the value, or (ptr != nullptr) a device seed read by each thread, so
+// that a captured CUDA graph draws new noise on each replay once the seed tensor is refilled.
+struct Seed {
+  uint64_t value;
+  const int64_t* ptr;
+  __device__ __forceinline__ uint64_t get() const { return ptr ? static_cast<uint64_t>(__ldg(ptr)) : value; }
+};
+
 // Gaussian, 16-byte path: each thread owns one Pack (4 or 8 elements = 1 or 2 Philox calls).
 template <typename T>
-__global__ void perturb_gaussian_vec(const T* __restrict__ h, T* __restrict__ out, int64_t n, uint64_t seed,
+__global__ void perturb_gaussian_vec(const T* __restrict__ h, T* __restrict__ out, int64_t n, Seed seed_in,
                                      float sigma) {
+  const uint64_t seed = seed_in.get();
   using P = Pack<T>;
   const int64_t packs = n / P::N;
   for (int64_t p = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; p < packs;
@@ -125,7 +134,8 @@ __global__ void perturb_gaussian_vec(const T* __restrict__ h, T* __restrict__ ou
 // Gaussian, scalar path: one Philox call per thread, four elements.
 template <typename T>
 __global__ void perturb_gaussian_scalar(const T* __restrict__ h, T* __restrict__ out, int64_t n,
-                                        uint64_t seed, float sigma) {
+                                        Seed seed_in, float sigma) {
+  const uint64_t seed = seed_in.get();
   const int64_t groups = (n + 3) / 4;
   for (int64_t c = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; c < groups;
        c += static_cast<int64_t>(gridDim.x) * blockDim.x) {
@@ -146,7 +156,8 @@ __global__ void perturb_gaussian_scalar(const T* __restrict__ h, T* __restrict__
 // VEC: the row length is a multiple of the pack and the pointers are 16-byte aligned.
 template <typename T, bool VEC>
 __global__ void perturb_relative(const T* __restrict__ h, T* __restrict__ out, int64_t rows, int64_t hidden,
-                                 uint64_t seed, float sigma) {
+                                 Seed seed_in, float sigma) {
+  const uint64_t seed = seed_in.get();
   using P = Pack<T>;
   const int lane = threadIdx.x & 31;
   const int64_t n = rows * hidden;
@@ -207,6 +218,67 @@ __global__ void perturb_relative(const T* __restrict__ h, T* __restrict__ out, i
         }
       }
     }
+  }
+}
+
+// Relative, one read of h: a block per row, the row held in registers (PPT packs per thread)
+// between its sum of squares and the two writes.  For wide rows (>= kRowBlockMinHidden), where the
+// warp-per-row kernel above reads each row twice; rows of more than PPT_max * kThreads packs keep
+// using that kernel.  Noise element i is still z[i] of the stream: only the rms's summation order
+// differs (a deterministic tree).
+constexpr int64_t kRowBlockMinHidden = 1024;
+constexpr int kRowBlockMaxPPT = 8;
+
+template <typename T, int PPT>
+__global__ void perturb_relative_rowblock(const T* __restrict__ h, T* __restrict__ out, int64_t rows,
+                                          int64_t hidden, Seed seed_in, float sigma) {
+  using P = Pack<T>;
+  __shared__ float smem[32];
+  __shared__ float scale;
+  const uint64_t seed = seed_in.get();
+  const int64_t n = rows * hidden;
+  const int64_t packs = hidden / P::N;
+  for (int64_t r = blockIdx.x; r < rows; r += gridDim.x) {
+    const int64_t base = r * hidden;
+    const P* hp = reinterpret_cast<const P*>(h + base);
+    P x[PPT];
+    float ss = 0.f;
+#pragma unroll
+    for (int i = 0; i < PPT; ++i) {
+      const int64_t p = threadIdx.x + static_cast<int64_t>(i) * blockDim.x;
+      if (p < packs) {
+        x[i] = hp[p];
+#pragma unroll
+        for (int k = 0; k < P::N; ++k) {
+          const float v = Cvt<T>::to(x[i].v[k]);
+          ss += v * v;
+        }
+      }
+    }
+    ss = block_sum(ss, smem);  // ends with a barrier: smem is free again
+    if (threadIdx.x == 0) scale = __fmul_rn(sigma, sqrtf(__fdiv_rn(ss, static_cast<float>(hidden))));
+    __syncthreads();
+    const float s = scale;
+    P* cp = reinterpret_cast<P*>(out + base);
+    P* np = reinterpret_cast<P*>(out + n + base);
+#pragma unroll
+    for (int i = 0; i < PPT; ++i) {
+      const int64_t p = threadIdx.x + static_cast<int64_t>(i) * blockDim.x;
+      if (p < packs) {
+        P y;
+#pragma unroll
+        for (int q = 0; q < P::N / 4; ++q) {
+          float z[4];
+          normal4(seed, static_cast<uint64_t>((base + p * P::N) / 4 + q), z);
+#pragma unroll
+          for (int k = 0; k < 4; ++k)
+            y.v[4 * q + k] = Cvt<T>::from(Cvt<T>::to(x[i].v[4 * q + k]) + __fmul_rn(s, z[k]));
+        }
+        cp[p] = x[i];
+        np[p] = y;
+      }
+    }
+    __syncthreads();  // `scale` is rewritten for the next row
   }
 }
 
@@ -427,7 +499,7 @@ LayerTable make_table(const PenaltyLayer* layers, int first, int count, int64_t 
 }
 
 template <typename T>
-void launch_perturb(const void* h_, void* out_, int64_t rows, int64_t hidden, uint64_t seed, float sigma, int kind,
+void launch_perturb(const void* h_, void* out_, int64_t rows, int64_t hidden, Seed seed, float sigma, int kind,
                     cudaStream_t st) {
   const T* h = static_cast<const T*>(h_);
   T* out = static_cast<T*>(out_);
@@ -439,8 +511,22 @@ void launch_perturb(const void* h_, void* out_, int64_t rows, int64_t hidden, ui
     else
       perturb_gaussian_scalar<T><<<blocks_for((n + 3) / 4, kThreads), kThreads, 0, st>>>(h, out, n, seed, sigma);
   } else {
+    const bool vec = aligned16(h) && aligned16(out) && hidden % pack == 0;
+    const int64_t ppt = (hidden / pack + kThreads - 1) / kThreads;  // packs per thread, one block per row
+    if (vec && hidden >= kRowBlockMinHidden && ppt <= kRowBlockMaxPPT) {
+      const int grid = blocks_for(rows, 1);
+      if (ppt <= 1)
+        perturb_relative_rowblock<T, 1><<<grid, kThreads, 0, st>>>(h, out, rows, hidden, seed, sigma);
+      else if (ppt <= 2)
+        perturb_relative_rowblock<T, 2><<<grid, kThreads, 0, st>>>(h, out, rows, hidden, seed, sigma);
+      else if (ppt <= 4)
+        perturb_relative_rowblock<T, 4><<<grid, kThreads, 0, st>>>(h, out, rows, hidden, seed, sigma);
+      else
+        perturb_relative_rowblock<T, 8><<<grid, kThreads, 0, st>>>(h, out, rows, hidden, seed, sigma);
+      return;
+    }
     const int blocks = blocks_for(rows, kWarps);
-    if (aligned16(h) && aligned16(out) && hidden % pack == 0)
+    if (vec)
       perturb_relative<T, true><<<blocks, kThreads, 0, st>>>(h, out, rows, hidden, seed, sigma);
     else
       perturb_relative<T, false><<<blocks, kThreads, 0, st>>>(h, out, rows, hidden, seed, sigma);
@@ -467,10 +553,11 @@ int noise(uint64_t seed, int64_t numel, float* z, void* stream) {
   return static_cast<int>(cudaGetLastError());
 }
 
-int perturb_forward(int dtype, const void* h, void* out, int64_t rows, int64_t hidden, uint64_t seed, float sigma,
-                    int kind, void* stream) {
+int perturb_forward(int dtype, const void* h, void* out, int64_t rows, int64_t hidden, uint64_t seed_value,
+                    const int64_t* seed_ptr, float sigma, int kind, void* stream) {
   if (rows <= 0 || hidden <= 0) return 0;
   cudaStream_t st = static_cast<cudaStream_t>(stream);
+  const Seed seed{seed_value, seed_ptr};
   switch (dtype) {
     case kF32: launch_perturb<float>(h, out, rows, hidden, seed, sigma, kind, st); break;
     case kF16: launch_perturb<__half>(h, out, rows, hidden, seed, sigma, kind, st); break;

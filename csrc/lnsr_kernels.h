@@ -35,8 +35,10 @@ void layer_penalty_backward(const PenaltyLayer* layers, int n_layers, int64_t ro
 namespace cuda {
 // Every launcher returns a cudaError_t as int (0 = success) and runs on `stream`.
 int noise(uint64_t seed, int64_t numel, float* z, void* stream);
+// seed_ptr: nullptr, or a device int64 holding the seed's bits, read by the kernel instead of `seed`
+// (a CUDA graph captured with it draws new noise on each replay once that memory is refilled).
 int perturb_forward(int dtype, const void* h, void* out, int64_t rows, int64_t hidden, uint64_t seed,
-                    float sigma, int kind, void* stream);
+                    const int64_t* seed_ptr, float sigma, int kind, void* stream);
 int perturb_backward(int dtype, const void* grad, void* grad_h, int64_t numel, void* stream);
 // Floats of scratch space layer_penalty_forward needs for its per-block partial sums.
 int64_t layer_penalty_workspace(int n_layers, int64_t rows);

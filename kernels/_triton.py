@@ -61,9 +61,20 @@ def _noise_at(seed, idx):
     return tl.where(r == 0, n1, tl.where(r == 1, n2, tl.where(r == 2, n3, n4)))
 
 
+@triton.jit
+def _load_seed(seed, SEED_PTR: tl.constexpr):
+    """The seed's 64 bits: the int64 argument, or (SEED_PTR) read from the device seed it points to."""
+    if SEED_PTR:
+        return tl.load(seed)
+    else:
+        return seed
+
+
 @triton.jit(do_not_specialize=["seed"])  # a new seed every step must not mean a new compile
-def _flat_kernel(h_ptr, out_ptr, n, seed, sigma, MODE: tl.constexpr, BLOCK: tl.constexpr):
+def _flat_kernel(h_ptr, out_ptr, n, seed, sigma, MODE: tl.constexpr, BLOCK: tl.constexpr,
+                 SEED_PTR: tl.constexpr = False):
     """MODE 0: out[i] = z[i] (fp32).  MODE 1: out = cat([h, h + sigma*z])."""
+    seed = _load_seed(seed, SEED_PTR)
     start = tl.program_id(0).to(tl.int64) * BLOCK
     offs = start + tl.arange(0, BLOCK)
     inb = offs < n
@@ -78,8 +89,9 @@ def _flat_kernel(h_ptr, out_ptr, n, seed, sigma, MODE: tl.constexpr, BLOCK: tl.c
 
 @triton.jit(do_not_specialize=["seed"])
 def _relative_kernel(h_ptr, out_ptr, n, M, H, seed, sigma, ROWS: tl.constexpr, BLOCK_H: tl.constexpr,
-                     SINGLE: tl.constexpr, ALIGNED: tl.constexpr):
+                     SINGLE: tl.constexpr, ALIGNED: tl.constexpr, SEED_PTR: tl.constexpr = False):
     """out = cat([h, h + sigma*rms(row)*z]) over a [ROWS, BLOCK_H] tile of the [M, H] view of h."""
+    seed = _load_seed(seed, SEED_PTR)
     rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS).to(tl.int64)
     row_ok = rows < M
     row_start = rows * H
@@ -278,7 +290,8 @@ def _tap_bwd_kernel(y_ptr, g_ptr, out_ptr, mask_ptr, coef_ptr, P, M, G, H, HAS_M
 
 def _flat_launch(h, out, n, seed, sigma, mode):
     block = _tile(out.device)
-    _flat_kernel[(triton.cdiv(n, block),)](h, out, n, seed, sigma, MODE=mode, BLOCK=block, num_warps=_warps(block))
+    _flat_kernel[(triton.cdiv(n, block),)](h, out, n, seed, sigma, MODE=mode, BLOCK=block, num_warps=_warps(block),
+                                           SEED_PTR=isinstance(seed, torch.Tensor))
 
 
 def _check_dtype(t: torch.Tensor, what: str) -> None:
@@ -296,7 +309,8 @@ def _noise_impl(numel: int, seed: int, device) -> torch.Tensor:
     return out
 
 
-def _perturb_impl(h: torch.Tensor, seed: int, sigma: float, kind: str) -> torch.Tensor:
+def _perturb_impl(h: torch.Tensor, seed, sigma: float, kind: str) -> torch.Tensor:
+    # seed: the int64 bits, or (lnsr_triton::perturb_seeded) a device seed the kernels read
     if h.dim() < 2:
         raise ValueError(f"lnsr_triton::perturb: h must be [B, ..., H], got {tuple(h.shape)}")
     _check_dtype(h, "h")
@@ -318,8 +332,16 @@ def _perturb_impl(h: torch.Tensor, seed: int, sigma: float, kind: str) -> torch.
         rows = max(1, min(triton.next_power_of_2(m), _tile(h.device) // block_h))
         _relative_kernel[(triton.cdiv(m, rows),)](h, out, n, m, hid, seed, sigma, ROWS=rows, BLOCK_H=block_h,
                                                    SINGLE=single, ALIGNED=(hid % 4 == 0 and block_h >= 4),
+                                                   SEED_PTR=isinstance(seed, torch.Tensor),
                                                    num_warps=_warps(rows * block_h))
     return out
+
+
+def _perturb_seeded_impl(h: torch.Tensor, seed: torch.Tensor, sigma: float, kind: str) -> torch.Tensor:
+    if seed.dtype != torch.int64 or seed.numel() != 1 or seed.device != h.device:
+        raise ValueError(f"lnsr_triton::perturb_seeded: seed must be a one-element int64 tensor on {h.device} (the "
+                         f"seed's 64 bits), got a {seed.dtype} tensor of shape {tuple(seed.shape)} on {seed.device}")
+    return _perturb_impl(h, seed.reshape(1), sigma, kind)
 
 
 def _perturb_bwd_impl(g: torch.Tensor) -> torch.Tensor:
@@ -529,6 +551,7 @@ def _op(name, fn):
 
 noise_op = _op("noise", _noise_impl)
 perturb_op = _op("perturb", _perturb_impl)
+perturb_seeded_op = _op("perturb_seeded", _perturb_seeded_impl)
 perturb_backward_op = _op("perturb_backward", _perturb_bwd_impl)
 layer_penalty_op = _op("layer_penalty", _penalty_impl)
 layer_penalty_backward_op = _op("layer_penalty_backward", _penalty_bwd_impl)

@@ -42,17 +42,21 @@ def main(argv=None) -> int:
     arch = int(argv[argv.index("--arch") + 1]) if "--arch" in argv else 90
     comp_ = functools.partial(comp, target=GPUTarget("cuda", arch, 32))
     for dt in ["fp16", "fp32"]:
-        comp_(K._flat_kernel, {"h_ptr": f"*{dt}", "out_ptr": f"*{dt}", "n": "i32", "seed": "i64", "sigma": "fp32"}, {"MODE": 1, "BLOCK": 4096}, div16=["h_ptr","out_ptr","n"])
-        comp_(K._relative_kernel, {"h_ptr": f"*{dt}", "out_ptr": f"*{dt}", "n": "i32", "M": "i32", "H": "i32", "seed": "i64", "sigma": "fp32"}, {"ROWS": 4, "BLOCK_H": 1024, "SINGLE": True, "ALIGNED": True}, div16=["h_ptr","out_ptr","n","M","H"])
-        comp_(K._relative_kernel, {"h_ptr": f"*{dt}", "out_ptr": f"*{dt}", "n": "i64", "M": "i32", "H": "i32", "seed": "i64", "sigma": "fp32"}, {"ROWS": 1, "BLOCK_H": 4096, "SINGLE": False, "ALIGNED": False}, div16=["h_ptr","out_ptr"])
+        comp_(K._flat_kernel, {"h_ptr": f"*{dt}", "out_ptr": f"*{dt}", "n": "i32", "seed": "i64", "sigma": "fp32"}, {"MODE": 1, "BLOCK": 4096, "SEED_PTR": False}, div16=["h_ptr","out_ptr","n"])
+        comp_(K._relative_kernel, {"h_ptr": f"*{dt}", "out_ptr": f"*{dt}", "n": "i32", "M": "i32", "H": "i32", "seed": "i64", "sigma": "fp32"}, {"ROWS": 4, "BLOCK_H": 1024, "SINGLE": True, "ALIGNED": True, "SEED_PTR": False}, div16=["h_ptr","out_ptr","n","M","H"])
+        comp_(K._relative_kernel, {"h_ptr": f"*{dt}", "out_ptr": f"*{dt}", "n": "i64", "M": "i32", "H": "i32", "seed": "i64", "sigma": "fp32"}, {"ROWS": 1, "BLOCK_H": 4096, "SINGLE": False, "ALIGNED": False, "SEED_PTR": False}, div16=["h_ptr","out_ptr"])
         comp_(K._perturb_bwd_kernel, {"g_ptr": f"*{dt}", "out_ptr": f"*{dt}", "n": "i32"}, {"BLOCK": 4096}, div16=["g_ptr","out_ptr","n"])
         comp_(K._penalty_fwd_kernel, {"ref_ptr": f"*{dt}", "delta_ptr": "*i64", "hid_ptr": "*i64", "H_arg": "i32", "w_ptr": "*fp32", "mask_ptr": "*fp32", "partial_ptr": "*fp32", "M": "i32", "n_row_blocks": "i32"}, {"HAS_MASK": True, "ROWS": 4, "BLOCK_H": 1024, "DELTA_DIV": 16, "UNIFORM_H": True}, div16=["ref_ptr","delta_ptr","hid_ptr","H_arg","w_ptr","mask_ptr","partial_ptr","M"])
         comp_(K._penalty_fwd_kernel, {"ref_ptr": f"*{dt}", "delta_ptr": "*i64", "hid_ptr": "*i64", "H_arg": "i32", "w_ptr": "*fp32", "mask_ptr": "*fp32", "partial_ptr": "*fp32", "M": "i32", "n_row_blocks": "i32"}, {"HAS_MASK": False, "ROWS": 4, "BLOCK_H": 1024, "DELTA_DIV": 1, "UNIFORM_H": False}, div16=["ref_ptr"])
         comp_(K._penalty_bwd_kernel, {"ref_ptr": f"*{dt}", "delta_ptr": "*i64", "gref_ptr": f"*{dt}", "gdelta_ptr": "*i64", "hid_ptr": "*i64", "H_arg": "i32", "w_ptr": "*fp32", "mask_ptr": "*fp32", "gout_ptr": "*fp32", "count_ptr": "*fp32", "M": "i32", "n_row_blocks": "i32"}, {"HAS_MASK": True, "DETACH": False, "ROWS": 4, "BLOCK_H": 1024, "DELTA_DIV": 16, "UNIFORM_H": True}, div16=["ref_ptr","gref_ptr","H_arg","M"])
     for has_mask in (True, False):
         comp_(K._penalty_final_kernel, {"partial_ptr": "*fp32", "n_partials": "i32", "mask_ptr": "*fp32", "M": "i32", "m_float": "fp32", "loss_ptr": "*fp32", "count_ptr": "*fp32"}, {"HAS_MASK": has_mask, "BLOCK": 1024})
-    comp_(K._flat_kernel, {"h_ptr": "*fp32", "out_ptr": "*fp32", "n": "i32", "seed": "i64", "sigma": "fp32"}, {"MODE": 0, "BLOCK": 4096}, div16=["out_ptr"])
-    comp_(K._flat_kernel, {"h_ptr": "*bf16", "out_ptr": "*bf16", "n": "i32", "seed": "i64", "sigma": "fp32"}, {"MODE": 1, "BLOCK": 4096}, div16=["h_ptr","out_ptr","n"])
+    comp_(K._flat_kernel, {"h_ptr": "*fp32", "out_ptr": "*fp32", "n": "i32", "seed": "i64", "sigma": "fp32"}, {"MODE": 0, "BLOCK": 4096, "SEED_PTR": False}, div16=["out_ptr"])
+    comp_(K._flat_kernel, {"h_ptr": "*bf16", "out_ptr": "*bf16", "n": "i32", "seed": "i64", "sigma": "fp32"}, {"MODE": 1, "BLOCK": 4096, "SEED_PTR": False}, div16=["h_ptr","out_ptr","n"])
+
+    # the device-seed variants (lnsr_triton::perturb_seeded): the seed read through a pointer
+    comp_(K._flat_kernel, {"h_ptr": "*bf16", "out_ptr": "*bf16", "n": "i32", "seed": "*i64", "sigma": "fp32"}, {"MODE": 1, "BLOCK": 4096, "SEED_PTR": True}, div16=["h_ptr","out_ptr","n"])
+    comp_(K._relative_kernel, {"h_ptr": "*bf16", "out_ptr": "*bf16", "n": "i32", "M": "i32", "H": "i32", "seed": "*i64", "sigma": "fp32"}, {"ROWS": 4, "BLOCK_H": 1024, "SINGLE": True, "ALIGNED": True, "SEED_PTR": True}, div16=["h_ptr","out_ptr","n","M","H"])
 
     # The aligned penalty kernels must use 16-byte loads (element offsets + multiple_of hint).
     bad = [k for k, v in VEC.items() if k[0].startswith("_penalty_") and ("DELTA_DIV", 16) in k[1] and v == 0]

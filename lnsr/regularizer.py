@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from . import ops
+from .ops.backend import seed_bits
 from .config import NORMALIZE_MODES, LNSRConfig
 from .dropout import DropoutControl
 from .models import find_blocks, replace_block_input, unwrap
@@ -39,7 +40,9 @@ class _Forward:
     phase: str = OFF
     depth: int = 0                # nesting of entry modules (wrapper -> model) in the running call
     seed: int = 0
-    seed_tensor: torch.Tensor = field(default_factory=lambda: torch.zeros((), dtype=torch.uint64))
+    # the seed as a device seed (its 64 bits in an int64 on the model's device), refilled each step:
+    # traced code passes it to the kernels unread (see _inject)
+    seed_tensor: torch.Tensor = field(default_factory=lambda: torch.zeros((), dtype=torch.int64))
     batch: int | None = None      # B, the clean batch, known once block k has run
     noisy: int | None = None      # m, the rows with a noisy copy (the last m of the batch; m = B by default)
     mask: torch.Tensor | None = None
@@ -317,7 +320,10 @@ class LNSR:
         st.mask = mask.detach() if isinstance(mask, torch.Tensor) and mask.dim() == 2 else None
         st.loss_share = self._loss_share(args, kwargs) if self.config.add_to_loss else None
         st.seed = _fold_rank(_draw_seed(), self._rank())
-        st.seed_tensor.fill_(st.seed)  # the same tensor every step, read by traced code (see _inject)
+        dev = self._device()
+        if st.seed_tensor.device != dev:
+            st.seed_tensor = torch.zeros((), dtype=torch.int64, device=dev)
+        st.seed_tensor.fill_(seed_bits(st.seed))  # the same tensor every step, read by traced code (see _inject)
         st.phase = RUN
         self._dropout.activate()
         if use_cache is None and getattr(config, "use_cache", False):
@@ -345,9 +351,11 @@ class LNSR:
                              f"learning rate or the loss scale")
         first = st.batch - st.noisy
         part = h[first:] if first else h
-        # Traced code reads the seed from a tensor: an int would be a guarded constant, and each
-        # step's new seed would compile a new graph (issue #14).
-        seed = st.seed_tensor if torch.compiler.is_compiling() else st.seed
+        # Traced code passes the seed as a device tensor: an int would be a guarded constant (each
+        # step's new seed would compile a new graph), and a host read would freeze the seed of a
+        # captured CUDA graph; the kernels read it on the device (issue #14).
+        seed = st.seed if not torch.compiler.is_compiling() else \
+            st.seed_tensor if st.seed_tensor.device == h.device else st.seed_tensor.to(h.device)
         out = ops.perturb(part, seed, sigma=cfg.sigma, kind=cfg.noise, mask=self._penalty_mask(),
                           n_anchors=cfg.n_anchors, backend=cfg.backend)
         if first:  # noisy_fraction < 1: [h, noisy copies of the last m rows]

@@ -159,14 +159,51 @@ def _perturb_check(be, h, seed, kind, *, mask=None, n_anchors=4, sigma=0.1, gen=
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("kind", R.NOISE_KINDS)
-# odd hidden sizes, batch 1, 2-d h; 384 and 1024 rows start on 16-byte boundaries (vector paths)
+# odd hidden sizes, batch 1, 2-d h; 384, 1024 and 4096 rows start on 16-byte boundaries (vector
+# paths; 1024 and 4096 take CUDA's one-read block-per-row relative kernel)
 @pytest.mark.parametrize("shape", [(1, 1, 1), (1, 5, 1), (2, 3, 7), (3, 4, 33), (1, 2, 769), (2, 769), (2, 3, 384),
-                                   (3, 1024)])
+                                   (3, 1024), (2, 4096)])
 def test_perturb_matches_reference(bd, gen, dtype, kind, shape):
     be, dev = bd
     h = _randn(shape, dtype, gen, dev, scale=3.0)
     mask = _mask(shape[:-1], gen, dev)  # only manifold reads it: anchors among valid tokens
     _perturb_check(be, h, _seed(), kind, mask=mask, gen=gen)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("kind", R.NOISE_KINDS)
+@pytest.mark.parametrize("shape", [(1, 1, 1), (2, 3, 7), (3, 4, 33), (2, 3, 384), (0, 3, 8)])
+def test_device_seed_gives_the_int_seeds_values(bd, gen, dtype, kind, shape):
+    """perturb_seeded with a device seed (the seed's bits in an int64 on h's device, read by the
+    kernel) equals perturb with the int seed, bit for bit, for every seed and both key words."""
+    be, dev = bd
+    h = _randn(shape, dtype, gen, dev, scale=3.0)
+    mask = _mask(shape[:-1], gen, dev) if shape[0] else None
+    for seed in SEEDS:
+        seed_t = torch.tensor(B.seed_bits(seed), dtype=torch.int64, device=dev)
+        x = h.clone().requires_grad_()
+        out = be.perturb_seeded(x, seed_t, sigma=0.1, kind=kind, mask=mask, n_anchors=4)
+        x2 = h.clone().requires_grad_()
+        ref = be.perturb(x2, seed, sigma=0.1, kind=kind, mask=mask, n_anchors=4)
+        torch.testing.assert_close(out, ref, rtol=0, atol=0, msg=_msg(f"seed {seed} {kind} {dtype} {shape}"))
+        if h.numel():
+            g = torch.ones_like(out)
+            torch.testing.assert_close(torch.autograd.grad(out, x, g)[0], torch.autograd.grad(ref, x2, g)[0],
+                                       rtol=0, atol=0)
+    # the reference's Philox with a tensor key is the int-keyed stream
+    for seed in SEEDS:
+        bits = torch.tensor(B.seed_bits(seed), dtype=torch.int64, device=dev)
+        assert torch.equal(R.noise(9, bits, device=dev), R.noise(9, seed, device=dev))
+
+
+def test_device_seed_is_checked(bd, gen):
+    be, dev = bd
+    if be.name == "torch":
+        pytest.skip("the torch backend has no compiled op")
+    h = _randn((2, 3, 8), torch.float32, gen, dev)
+    for bad in (torch.zeros(2, dtype=torch.int64, device=dev), torch.zeros((), dtype=torch.int32, device=dev)):
+        with pytest.raises((RuntimeError, ValueError), match="seed must be a one-element int64 tensor"):
+            be.ops.perturb_seeded(h, bad, 0.1, "relative")
 
 
 def test_perturb_noise_is_the_stream(bd):
@@ -384,10 +421,13 @@ def test_torch_compile_fullgraph(bd, gen):
     torch.testing.assert_close(g, g2)
 
 
+@pytest.mark.parametrize("where", ["host", "device"])
 @pytest.mark.parametrize("kind", ["relative", "manifold"])
-def test_torch_compile_tensor_seed_is_a_graph_input(bd, gen, kind):
-    """A (uint64 CPU) tensor seed traced by torch.compile is one opaque op: a new seed value
-    compiles no new graph, and the values and gradients are those of the int seed."""
+def test_torch_compile_tensor_seed_is_a_graph_input(bd, gen, kind, where):
+    """A tensor seed traced by torch.compile is one opaque op: a new seed value compiles no new
+    graph, and the values and gradients are those of the int seed.  ``host``: a uint64 CPU tensor
+    read on the host; ``device``: the seed's bits in an int64 on h's device, read by the kernel
+    (what LNSR passes, so that a captured CUDA graph draws new noise on each replay)."""
     be, dev = bd
     compiled = []
 
@@ -402,9 +442,9 @@ def test_torch_compile_tensor_seed_is_a_graph_input(bd, gen, kind):
     fn = torch.compile(step, backend=counting_backend, fullgraph=True)
     h = _randn((2, 4, 16), torch.float32, gen, dev)
     mask = _mask((2, 4), gen, dev, empty_row=False)
-    seed_t = torch.zeros((), dtype=torch.uint64)
+    seed_t = torch.zeros((), dtype=torch.uint64) if where == "host" else torch.zeros((), dtype=torch.int64, device=dev)
     for seed in SEEDS[1:]:
-        seed_t.fill_(seed)
+        seed_t.fill_(seed if where == "host" else B.seed_bits(seed))
         x = h.clone().requires_grad_()
         out = fn(x, seed_t, mask)
         (g,) = torch.autograd.grad((out * out).sum(), x)
@@ -418,7 +458,7 @@ def test_torch_compile_tensor_seed_is_a_graph_input(bd, gen, kind):
     for bad, err in ((torch.zeros(2, dtype=torch.int64), TypeError), (torch.zeros((), dtype=torch.float32), TypeError),
                      (torch.zeros((), dtype=torch.int64, device="meta"), ValueError)):
         with pytest.raises(err, match="seed"):
-            lnsr.ops._check_seed_tensor(bad)
+            lnsr.ops._check_seed_tensor(bad, torch.device("cpu"))
 
 
 # ---------------------------------------------------------------------------------------------

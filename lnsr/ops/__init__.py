@@ -59,7 +59,7 @@ def perturb(h: torch.Tensor, seed: int, *, sigma: float, kind: str = "relative",
     if h.dim() < 2:
         raise ValueError(f"h must have shape [batch, ..., hidden], got {tuple(h.shape)}")
     traced_seed = isinstance(seed, torch.Tensor) and torch.compiler.is_compiling()
-    seed = _check_seed_tensor(seed) if traced_seed else check_seed(seed)
+    seed = _check_seed_tensor(seed, h.device) if traced_seed else check_seed(seed)
     sigma = check_sigma(sigma)
     if kind not in NOISE_KINDS:
         raise ValueError(f"unknown noise kind {kind!r}; choose one of {', '.join(NOISE_KINDS)}")
@@ -78,25 +78,31 @@ def perturb(h: torch.Tensor, seed: int, *, sigma: float, kind: str = "relative",
     return impl.perturb(h, seed, sigma=sigma, kind=kind, mask=mask, n_anchors=n_anchors)
 
 
-def _check_seed_tensor(seed: torch.Tensor) -> torch.Tensor:
+def _check_seed_tensor(seed: torch.Tensor, device: torch.device) -> torch.Tensor:
     # While tracing, a tensor seed is checked by its metadata only (.item() would break the graph).
     if seed.numel() != 1 or seed.dtype.is_floating_point or seed.dtype.is_complex or seed.dtype == torch.bool:
         raise TypeError(f"seed must be a Python int or a one-element integer tensor, got a {seed.dtype} tensor "
                         f"of shape {tuple(seed.shape)}")
-    if seed.device.type != "cpu":
-        raise ValueError(f"a tensor seed must be on the CPU (its value is read on the host), got {seed.device}")
+    if seed.device.type != "cpu" and not (reference.is_device_seed(seed) and seed.device == device):
+        raise ValueError(f"a tensor seed must be on the CPU (read on the host) or be an int64 tensor on h's device "
+                         f"{device} holding the seed's 64 bits (read by the kernel); got a {seed.dtype} tensor on "
+                         f"{seed.device}")
     return seed
 
 
-# ``perturb`` with the seed as a (CPU, uint64 or int64) tensor, as one opaque op.  Used while
-# torch.compile traces (``LNSR`` passes its per-step seed this way): an int seed would be a
-# constant of the graph, guarded on, and each step's new seed would compile a new graph.  The op
-# reads the seed on the host when it runs and dispatches to the backend as ``perturb`` does.
+# ``perturb`` with the seed as a tensor, as one opaque op.  Used while torch.compile traces
+# (``LNSR`` passes its per-step seed this way): an int seed would be a constant of the graph,
+# guarded on, and each step's new seed would compile a new graph.  A device seed (an int64 tensor
+# on h's device holding the seed's bits) goes to the kernels unread, so that a CUDA graph captured
+# from the compiled step draws new noise on each replay; a CPU tensor is read on the host.
 @torch.library.custom_op("lnsr_seeded::perturb", mutates_args=())
 def _perturb_seeded(h: torch.Tensor, seed: torch.Tensor, sigma: float, kind: str, mask: torch.Tensor | None,
                     n_anchors: int, backend: str) -> torch.Tensor:
     impl = resolve_backend(backend, h.device)
-    out = impl.perturb(h, check_seed(seed), sigma=sigma, kind=kind, mask=mask, n_anchors=n_anchors)
+    if reference.is_device_seed(seed) and seed.device == h.device:
+        out = impl.perturb_seeded(h, seed, sigma=sigma, kind=kind, mask=mask, n_anchors=n_anchors)
+    else:
+        out = impl.perturb(h, check_seed(seed), sigma=sigma, kind=kind, mask=mask, n_anchors=n_anchors)
     return out.clone() if out._base is not None else out  # a custom op may not return a view of anything
 
 

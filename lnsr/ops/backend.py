@@ -46,6 +46,9 @@ OP_SCHEMAS = {
     "noise": "(int numel, int seed, Device device) -> Tensor",
     "perturb": "(Tensor h, int seed, float sigma, str kind) -> Tensor",
     "perturb_backward": "(Tensor grad) -> Tensor",
+    # perturb with a device seed (reference.is_device_seed): the kernel reads the seed from memory,
+    # so a captured CUDA graph draws new noise on each replay once the tensor is refilled.
+    "perturb_seeded": "(Tensor h, Tensor seed, float sigma, str kind) -> Tensor",
     "layer_penalty": "(Tensor[] ys, Tensor? mask, Tensor weights, bool detach_clean) -> (Tensor, Tensor)",
     "layer_penalty_backward": "(Tensor grad, Tensor count, Tensor[] ys, Tensor? mask, Tensor weights, "
                               "bool detach_clean) -> Tensor[]",
@@ -132,6 +135,12 @@ class Backend(abc.ABC):
     def perturb_forward(self, h: torch.Tensor, seed: int, sigma: float, kind: str) -> torch.Tensor:
         """``cat([h, h + eps])`` for a dense ``kind``; ``h`` is non-empty, of a kernel dtype."""
 
+    def perturb_forward_seeded(self, h: torch.Tensor, seed: torch.Tensor, sigma: float, kind: str) -> torch.Tensor:
+        """``perturb_forward`` with a device seed (``reference.is_device_seed``, on ``h``'s device).
+        The compiled backends read it in the kernel; this default reads it on the host (correct, but
+        a host sync, so not CUDA-graph safe): a new backend should override it."""
+        return self.perturb_forward(h, int(seed.item()), sigma, kind)
+
     @abc.abstractmethod
     def perturb_backward(self, grad: torch.Tensor) -> torch.Tensor:
         """``grad[:B] + grad[B:]``, in the dtype of ``grad``."""
@@ -175,6 +184,18 @@ class Backend(abc.ABC):
                                          n_anchors=n_anchors, noise_fn=self.noise)
             return reference.add_noise(h, eps)  # plain autograd through the add: g[:B] + g[B:]
         raise ValueError(f"unknown noise kind {kind!r}; choose one of {', '.join(reference.NOISE_KINDS)}")
+
+    def perturb_seeded(self, h: torch.Tensor, seed: torch.Tensor, *, sigma: float, kind: str = "relative",
+                       mask: torch.Tensor | None = None, n_anchors: int = reference.DEFAULT_ANCHORS) -> torch.Tensor:
+        """``perturb`` with a device seed on ``h``'s device: the same values as ``perturb(h,
+        unsigned_seed(seed))``, without reading the seed on the host (except for ``manifold``, whose
+        anchors are drawn there)."""
+        if self.uses_reference(h):
+            return reference.perturb(h, seed, sigma=sigma, kind=kind, mask=mask, n_anchors=n_anchors)
+        if kind in DENSE_KINDS:
+            return self.perturb_forward_seeded(h, seed, float(sigma), kind)
+        return self.perturb(h, unsigned_seed(int(seed.item())), sigma=sigma, kind=kind, mask=mask,
+                            n_anchors=n_anchors)
 
     def layer_penalty(self, ys: Sequence[torch.Tensor], *, mask: torch.Tensor | None = None,
                       weights: Sequence[float] | torch.Tensor | None = None,
@@ -224,6 +245,9 @@ class TorchBackend(Backend):
     def perturb_forward(self, h, seed, sigma, kind):
         return reference.perturb(h, unsigned_seed(seed), sigma=sigma, kind=kind)
 
+    def perturb_forward_seeded(self, h, seed, sigma, kind):
+        return reference.perturb(h, seed, sigma=sigma, kind=kind)  # Philox in tensor ops: no host read
+
     def perturb_backward(self, grad):
         b = grad.shape[0] // 2
         acc = torch.promote_types(grad.dtype, torch.float32)
@@ -258,6 +282,9 @@ class OpsBackend(Backend):
     def perturb_forward(self, h, seed, sigma, kind):
         return self.ops.perturb(h, int(seed), float(sigma), kind)
 
+    def perturb_forward_seeded(self, h, seed, sigma, kind):
+        return self.ops.perturb_seeded(h, seed, float(sigma), kind)
+
     def perturb_backward(self, grad):
         return self.ops.perturb_backward(grad)
 
@@ -291,6 +318,10 @@ def register_op_extras(namespace: str, *, autograd: bool = True) -> None:
     def _perturb_fake(h, seed, sigma, kind):
         return h.new_empty((2 * h.shape[0], *h.shape[1:]))
 
+    @torch.library.register_fake(q("perturb_seeded"))
+    def _perturb_seeded_fake(h, seed, sigma, kind):
+        return h.new_empty((2 * h.shape[0], *h.shape[1:]))
+
     @torch.library.register_fake(q("perturb_backward"))
     def _perturb_backward_fake(grad):
         return grad.new_empty((grad.shape[0] // 2, *grad.shape[1:]))
@@ -313,6 +344,7 @@ def register_op_extras(namespace: str, *, autograd: bool = True) -> None:
         return ops.perturb_backward(grad), None, None, None
 
     torch.library.register_autograd(q("perturb"), perturb_bwd, setup_context=perturb_setup)
+    torch.library.register_autograd(q("perturb_seeded"), perturb_bwd, setup_context=perturb_setup)
 
     def penalty_setup(ctx, inputs, output):
         ys, mask, weights, detach_clean = inputs

@@ -55,14 +55,30 @@ def _mulhilo32(a: int, b: torch.Tensor):
     return hi, lo
 
 
-def philox4x32(seed: int, counter: torch.Tensor):
-    """The 4 uint32 outputs (as int64 tensors) of Philox4x32-10 for counters (c_lo, c_hi, 0, 0)."""
+def is_device_seed(seed) -> bool:
+    """A *device seed*: a one-element int64 tensor holding the seed's 64 bits (``seed_bits``), read
+    where it lives, never on the host, so that a captured CUDA graph draws new noise each replay
+    when the tensor is refilled (docs/design.md §2)."""
+    return isinstance(seed, torch.Tensor) and seed.dtype == torch.int64 and seed.numel() == 1
+
+
+def _key(seed):
+    """The two 32-bit Philox key words of an int seed or of a device seed (then 0-d int64 tensors)."""
+    if is_device_seed(seed):
+        s = seed.reshape(())
+        return s & _MASK32, (s >> 32) & _MASK32  # the arithmetic shift's sign bits are masked off
     seed = check_seed(seed)
+    return seed & _MASK32, (seed >> 32) & _MASK32
+
+
+def philox4x32(seed, counter: torch.Tensor):
+    """The 4 uint32 outputs (as int64 tensors) of Philox4x32-10 for counters (c_lo, c_hi, 0, 0).
+    ``seed``: an int in [0, 2**64) or a device seed (``is_device_seed``)."""
+    k0, k1 = _key(seed)
     c0 = counter & _MASK32
     c1 = (counter >> 32) & _MASK32
     c2 = torch.zeros_like(c0)
     c3 = torch.zeros_like(c0)
-    k0, k1 = seed & _MASK32, (seed >> 32) & _MASK32
     for _ in range(_N_ROUNDS):
         hi_b, lo_b = _mulhilo32(_PHILOX_ROUND_B, c2)
         hi_a, lo_a = _mulhilo32(_PHILOX_ROUND_A, c0)
@@ -86,11 +102,13 @@ def _box_muller(u1: torch.Tensor, u2: torch.Tensor):
     return r * torch.cos(th), r * torch.sin(th)
 
 
-def noise(numel: int, seed: int, *, device=None, dtype=torch.float32) -> torch.Tensor:
-    """z[0:numel] of the lnsr noise stream for ``seed`` (standard normals, computed in fp32)."""
+def noise(numel: int, seed, *, device=None, dtype=torch.float32) -> torch.Tensor:
+    """z[0:numel] of the lnsr noise stream for ``seed`` (standard normals, computed in fp32).
+    ``seed``: an int in [0, 2**64), or a device seed (``is_device_seed``) on ``device``."""
     if isinstance(numel, bool) or not isinstance(numel, int) or numel < 0:
         raise ValueError(f"numel must be a non-negative int, got {numel!r}")
-    seed = check_seed(seed)
+    if not is_device_seed(seed):
+        seed = check_seed(seed)
     n_calls = (numel + 3) // 4
     counter = torch.arange(n_calls, dtype=torch.int64, device=device)
     i1, i2, i3, i4 = philox4x32(seed, counter)
@@ -148,16 +166,19 @@ def manifold_eps(h: torch.Tensor, seed: int, *, sigma: float, mask: torch.Tensor
         return ((sigma / math.sqrt(a)) * (coef @ centred)).view(h.shape)
 
 
-def make_eps(h: torch.Tensor, seed: int, *, sigma: float, kind: str = "relative",
+def make_eps(h: torch.Tensor, seed, *, sigma: float, kind: str = "relative",
              mask: torch.Tensor | None = None, n_anchors: int = DEFAULT_ANCHORS) -> torch.Tensor:
-    """The detached fp32 noise ``eps`` (same shape as ``h``) that ``perturb`` adds."""
+    """The detached fp32 noise ``eps`` (same shape as ``h``) that ``perturb`` adds (``seed``: an int
+    or a device seed on ``h``'s device)."""
     with torch.no_grad():
         if kind == "gaussian":
             return sigma * noise(h.numel(), seed, device=h.device).view(h.shape)
         if kind == "relative":
             z = noise(h.numel(), seed, device=h.device).view(h.shape)
             return (sigma * token_rms(h)) * z
-        if kind == "manifold":
+        if kind == "manifold":  # the anchors are drawn on the host: a device seed is read there
+            if is_device_seed(seed):
+                seed = int(seed.item()) % 2**64
             return manifold_eps(h, seed, sigma=sigma, mask=mask, n_anchors=n_anchors)
     raise ValueError(f"unknown noise kind {kind!r}; choose one of {', '.join(NOISE_KINDS)}")
 
