@@ -26,6 +26,7 @@ REGIMES = {"mrpc1k": ("mrpc", "MRPC, 1000 training pairs"), "sst2-1k": ("sst2", 
            "rte1k": ("rte", "RTE, 1000 training pairs"), "rte": ("rte", "RTE, full training set (2490 pairs)")}
 METRIC = "accuracy"          # the main metric of every regime (pre-registered)
 LRS, EPOCHS = ("5e-5", "1e-4"), (3, 5, 10)
+FINAL_ARMS, FINAL_SEEDS = 6, 10   # registered: 6 arms x 10 seeds per regime (until then a table is interim)
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -138,13 +139,15 @@ def arm_order(labels) -> list:
     return sorted(labels, key=key)
 
 
-def fmt_cmp(c: dict) -> str:
+def fmt_cmp(c: dict, interim: bool = False) -> str:
     if not c.get("n"):
         return "| - | - | - | - | - |"
     lo, hi = c["ci95"]
     ci = f"[{100 * lo:+.2f}, {100 * hi:+.2f}]" if np.isfinite(lo) else "-"
     reading = "no measurable effect" if not (np.isfinite(lo) and (lo > 0 or hi < 0)) else \
         ("ahead" if lo > 0 else "behind")
+    if interim:  # the registered reading is made on all seeds, not on the first few
+        reading = f"interim ({c['n']} seeds)"
     return (f"| {100 * c['mean']:+.2f} {ci} | {c['p_t']:.3f} | {c['p_wilcoxon']:.3f} | {c['ahead']}/{c['behind']} | "
             f"{reading} |")
 
@@ -156,7 +159,11 @@ def final_section(runs_dir: str, regime: str, plot_dir: str) -> str | None:
     labels = arm_order(arms)
     scores = {a: {r["config"]["seed"]: r["final"][METRIC] for r in arms[a]} for a in labels}
     control = next((a for a in labels if a.startswith("lnsr_lam0")), None)
-    out = [f"Dev {METRIC} x100 at the last epoch, seeds {min(min(s) for s in scores.values())}-"
+    n_runs = sum(len(s) for s in scores.values())
+    interim = n_runs < FINAL_ARMS * FINAL_SEEDS
+    head = (f"**Interim: {n_runs} of {FINAL_ARMS * FINAL_SEEDS} runs finished** (seeds run in order, every arm of a "
+            f"seed before the next seed); no reading is made before all {FINAL_SEEDS} seeds are in. ") if interim else ""
+    out = [f"{head}Dev {METRIC} x100 at the last epoch, seeds {min(min(s) for s in scores.values())}-"
            f"{max(max(s) for s in scores.values())}:", "",
            "| arm | n | mean | std | min | max | degenerate runs | per seed |", "|---|---|---|---|---|---|---|---|"]
     for a in labels:
@@ -173,9 +180,9 @@ def final_section(runs_dir: str, regime: str, plot_dir: str) -> str | None:
         if a == "vanilla":
             continue
         if "vanilla" in scores:
-            out.append(f"| {a} - vanilla " + fmt_cmp(compare(scores[a], scores["vanilla"])))
+            out.append(f"| {a} - vanilla " + fmt_cmp(compare(scores[a], scores["vanilla"]), interim))
         if control and a != control:
-            out.append(f"| {a} - {control} " + fmt_cmp(compare(scores[a], scores[control])))
+            out.append(f"| {a} - {control} " + fmt_cmp(compare(scores[a], scores[control]), interim))
     summary = {a: {"seeds": sorted(scores[a]), "metrics": {METRIC: [scores[a][s] for s in sorted(scores[a])]},
                    "wall": [], "ratio": []} for a in labels}
     os.makedirs(plot_dir, exist_ok=True)

@@ -66,7 +66,9 @@ def test_degenerate_runs(study):
     assert not study.degenerate(run(0.72, (10, 90)))
 
 
-def test_final_tables_paired_statistics_and_block_rewrite(study, tmp_path):
+def test_final_tables_paired_statistics_and_block_rewrite(study, tmp_path, monkeypatch):
+    monkeypatch.setattr(study, "FINAL_ARMS", 3)  # these synthetic runs are the whole registered grid
+    monkeypatch.setattr(study, "FINAL_SEEDS", 5)
     runs = tmp_path / "runs"
     vanilla = [0.70, 0.72, 0.74, 0.71, 0.73]
     arms = {"vanilla": vanilla,
@@ -88,6 +90,15 @@ def test_final_tables_paired_statistics_and_block_rewrite(study, tmp_path):
     vs_control = next(x for x in lines if x.startswith("| lnsr_lam0.01_inject_at0_noiserelative - lnsr_lam0_"))
     assert "+2.00" in vs_control
     assert (tmp_path / "plots" / "final_mrpc1k.png").is_file()
+
+    assert "Interim" not in text
+
+    # one run fewer: the table is interim, with no reading
+    os.remove(runs / "final" / "mrpc1k" / "mrpc" / "vanilla" / "seed5.json")
+    text = study.final_section(str(runs), "mrpc1k", str(tmp_path / "plots"))
+    assert "**Interim: 14 of 15 runs finished**" in text
+    ahead = next(x for x in text.splitlines() if x.startswith("| lnsr_lam0.01_inject_at0_noiserelative - vanilla"))
+    assert "4/0" in ahead and ahead.endswith("interim (4 seeds) |")
 
     results = tmp_path / "results.md"
     results.write_text("# head\n<!-- study:begin -->\nold\n<!-- study:end -->\n# tail\n")
