@@ -240,3 +240,28 @@ def test_host_overhead_runs():
     rows = H.run(quick=True)
     assert [r["op"] for r in rows] == ["layer_penalty", "perturb"]
     assert all(r["us_direct"] > 0 and r["ratio"] > 0 for r in rows)
+
+
+def test_exact_step_memory_counts_allocations_and_frees():
+    """lnsr.benchmarks.memory: the profiler's allocation events give the exact peak and net bytes."""
+    from lnsr.benchmarks import memory
+
+    def step():
+        a = torch.empty(1 << 20, dtype=torch.float32)   # 4 MiB
+        b = torch.empty(1 << 19, dtype=torch.float32)   # 2 MiB, both alive: peak 6 MiB
+        del a, b
+        c = torch.empty(1 << 18, dtype=torch.float32)   # 1 MiB, returned alive
+        step.kept = c
+
+    peak, end = memory.peak_step_bytes(step)
+    assert peak == 6 * 2**20 and end == 2**20
+
+
+def test_memory_benchmark_rows_and_table():
+    from lnsr.benchmarks import memory
+
+    rows = memory.measure("tiny-bert", batch=2, seq=16)
+    assert [(r["method"], r["inject_at"]) for r in rows] == memory.cases(4)
+    assert all(r["peak_mb"] > 0 and r["layer_grad_mb"] == 2 * 2 * 16 * 128 * 4 / 2**20 for r in rows)
+    table = memory.format_table(rows)
+    assert table.count("tiny-bert") == 2 and "lnsr/2pass" in table

@@ -3,12 +3,13 @@
     lnsr bench --quick              # < 3 minutes on a 2-core CPU: a small kernel and step table
     lnsr bench                      # the full tables for the device (CPU here, GPU when present)
     lnsr bench --only host          # host overhead of the ops vs their compiled ops called directly
+    lnsr bench --only memory        # exact peak tensor memory of a step (CPU): plain, two-pass, LNSR
 
 Prints the tables, appends rows to CSVs under ``--out`` (default: the current directory) and
 draws a PNG of step time and peak memory per case.  It downloads nothing: models are built from
 configurations (the packaged MiniLM when installed).  The kernel benchmark is
 ``lnsr.benchmarks.bench_kernels``, the host-overhead table ``lnsr.benchmarks.host_overhead``, the
-step benchmark ``lnsr.benchmarks.step``; machine names and
+step benchmark ``lnsr.benchmarks.step``, the exact step memory ``lnsr.benchmarks.memory``; machine names and
 timing come from ``lnsr.utils.machine``.
 """
 from __future__ import annotations
@@ -60,7 +61,7 @@ def main(argv=None) -> int:
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="small shapes, few steps (< 3 min on a 2-core CPU)")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--only", choices=("kernels", "host", "step"), default=None)
+    ap.add_argument("--only", choices=("kernels", "host", "memory", "step"), default=None)
     ap.add_argument("--models", nargs="+", default=None, help="step benchmark models (see lnsr.benchmarks.step)")
     ap.add_argument("--out", default=".", help="folder for CSVs and the PNG (default: the current directory)")
     ap.add_argument("--batch", type=int, default=None, help="step benchmark batch (default: 32 GPU, 16 CPU, 8 quick)")
@@ -98,6 +99,14 @@ def main(argv=None) -> int:
             append_csv(os.path.join(out, "host_overhead.csv"), rows, kind="host_overhead")
         finally:
             torch.set_num_threads(threads)
+    if args.only in (None, "memory"):
+        from . import memory
+        from .common import append_csv
+        print("== peak tensor memory of a step (CPU, exact) ==", flush=True)
+        models = args.models or (list(memory.MODELS) if _has_minilm() else ["bert-base", "llama-small"])
+        rows = memory.run(models, batch=args.batch or 8, seq=args.seq or 128, quick=args.quick)
+        print(memory.format_table(rows))
+        append_csv(os.path.join(out, "memory_cpu.csv"), rows, kind="memory")
     if args.only in (None, "step"):
         from . import step
         from .common import append_csv
