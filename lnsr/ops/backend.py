@@ -112,7 +112,7 @@ def _reference_loss_count(ys, mask, weights, detach_clean):
     loss = reference.layer_penalty(ys, mask=mask, weights=weights, detach_clean=detach_clean)
     rows = math.prod(ys[0].shape[:-1]) // 2
     count = (mask.to(torch.float32).sum() if mask is not None
-             else torch.tensor(float(rows), device=ys[0].device))
+             else torch.full((), float(rows), dtype=torch.float32, device=ys[0].device))
     return loss, count
 
 

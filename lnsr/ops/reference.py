@@ -92,12 +92,13 @@ def _uniform(x: torch.Tensor) -> torch.Tensor:
     # tl.uint_to_uniform_float: bitcast to int32, fold negatives with ~x, scale in fp32.
     x = torch.where(x >= 2**31, x - 2**32, x)
     x = torch.where(x < 0, -x - 1, x)
-    return x.to(torch.float32) * torch.tensor(_UNIFORM_SCALE, dtype=torch.float32, device=x.device)
+    # torch.full: a fill on the device, not a host copy (which a CUDA graph capture forbids)
+    return x.to(torch.float32) * torch.full((), _UNIFORM_SCALE, dtype=torch.float32, device=x.device)
 
 
 def _box_muller(u1: torch.Tensor, u2: torch.Tensor):
     u1 = torch.clamp_min(u1, _MIN_U)
-    th = u2 * torch.tensor(_TWO_PI, dtype=torch.float32, device=u2.device)
+    th = u2 * torch.full((), _TWO_PI, dtype=torch.float32, device=u2.device)
     r = torch.sqrt(-2.0 * torch.log(u1))
     return r * torch.cos(th), r * torch.sin(th)
 
