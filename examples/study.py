@@ -192,6 +192,38 @@ def final_section(runs_dir: str, regime: str, plot_dir: str) -> str | None:
     return "\n".join(out) + "\n"
 
 
+# -- 4. noise-stability profile -------------------------------------------------------------------
+def profile_section(runs_dir: str, regime: str, plot_dir: str) -> str | None:
+    """The relative change of the last block's output for noise injected at each block, per model,
+    from ``lnsr profile``'s CSV (and its plot, copied beside the other plots)."""
+    import csv
+    import shutil
+
+    path = os.path.join(runs_dir, "profile", regime, "profile.csv")
+    if not os.path.isfile(path):
+        return None
+    with open(path) as f:
+        rows = list(csv.DictReader(f))
+    last = max(int(r["layer"]) for r in rows)
+    models = list(dict.fromkeys(r["model"] for r in rows))
+    blocks = sorted({int(r["inject_at"]) for r in rows})
+    change = {(r["model"], int(r["inject_at"])): float(r["rel_change"]) for r in rows if int(r["layer"]) == last}
+    r0 = rows[0]
+    out = [f"Relative change `||y~ - y|| / ||y||` of the last block's output for {r0['noise']} noise (sigma "
+           f"{r0['sigma']}) injected at each block, eval mode, seed-1 models ({r0['n_tokens']} tokens of dev inputs; "
+           f"`{os.path.relpath(path, ROOT)}` has every block):", "",
+           "| model | " + " | ".join(f"noise at {b}" for b in blocks) + " |", "|---" * (len(blocks) + 1) + "|"]
+    for m in models:
+        out.append(f"| {m} | " + " | ".join(f"{change[(m, b)]:.4f}" for b in blocks) + " |")
+    png = os.path.join(os.path.dirname(path), "profile.png")
+    if os.path.isfile(png):
+        os.makedirs(plot_dir, exist_ok=True)
+        dst = os.path.join(plot_dir, f"profile_{regime}.png")
+        shutil.copyfile(png, dst)
+        out += ["", f"![noise-stability profile, {regime}]({os.path.relpath(dst, os.path.join(ROOT, 'docs'))})"]
+    return "\n".join(out) + "\n"
+
+
 def summary(runs_dir: str, results_md: str, plot_dir: str) -> str:
     parts = []
     for regime, (_, title) in REGIMES.items():
@@ -207,6 +239,10 @@ def summary(runs_dir: str, results_md: str, plot_dir: str) -> str:
         fin = final_section(runs_dir, regime, plot_dir)
         if fin:
             sec += ["**3. Final (GLUE dev).** " + fin]
+            has = True
+        prof = profile_section(runs_dir, regime, plot_dir)
+        if prof:
+            sec += ["**4. Noise-stability profile (`lnsr profile`).** " + prof]
             has = True
         if not has:
             sec.append("Not run yet.\n")

@@ -110,3 +110,17 @@ def test_final_tables_paired_statistics_and_block_rewrite(study, tmp_path, monke
     results.write_text("no markers\n")
     with pytest.raises(SystemExit, match="no <!-- study:begin -->"):
         study.summary(str(runs), str(results), str(tmp_path / "plots"))
+
+
+def test_profile_section_reads_the_last_block_per_injection(study, tmp_path):
+    prof = tmp_path / "runs" / "profile" / "mrpc1k"
+    prof.mkdir(parents=True)
+    lines = ["model,inject_at,layer,rel_change,n_tokens,sigma,noise"]
+    for m, base in (("vanilla", 0.02), ("lnsr", 0.01)):
+        for k in (0, 1):
+            for layer in (-1, 0, 1):
+                lines.append(f"{m},{k},{layer},{base + 0.001 * k + 0.1 * (layer != 1)},100,0.05,relative")
+    (prof / "profile.csv").write_text("\n".join(lines) + "\n")
+    text = study.profile_section(str(tmp_path / "runs"), "mrpc1k", str(tmp_path / "plots"))
+    assert "| vanilla | 0.0200 | 0.0210 |" in text and "| lnsr | 0.0100 | 0.0110 |" in text
+    assert study.profile_section(str(tmp_path / "runs"), "rte1k", str(tmp_path / "plots")) is None
