@@ -107,6 +107,22 @@ struct Seed {
   __device__ __forceinline__ uint64_t get() const { return ptr ? static_cast<uint64_t>(__ldg(ptr)) : value; }
 };
 
+// x + scale * z for one Pack whose first element is flat element `first` (a multiple of 4): its
+// noise is Philox counters first/4 .. first/4 + N/4 - 1 of the stream.
+template <typename T>
+__device__ __forceinline__ Pack<T> noisy_pack(const Pack<T>& x, uint64_t seed, int64_t first, float scale) {
+  Pack<T> y;
+#pragma unroll
+  for (int q = 0; q < Pack<T>::N / 4; ++q) {
+    float z[4];
+    normal4(seed, static_cast<uint64_t>(first / 4 + q), z);
+#pragma unroll
+    for (int r = 0; r < 4; ++r)
+      y.v[4 * q + r] = Cvt<T>::from(Cvt<T>::to(x.v[4 * q + r]) + __fmul_rn(scale, z[r]));
+  }
+  return y;
+}
+
 // Gaussian, 16-byte path: each thread owns one Pack (4 or 8 elements = 1 or 2 Philox calls).
 template <typename T>
 __global__ void perturb_gaussian_vec(const T* __restrict__ h, T* __restrict__ out, int64_t n, Seed seed_in,
@@ -117,17 +133,8 @@ __global__ void perturb_gaussian_vec(const T* __restrict__ h, T* __restrict__ ou
   for (int64_t p = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; p < packs;
        p += static_cast<int64_t>(gridDim.x) * blockDim.x) {
     const P x = reinterpret_cast<const P*>(h)[p];
-    P y;
-#pragma unroll
-    for (int q = 0; q < P::N / 4; ++q) {
-      float z[4];
-      normal4(seed, static_cast<uint64_t>(p * (P::N / 4) + q), z);
-#pragma unroll
-      for (int r = 0; r < 4; ++r)
-        y.v[4 * q + r] = Cvt<T>::from(Cvt<T>::to(x.v[4 * q + r]) + __fmul_rn(sigma, z[r]));
-    }
     reinterpret_cast<P*>(out)[p] = x;
-    reinterpret_cast<P*>(out + n)[p] = y;
+    reinterpret_cast<P*>(out + n)[p] = noisy_pack(x, seed, p * P::N, sigma);
   }
 }
 
@@ -190,17 +197,8 @@ __global__ void perturb_relative(const T* __restrict__ h, T* __restrict__ out, i
       P* np = reinterpret_cast<P*>(out + n + base);
       for (int64_t p = lane; p < hidden / P::N; p += 32) {
         const P x = hp[p];  // second read of the row: an L1/L2 hit
-        P y;
-#pragma unroll
-        for (int q = 0; q < P::N / 4; ++q) {
-          float z[4];
-          normal4(seed, static_cast<uint64_t>((base + p * P::N) / 4 + q), z);
-#pragma unroll
-          for (int k = 0; k < 4; ++k)
-            y.v[4 * q + k] = Cvt<T>::from(Cvt<T>::to(x.v[4 * q + k]) + __fmul_rn(s, z[k]));
-        }
         cp[p] = x;
-        np[p] = y;
+        np[p] = noisy_pack(x, seed, base + p * P::N, s);
       }
     } else {
       // Philox groups overlapping this row; a group shared with a neighbouring row is drawn twice.
@@ -265,17 +263,8 @@ __global__ void perturb_relative_rowblock(const T* __restrict__ h, T* __restrict
     for (int i = 0; i < PPT; ++i) {
       const int64_t p = threadIdx.x + static_cast<int64_t>(i) * blockDim.x;
       if (p < packs) {
-        P y;
-#pragma unroll
-        for (int q = 0; q < P::N / 4; ++q) {
-          float z[4];
-          normal4(seed, static_cast<uint64_t>((base + p * P::N) / 4 + q), z);
-#pragma unroll
-          for (int k = 0; k < 4; ++k)
-            y.v[4 * q + k] = Cvt<T>::from(Cvt<T>::to(x[i].v[4 * q + k]) + __fmul_rn(s, z[k]));
-        }
         cp[p] = x[i];
-        np[p] = y;
+        np[p] = noisy_pack(x[i], seed, base + p * P::N, s);
       }
     }
     __syncthreads();  // `scale` is rewritten for the next row
