@@ -9,9 +9,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-import lnsr
-
-from tiny_models import batch, build
+from tiny_models import batch, build, lnsr_steps
 
 pytestmark = pytest.mark.gpu
 
@@ -25,19 +23,9 @@ def _run(compile_mode, steps, backend="auto"):
     model = build("bert", layers=2, seed=4).cuda()
     model.train()
     target = torch.compile(model, mode=compile_mode) if compile_mode else model
-    opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    vals = []
-    with lnsr.LNSR(target, sigma=0.1, inject_at=0, lam=0.5, backend=backend) as reg:
-        torch.manual_seed(0)
-        for _ in range(steps):
-            if compile_mode:
-                torch.compiler.cudagraph_mark_step_begin()
-            out = target(**inputs)
-            loss = out.loss + reg.loss
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            vals.append((out.loss.item(), reg.penalty.item()))
+    vals = lnsr_steps(target, model, inputs, steps,
+                      before_step=torch.compiler.cudagraph_mark_step_begin if compile_mode else None,
+                      sigma=0.1, inject_at=0, lam=0.5, backend=backend)
     return vals, dict(counters["inductor"])
 
 

@@ -4,7 +4,7 @@ import torch
 
 import lnsr
 from lnsr.twopass import two_pass
-from tiny_models import batch, build
+from tiny_models import batch, build, lnsr_steps
 
 
 def test_noisy_fraction_regularises_only_the_last_rows():
@@ -137,18 +137,9 @@ def _compiled_run(fullgraph, steps=3):
     model = build("bert", layers=2, seed=4)
     model.train()
     target = torch.compile(model, backend=counting_backend, fullgraph=fullgraph)
-    opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    vals, graphs = [], []
-    with lnsr.LNSR(target, sigma=0.1, inject_at=0, lam=0.5) as reg:
-        torch.manual_seed(0)
-        for _ in range(steps):
-            out = target(**inputs)
-            loss = out.loss + reg.loss
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            vals.append((out.loss.item(), reg.penalty.item()))
-            graphs.append(len(compiled))
+    graphs = []
+    vals = lnsr_steps(target, model, inputs, steps, after_step=lambda: graphs.append(len(compiled)),
+                      sigma=0.1, inject_at=0, lam=0.5)
     return vals, graphs, sum(counters["graph_break"].values())
 
 
@@ -156,18 +147,7 @@ def _eager_run(steps=3):
     inputs = batch("bert")
     model = build("bert", layers=2, seed=4)
     model.train()
-    opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    vals = []
-    with lnsr.LNSR(model, sigma=0.1, inject_at=0, lam=0.5) as reg:
-        torch.manual_seed(0)
-        for _ in range(steps):
-            out = model(**inputs)
-            loss = out.loss + reg.loss
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            vals.append((out.loss.item(), reg.penalty.item()))
-    return vals
+    return lnsr_steps(model, model, inputs, steps, sigma=0.1, inject_at=0, lam=0.5)
 
 
 @pytest.fixture(scope="module")

@@ -71,3 +71,27 @@ def pad_collate(rows):
     return {"input_ids": torch.tensor([r["input_ids"] + [0] * (t - len(r["input_ids"])) for r in rows]),
             "attention_mask": torch.tensor([r["attention_mask"] + [0] * (t - len(r["attention_mask"])) for r in rows]),
             "labels": torch.tensor([r["labels"] for r in rows])}
+
+
+def lnsr_steps(target, model, inputs, steps, *, before_step=None, after_step=None, **options):
+    """``steps`` SGD steps (lr 0.1) of ``target`` (``model`` or a compiled wrapper of it) with
+    ``lnsr.LNSR(target, **options)`` attached, torch seeded 0 first; ``[(task loss, penalty)]`` per step.
+    ``before_step()`` / ``after_step()`` run around each step (a CUDA-graph step marker, a graph count)."""
+    import lnsr
+
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    vals = []
+    with lnsr.LNSR(target, **options) as reg:
+        torch.manual_seed(0)
+        for _ in range(steps):
+            if before_step is not None:
+                before_step()
+            out = target(**inputs)
+            loss = out.loss + reg.loss
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            vals.append((out.loss.item(), reg.penalty.item()))
+            if after_step is not None:
+                after_step()
+    return vals
