@@ -9,7 +9,10 @@ A backend implements five kernels with the semantics of ``lnsr.ops.reference``:
   ``penalty_backward(grad, count, ys, mask, weights, detach_clean)``: the multi-layer penalty
   and the gradients of every ``y``;
 
-plus ``supports(device)``.  ``perturb_forward`` and ``penalty_forward`` must be differentiable,
+plus ``supports(device)``; and, optionally (the base class has defaults), ``perturb_forward_seeded``
+(perturb with a device seed read by the kernel, for CUDA-graph capture; the default reads it on the
+host), ``penalty_value`` and ``penalty_tap_backward`` (the streaming penalty).
+``perturb_forward`` and ``penalty_forward`` must be differentiable,
 with ``perturb_backward`` / ``penalty_backward`` as their gradients (the contract test checks
 this).  Seeds reach the kernels as int64 bit patterns (``seed_bits``), weights as an fp32 tensor
 with one entry per layer (``weights_tensor``): the schema of the compiled ops (``OP_SCHEMAS``).
