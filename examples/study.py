@@ -224,10 +224,39 @@ def profile_section(runs_dir: str, regime: str, plot_dir: str) -> str | None:
     return "\n".join(out) + "\n"
 
 
+# -- progress -------------------------------------------------------------------------------------
+STAGE_RUNS = {"recipe": len(LRS) * len(EPOCHS) * 3, "strength": 9 * 3, "final": FINAL_ARMS * FINAL_SEEDS}
+
+
+def progress(runs_dir: str, regime: str) -> dict:
+    """Per stage: finished runs, the registered number, and the mean wall time of a finished run (s)."""
+    task = REGIMES[regime][0]
+    out = {}
+    for stage, total in STAGE_RUNS.items():
+        per_config = ("*",) if stage == "recipe" else ()  # recipe/<regime>/lr{lr}_ep{ep}/<task>/vanilla/
+        runs = load_runs(os.path.join(runs_dir, stage, regime, *per_config, task, "*", "seed*.json"))
+        walls = [r["wall_time_s"] for r in runs if "wall_time_s" in r]
+        out[stage] = {"done": len(runs), "total": total, "mean_wall_s": float(np.mean(walls)) if walls else None}
+    out["profile"] = os.path.isfile(os.path.join(runs_dir, "profile", regime, "profile.csv"))
+    return out
+
+
+def progress_line(runs_dir: str, regime: str) -> str:
+    p = progress(runs_dir, regime)
+    parts = []
+    for stage in STAGE_RUNS:
+        s = p[stage]
+        wall = f", {s['mean_wall_s'] / 60:.0f} min per run" if s["mean_wall_s"] else ""
+        parts.append(f"{stage} {s['done']}/{s['total']}{wall}")
+    if regime == "mrpc1k":
+        parts.append("profile " + ("done" if p["profile"] else "not yet"))
+    return "*Runs finished:* " + "; ".join(parts) + ".\n"
+
+
 def summary(runs_dir: str, results_md: str, plot_dir: str) -> str:
     parts = []
     for regime, (_, title) in REGIMES.items():
-        sec = [f"#### {title}", ""]
+        sec = [f"#### {title}", "", progress_line(runs_dir, regime)]
         has = False
         if glob.glob(os.path.join(runs_dir, "recipe", regime, "*", "*", "vanilla", "seed*.json")):
             sec += ["**1. Recipe (vanilla, held-out train).** " + recipe_table(runs_dir, regime)]

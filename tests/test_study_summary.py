@@ -124,3 +124,15 @@ def test_profile_section_reads_the_last_block_per_injection(study, tmp_path):
     text = study.profile_section(str(tmp_path / "runs"), "mrpc1k", str(tmp_path / "plots"))
     assert "| vanilla | 0.0200 | 0.0210 |" in text and "| lnsr | 0.0100 | 0.0110 |" in text
     assert study.profile_section(str(tmp_path / "runs"), "rte1k", str(tmp_path / "plots")) is None
+
+
+def test_progress_counts_finished_runs_per_stage(study, tmp_path):
+    runs = tmp_path / "runs"
+    _recipe(runs, skip=("5e-5", 3, 2))
+    for seed in (1, 2):
+        _run(str(runs / "final" / "mrpc1k" / "mrpc" / "vanilla" / f"seed{seed}.json"), seed, 0.7)
+    p = study.progress(str(runs), "mrpc1k")
+    assert (p["recipe"]["done"], p["recipe"]["total"]) == (17, 18)
+    assert (p["strength"]["done"], p["final"]["done"], p["final"]["total"]) == (0, 2, 60)
+    line = study.progress_line(str(runs), "mrpc1k")
+    assert line.startswith("*Runs finished:* recipe 17/18; strength 0/27; final 2/60; profile not yet")
