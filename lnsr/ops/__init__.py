@@ -54,6 +54,9 @@ def perturb(h: torch.Tensor, seed: int, *, sigma: float, kind: str = "relative",
     ``h``: ``[B, ..., H]``.  ``kind``: ``gaussian`` (``sigma * z``), ``relative`` (``sigma *
     rms(h) * z`` per token) or ``manifold`` (Gaussian in the span of ``n_anchors`` centred valid
     tokens).  ``mask`` (``[B, ...]``) only selects the manifold anchors.  Backward: ``g[:B] + g[B:]``.
+    ``seed``: an int in ``[0, 2**64)`` or a one-element integer tensor holding one; while
+    torch.compile traces, an int64 tensor on ``h``'s device is taken as the seed's 64 bits and read
+    by the kernel (a device seed, docs/design.md §2), so its value is not checked there.
     """
     _check_float(h, "h")
     if h.dim() < 2:
