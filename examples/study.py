@@ -183,6 +183,21 @@ def final_section(runs_dir: str, regime: str, plot_dir: str) -> str | None:
             out.append(f"| {a} - vanilla " + fmt_cmp(compare(scores[a], scores["vanilla"]), interim))
         if control and a != control:
             out.append(f"| {a} - {control} " + fmt_cmp(compare(scores[a], scores[control]), interim))
+    # exploratory (not registered): the papers' stability claim as a test of variances, paired by seed
+    out += ["", "Stability across seeds (*exploratory*: not in the registered protocol, which reads stability from "
+            "std and degenerate runs): each arm's std over the other's on their common seeds, and the Pitman-Morgan "
+            "test of equal paired variances" + (" (interim)" if interim else "") + ":", "",
+            "| arm | std / vanilla's | p | std / control's | p |", "|---|---|---|---|---|"]
+    for a in labels:
+        if a == "vanilla":
+            continue
+        cells = []
+        for ref in ("vanilla", control):
+            c = compare(scores[a], scores[ref]) if ref in scores and ref != a else {}
+            ok = c.get("n", 0) >= 3 and np.isfinite(c.get("sd_ratio", np.nan))
+            cells += [f"{c['sd_ratio']:.2f}", f"{c['p_var']:.3f}" if np.isfinite(c["p_var"]) else "-"] if ok \
+                else ["-", "-"]
+        out.append(f"| {a} | " + " | ".join(cells) + " |")
     summary = {a: {"seeds": sorted(scores[a]), "metrics": {METRIC: [scores[a][s] for s in sorted(scores[a])]},
                    "wall": [], "ratio": []} for a in labels}
     os.makedirs(plot_dir, exist_ok=True)

@@ -41,3 +41,21 @@ def test_hand_values():
     c = stats.compare({1: 0.8, 2: 0.7, 3: 0.9, 4: 0.5}, {1: 0.7, 2: 0.7, 3: 0.6, 5: 0.1})
     assert c["n"] == 3 and c["seeds"] == [1, 2, 3] and (c["ahead"], c["behind"]) == (2, 0)
     assert c["mean"] == pytest.approx((0.1 + 0.0 + 0.3) / 3)
+
+
+def test_pitman_morgan_equal_paired_variances():
+    ss = pytest.importorskip("scipy.stats")
+    rng = np.random.default_rng(1)
+    for n in (4, 10, 25):
+        shared = rng.normal(0, 1, n)
+        a = shared + rng.normal(0, 0.5, n)
+        b = 0.3 * shared + rng.normal(0, 0.2, n)
+        ratio, p = stats.pitman_morgan(a, b)
+        assert ratio == pytest.approx(a.std(ddof=1) / b.std(ddof=1))
+        # the same test: the correlation of a - b with a + b (scipy's pearsonr is a t-test on n - 2 df)
+        assert p == pytest.approx(ss.pearsonr(a - b, a + b).pvalue, rel=1e-7)
+    # b = a shifted: equal variances, a - b constant -> no test; b = 2a: var ratio 1/4, perfectly correlated
+    assert math.isnan(stats.pitman_morgan([1.0, 2.0, 4.0], [2.0, 3.0, 5.0])[1])
+    assert stats.pitman_morgan([1.0, 2.0, 4.0], [2.0, 4.0, 8.0]) == (pytest.approx(0.5), 0.0)
+    c = stats.compare({1: 0.70, 2: 0.74, 3: 0.72, 4: 0.71}, {1: 0.60, 2: 0.80, 3: 0.72, 4: 0.66})
+    assert c["sd_ratio"] < 1 and 0 <= c["p_var"] <= 1

@@ -90,8 +90,13 @@ def test_final_tables_paired_statistics_and_block_rewrite(study, tmp_path, monke
     vs_control = next(x for x in lines if x.startswith("| lnsr_lam0.01_inject_at0_noiserelative - lnsr_lam0_"))
     assert "+2.00" in vs_control
     assert (tmp_path / "plots" / "final_mrpc1k.png").is_file()
-
     assert "Interim" not in text
+    # exploratory stability (the arm's last row): lnsr = vanilla + 0.02 has vanilla's spread exactly
+    # (ratio 1; no test: a - b is constant); vs the control the ratio is the two stds' quotient
+    stab = [x for x in lines if x.startswith("| lnsr_lam0.01_inject_at0_noiserelative | ")][-1]
+    sd = lambda v: np.std(v, ddof=1)  # noqa: E731
+    ratio = sd(arms["lnsr_lam0.01_inject_at0_noiserelative"]) / sd(arms["lnsr_lam0_inject_at0"])
+    assert stab.startswith(f"| lnsr_lam0.01_inject_at0_noiserelative | 1.00 | - | {ratio:.2f} | ")
 
     # one run fewer: the table is interim, with no reading
     os.remove(runs / "final" / "mrpc1k" / "mrpc" / "vanilla" / "seed5.json")

@@ -3,7 +3,8 @@
 For two arms run with the same seeds (same head initialisation, data order and subset), the unit of
 analysis is the per-seed difference ``d = a - b``: its mean with a Student-t 95% interval, the paired
 t-test, the exact Wilcoxon signed-rank test (all ``2^n`` sign patterns enumerated, so small ``n``
-and ties are handled exactly) and the exact sign test.
+and ties are handled exactly) and the exact sign test; and, for stability across seeds, the ratio
+of the two arms' standard deviations with the Pitman-Morgan test of equal paired variances.
 """
 from __future__ import annotations
 
@@ -127,6 +128,24 @@ def sign_test(d) -> tuple[int, int, float]:
     return k, n - k, min(1.0, 2 * tail)
 
 
+def pitman_morgan(a, b) -> tuple[float, float]:
+    """``(sd_a / sd_b, two-sided p)``: the Pitman-Morgan test that two *paired* samples have equal
+    variances.  ``var(a) = var(b)`` exactly when ``a - b`` and ``a + b`` are uncorrelated, so it is the
+    t-test of their Pearson correlation, ``n - 2`` degrees of freedom (nan for n < 3 or no spread)."""
+    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    n = len(a)
+    sa, sb = (a.std(ddof=1), b.std(ddof=1)) if n > 1 else (math.nan, math.nan)
+    ratio = float(sa / sb) if n > 1 and sb > 0 else math.nan
+    d, s = a - b, a + b
+    if n < 3 or d.std() == 0 or s.std() == 0:
+        return ratio, math.nan
+    r = float(np.corrcoef(d, s)[0, 1])
+    if abs(r) >= 1:
+        return ratio, 0.0
+    t = r * math.sqrt((n - 2) / (1 - r * r))
+    return ratio, float(min(1.0, 2 * (1 - t_cdf(abs(t), n - 2))))
+
+
 def compare(a: dict, b: dict) -> dict:
     """Paired comparison of two arms given as ``{seed: score}``: over the seeds both have."""
     seeds = sorted(s for s in a if s in b)
@@ -137,5 +156,7 @@ def compare(a: dict, b: dict) -> dict:
     t, p_t = paired_t(d)
     w, p_w = wilcoxon_exact(d)
     ahead, behind, p_sign = sign_test(d)
+    sd_ratio, p_var = pitman_morgan([a[s] for s in seeds], [b[s] for s in seeds])
     return {"n": len(d), "mean": mean, "ci95": [lo, hi], "t": t, "p_t": p_t, "wilcoxon_w": w, "p_wilcoxon": p_w,
-            "ahead": ahead, "behind": behind, "p_sign": p_sign, "seeds": seeds}
+            "ahead": ahead, "behind": behind, "p_sign": p_sign, "sd_ratio": sd_ratio, "p_var": p_var,
+            "seeds": seeds}
