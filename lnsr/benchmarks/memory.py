@@ -25,6 +25,8 @@ the floor, so two-pass's own excess over the floor bounds how far below two-pass
 from __future__ import annotations
 
 import argparse
+import contextlib
+import os
 import sys
 
 import torch
@@ -34,12 +36,29 @@ from .step import build_model, make_batch
 MODELS = ("minilm", "bert-base", "llama-small")
 
 
+@contextlib.contextmanager
+def _quiet_native_stderr():
+    """Kineto prints a start and a stop line (and, without a GPU, a device-count error) on the
+    process's stderr for every profiled region; they say nothing here.  Python exceptions still
+    propagate; the warm-up step, run outside, shows any warning once."""
+    os.environ.setdefault("KINETO_LOG_LEVEL", "5")
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "w") as devnull:
+            os.dup2(devnull.fileno(), 2)
+            yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
 def peak_step_bytes(step) -> tuple[int, int]:
     """``(peak, end)``: the highest and the final net bytes of tensor memory allocated while ``step()``
     runs, from the profiler's allocation and free events in time order."""
     from torch.profiler import ProfilerActivity, profile
 
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+    with _quiet_native_stderr(), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         step()
     events = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events()
                     if e.name() == "[memory]")
