@@ -184,6 +184,26 @@ def test_torch_compile_does_not_recompile_every_step(compiled_run, eager_vals):
 
 
 @pytest.mark.slow
+def test_torch_compile_inductor_default_backend(eager_vals):
+    """``torch.compile(model)`` as a user writes it (Inductor, C++ codegen on the CPU): no graph
+    break, no new graph after the second step, and eager's losses and penalties."""
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    model = build("bert", layers=2, seed=4)
+    model.train()
+    graphs = []
+    vals = lnsr_steps(torch.compile(model), model, batch("bert"), 4,
+                      after_step=lambda: graphs.append(counters["stats"]["unique_graphs"]),
+                      sigma=0.1, inject_at=0, lam=0.5)
+    assert sum(counters["graph_break"].values()) == 0
+    assert graphs[2:] == [graphs[1]] * 2, f"graphs after each step: {graphs}"
+    for (l0, p0), (l1, p1) in zip(eager_vals, vals):
+        assert l1 == pytest.approx(l0, rel=1e-5) and p1 == pytest.approx(p0, rel=1e-5)
+
+
+@pytest.mark.slow
 def test_torch_compile_fullgraph():
     vals, _, breaks = _compiled_run(fullgraph=True, steps=2)
     assert breaks == 0
