@@ -62,6 +62,23 @@ def test_auto_measures_once_per_input_class_and_keeps_the_fastest(measured):
     assert [c["backend"] for c in dispatch.auto_choices() if c["op"] == "layer_penalty"] == ["fast"]
 
 
+def test_the_penalty_stream_is_measured_too(measured):
+    """LNSR's penalty (PenaltyStream: a value and per-layer tap backwards) picks its backend the same
+    way, timed on the first tapped layer; the value and gradient are the reference's."""
+    slow, fast = measured
+    y = torch.randn(4, 3, 8, requires_grad=True)
+    mask = torch.ones(2, 3)
+    stream = lnsr.ops.PenaltyStream(mask=mask)
+    z = stream.tap(y, first=0, keep=4)
+    loss = stream.loss() + z.sum() * 0
+    (choice,) = [c for c in dispatch.auto_choices() if c["op"] == "penalty_stream"]
+    assert choice["backend"] == "fast" and stream._impl is fast and slow.calls == 4
+    y2 = y.detach().clone().requires_grad_()
+    ref = R.layer_penalty([y2], mask=mask).float()
+    torch.testing.assert_close(loss, ref)
+    torch.testing.assert_close(torch.autograd.grad(loss, y)[0], torch.autograd.grad(ref, y2)[0])
+
+
 def test_rule_and_forced_backends_measure_nothing(measured, monkeypatch):
     slow, fast = measured
     h = torch.randn(3, 5, 16)

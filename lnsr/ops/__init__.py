@@ -230,12 +230,27 @@ class PenaltyStream:
             raise ValueError(f"mask has shape {tuple(self.mask.shape)} but y's paired rows need "
                              f"{(rows // 2, *y.shape[1:-1])}")
         if self._impl is None:
-            self._impl = resolve_backend(self.backend, y.device)
+            self._impl = self._resolve(y, first)
         z, coef = _PenaltyTap.apply(y, self.mask, first, keep, self.detach_clean, self._impl)
         if record:
             self.ys.append(y[first:].detach())
             self._coefs.append(coef)
         return z
+
+    def _resolve(self, y: torch.Tensor, first: int) -> Backend:
+        # ``auto`` by measurement, as for the ops: the stream's kernels (its value and one layer's tap
+        # backward) timed on the first tapped layer, once per input class (dispatch.resolve_for)
+        if self.backend != "auto" or Backend.uses_reference(y):
+            return resolve_backend(self.backend, y.device)
+        pair = y[first:].detach()
+        mask, detach = self.mask, self.detach_clean
+
+        def run(be):
+            value, _count = be.penalty_value([pair], mask, weights_tensor(None, 1, pair.device))
+            return be.penalty_tap_backward(None, value, pair, 0, mask, detach)
+
+        key = dispatch.input_class("stream", y.dtype, y.shape[-1], y.numel(), mask is not None)
+        return dispatch.resolve_for("penalty_stream", key, y.device, run)
 
     def loss(self, weights: Sequence[float] | torch.Tensor | None = None) -> torch.Tensor:
         if not self.ys:
