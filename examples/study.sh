@@ -84,8 +84,12 @@ final() {
   k=$($PY -c "import json,sys; print(json.load(open(sys.argv[1]))['best']['options']['inject_at'])" "$best")
   recipe=$(recipe_of "$r")
   local arms="vanilla lnsr:lam=0,inject_at=$k lnsr:@$best lnsr:@$best,noisy_fraction=0.25 r3f mixout"
-  for seed in $SEEDS_FINAL; do  # seed 1's models are kept for the profile
-    save=""; [ "$seed" = 1 ] && save="--save-model"
+  # seed 1's models feed the profile (mrpc1k only); once the profile exists they are not needed, and
+  # asking for them again would re-run finished seed-1 runs whose models were not kept
+  local want_models=""
+  [ "$r" = mrpc1k ] && [ ! -f "$OUT/profile/$r/profile.csv" ] && want_models=1
+  for seed in $SEEDS_FINAL; do
+    save=""; [ "$seed" = 1 ] && [ -n "$want_models" ] && save="--save-model"
     for arm in $arms; do
       echo "$LNSR finetune $(regime_args "$r") $COMMON $recipe --method $arm --seeds $seed --output-dir $OUT/final/$r $save"
     done
