@@ -211,14 +211,20 @@ def test_host_overhead_table_compares_the_same_work(tmp_path, monkeypatch):
     from lnsr import benchmarks as bench
     from lnsr.benchmarks import host_overhead as H
 
-    for op, (via_ops, direct, engine) in H.cases().items():
-        (a, ga), (b, gb), (c, gc) = via_ops(), direct(), engine()
+    for op, (via_ops, direct, engine, eager) in H.cases().items():
+        (a, ga), (b, gb), (c, gc), (d, gd) = via_ops(), direct(), engine(), eager()
         torch.testing.assert_close(a, b, rtol=1e-6, atol=0, msg=op)
         torch.testing.assert_close(c, b, rtol=1e-6, atol=0, msg=op)
-        assert len(ga) == len(gb) == len(gc) == (H.N_LAYERS if op == "layer_penalty" else 1)
+        assert len(ga) == len(gb) == len(gc) == len(gd) == (H.N_LAYERS if op == "layer_penalty" else 1)
         for x, y, z in zip(ga, gb, gc):
             torch.testing.assert_close(x, y, rtol=1e-6, atol=0, msg=op)
             torch.testing.assert_close(z, y, rtol=1e-6, atol=0, msg=op)
+        if op == "layer_penalty":  # eager torch: the same math, so the same value and gradients
+            torch.testing.assert_close(d, b, rtol=1e-5, atol=0)
+            for x, y in zip(gd, gb):
+                torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-6)
+        else:  # its own RNG: the clean half and the noise's scale agree
+            assert d.shape == b.shape and torch.equal(d[:H.SHAPE[0]], b[:H.SHAPE[0]])
     rows = [dict(op="layer_penalty", shape="12x[4, 8, 64]", device="cpu", us_lnsr_ops=90.0, us_direct=30.0, ratio=3.0,
                  us_engine=60.0, engine_ratio=2.0, ratio_vs_engine=1.5),
             dict(op="perturb", shape="[4, 8, 64]", device="cpu", us_lnsr_ops=40.0, us_direct=20.0, ratio=2.0,

@@ -14,7 +14,11 @@ Side by side in one run, on CPU tensors and the ``cpu`` backend (lnsr._C):
 and a third column, the floor of any autograd path: the compiled op called with tensors that
 require grad and ``torch.autograd.grad`` (torch's engine and the C++ autograd of lnsr._C, no
 Python of lnsr).  The ratio is the time through ``lnsr.ops`` over the direct calls (design target:
-at most 2x); ``vs engine`` splits it into what lnsr's Python adds and what the engine costs.  The
+at most 2x); ``vs engine`` splits it into what lnsr's Python adds and what the engine costs.
+Two more columns put the target in scale: the same math in eager PyTorch through autograd (what a
+user writes: ``torch.randn_like`` noise, one masked mean per layer; the same values), and the
+cheapest autograd round trip there is, one builtin op on one tensor (``y.sum()`` then
+``torch.autograd.grad``), which no path through autograd can undercut.  The
 callables take turns, rep by rep (``lnsr.utils.machine.interleaved_ms``), so that other load on a
 shared machine hits both alike; each timed call runs the pair ``inner`` times.
 """
@@ -30,10 +34,12 @@ SHAPE = (4, 8, 64)  # [2B, T, H] of each layer; perturb's h is the same shape
 
 
 def cases():
-    """``{op: (through lnsr.ops, direct ops, op + torch's autograd)}``: three callables per op, each
-    one forward + backward, returning ``(forward output, [gradients])`` (the same values all ways)."""
+    """``{op: (through lnsr.ops, direct ops, op + torch's autograd, eager torch + autograd)}``: four
+    callables per op, each one forward + backward, returning ``(forward output, [gradients])`` (the
+    same values the first three ways; eager torch draws its noise from torch's RNG)."""
     import lnsr
     from lnsr.ops import backend as B
+    from lnsr.benchmarks.bench_kernels import user_layer_penalty, user_perturb
 
     be = lnsr.ops.resolve_backend("cpu", "cpu")  # raises, naming the build command, without lnsr._C
     ops = torch.ops.lnsr
@@ -57,6 +63,10 @@ def cases():
         loss, _count = ops.layer_penalty(ys, mask, weights, False)
         return loss, torch.autograd.grad(loss, ys)
 
+    def penalty_eager():
+        loss = user_layer_penalty(ys, mask=mask, weights=weights)
+        return loss, torch.autograd.grad(loss, ys)
+
     h = torch.randn(SHAPE, generator=gen).requires_grad_()
     h_plain = h.detach()
     g = torch.randn((2 * SHAPE[0], *SHAPE[1:]), generator=gen)
@@ -73,8 +83,18 @@ def cases():
         out = ops.perturb(h, B.seed_bits(seed), 0.05, "relative")
         return out, torch.autograd.grad(out, h, g)
 
-    return {"layer_penalty": (penalty_ops, penalty_direct, penalty_engine),
-            "perturb": (perturb_ops, perturb_direct, perturb_engine)}
+    def perturb_eager():
+        out = user_perturb(h, seed, sigma=0.05, kind="relative")
+        return out, torch.autograd.grad(out, h, g)
+
+    return {"layer_penalty": (penalty_ops, penalty_direct, penalty_engine, penalty_eager),
+            "perturb": (perturb_ops, perturb_direct, perturb_engine, perturb_eager)}
+
+
+def min_autograd():
+    """The cheapest autograd round trip: one builtin op on one tensor of the same shape."""
+    y = torch.randn(SHAPE).requires_grad_()
+    return lambda: torch.autograd.grad(y.sum(), y)
 
 
 def run(quick: bool = False) -> list[dict]:
@@ -83,20 +103,23 @@ def run(quick: bool = False) -> list[dict]:
 
     inner, reps = (20, 15) if quick else (50, 41)
     rows = []
-    for op, (via_ops, direct, engine) in cases().items():
+    for op, (via_ops, direct, engine, eager) in cases().items():
         def loop(fn):
             def timed():
                 for _ in range(inner):
                     fn()
             return timed
-        res = interleaved_ms({"ops": loop(via_ops), "direct": loop(direct), "engine": loop(engine)}, reps)
+        res = interleaved_ms({"ops": loop(via_ops), "direct": loop(direct), "engine": loop(engine),
+                              "eager": loop(eager), "min": loop(min_autograd())}, reps)
         us = {k: 1e3 * med / inner for k, (med, _best) in res.items()}
         rows.append(dict(op=op, shape=f"{N_LAYERS}x{list(SHAPE)}" if op == "layer_penalty" else str(list(SHAPE)),
                          device="cpu", backend="cpu", threads=torch.get_num_threads(),
                          us_lnsr_ops=round(us["ops"], 2), us_direct=round(us["direct"], 2),
                          us_engine=round(us["engine"], 2), ratio=round(us["ops"] / us["direct"], 2),
                          engine_ratio=round(us["engine"] / us["direct"], 2),
-                         ratio_vs_engine=round(us["ops"] / us["engine"], 2)))
+                         ratio_vs_engine=round(us["ops"] / us["engine"], 2),
+                         us_torch_eager=round(us["eager"], 2), us_min_autograd=round(us["min"], 2),
+                         min_autograd_ratio=round(us["min"] / us["direct"], 2)))
     return rows
 
 
@@ -104,11 +127,13 @@ def format_table(rows) -> str:
     lines = ["# host overhead, forward + backward, CPU (lnsr._C), median us per call; ratio = lnsr.ops / "
              "direct torch.ops.lnsr calls (target <= 2x)",
              f"{'op':<15}{'shape':<18}{'lnsr.ops + autograd':>21}{'direct ops':>12}{'ratio':>8}"
-             f"{'op + engine':>13}{'engine/direct':>15}{'lnsr/engine':>13}"]
+             f"{'op + engine':>13}{'engine/direct':>15}{'lnsr/engine':>13}{'eager torch':>13}"
+             f"{'1-op autograd':>15}{'its /direct':>13}"]
     for r in rows:
         lines.append(f"{r['op']:<15}{r['shape']:<18}{r['us_lnsr_ops']:>21.1f}{r['us_direct']:>12.1f}"
                      f"{r['ratio']:>7.2f}x{r['us_engine']:>13.1f}{r['engine_ratio']:>14.2f}x"
-                     f"{r['ratio_vs_engine']:>12.2f}x")
+                     f"{r['ratio_vs_engine']:>12.2f}x{r.get('us_torch_eager', float('nan')):>13.1f}"
+                     f"{r.get('us_min_autograd', float('nan')):>15.1f}{r.get('min_autograd_ratio', float('nan')):>12.2f}x")
     return "\n".join(lines)
 
 
