@@ -16,6 +16,7 @@ import json
 import os
 import re
 import sys
+from collections import Counter
 
 import numpy as np
 
@@ -172,6 +173,14 @@ def final_section(runs_dir: str, regime: str, plot_dir: str) -> str | None:
         deg = sum(degenerate(r) for r in arms[a])
         out.append(f"| {a} | {len(v)} | {100 * v.mean():.2f} | {100 * (v.std(ddof=1) if len(v) > 1 else 0):.2f} | "
                    f"{100 * v.min():.2f} | {100 * v.max():.2f} | {deg} | {per} |")
+    devices = {}
+    for a in labels:
+        for r in arms[a]:
+            devices.setdefault(r["config"]["seed"], set()).add(r.get("device", "unknown machine"))
+    mixed = sorted(s for s, d in devices.items() if len(d) > 1)
+    if mixed:  # pairs still share seed, head and data order, but not the machine's bf16 rounding
+        out += ["", "Seeds whose arms ran on more than one machine (kept, and paired like the others; see "
+                "*Machines* above): " + ", ".join(map(str, mixed)) + "."]
     out += ["", "Paired by seed (same head initialisation, data order and subset); difference x100 with its 95% "
             "t-interval, paired t-test p, exact Wilcoxon signed-rank p, seeds ahead/behind:", "",
             "| comparison | mean diff [95% CI] | paired t p | Wilcoxon p | ahead/behind | reading |",
@@ -251,7 +260,9 @@ def progress(runs_dir: str, regime: str) -> dict:
         per_config = ("*",) if stage == "recipe" else ()  # recipe/<regime>/lr{lr}_ep{ep}/<task>/vanilla/
         runs = load_runs(os.path.join(runs_dir, stage, regime, *per_config, task, "*", "seed*.json"))
         walls = [r["wall_time_s"] for r in runs if "wall_time_s" in r]
-        out[stage] = {"done": len(runs), "total": total, "mean_wall_s": float(np.mean(walls)) if walls else None}
+        machines = Counter(r.get("device", "unknown machine") for r in runs)
+        out[stage] = {"done": len(runs), "total": total, "mean_wall_s": float(np.mean(walls)) if walls else None,
+                      "machines": dict(machines)}
     out["profile"] = os.path.isfile(os.path.join(runs_dir, "profile", regime, "profile.csv"))
     return out
 
@@ -265,7 +276,14 @@ def progress_line(runs_dir: str, regime: str) -> str:
         parts.append(f"{stage} {s['done']}/{s['total']}{wall}")
     if regime == "mrpc1k":
         parts.append("profile " + ("done" if p["profile"] else "not yet"))
-    return "*Runs finished:* " + "; ".join(parts) + ".\n"
+    line = "*Runs finished:* " + "; ".join(parts) + ".\n"
+    # which machine ran what: a study that moves between machines says so (the device of each run
+    # is in its record; bf16 kernels differ between CPUs, so a seed's arms may not share rounding)
+    where = [f"{stage} " + ", ".join(f"{n} on {m}" for m, n in sorted(p[stage]["machines"].items()))
+             for stage in STAGE_RUNS if p[stage]["machines"]]
+    if where:
+        line += "*Machines:* " + "; ".join(where) + ".\n"
+    return line
 
 
 def summary(runs_dir: str, results_md: str, plot_dir: str) -> str:

@@ -23,9 +23,9 @@ def study():
     return mod
 
 
-def _run(path, seed, acc, *, epochs=1, predicted=(40, 60), labels=(30, 70)):
+def _run(path, seed, acc, *, epochs=1, predicted=(40, 60), labels=(30, 70), device="CPU A"):
     os.makedirs(os.path.dirname(path), exist_ok=True)
-    run = {"config": {"seed": seed}, "final": {"accuracy": acc, "f1": acc},
+    run = {"config": {"seed": seed}, "final": {"accuracy": acc, "f1": acc}, "device": device,
            "epochs": [{"epoch": e + 1, "task_loss": 0.5 / (e + 1), "metrics": {"accuracy": acc},
                        "predicted_per_class": list(predicted)} for e in range(epochs)],
            "evaluation_label_counts": list(labels)}
@@ -141,3 +141,16 @@ def test_progress_counts_finished_runs_per_stage(study, tmp_path):
     assert (p["strength"]["done"], p["final"]["done"], p["final"]["total"]) == (0, 2, 60)
     line = study.progress_line(str(runs), "mrpc1k")
     assert line.startswith("*Runs finished:* recipe 17/18; strength 0/27; final 2/60; profile not yet")
+    assert "*Machines:* recipe 17 on CPU A; final 2 on CPU A." in line
+
+
+def test_a_study_that_moves_between_machines_says_so(study, tmp_path):
+    runs = tmp_path / "runs"
+    for seed in (1, 2):
+        for arm in ("vanilla", "lnsr_lam0_inject_at0"):
+            dev = "CPU B" if (seed, arm) == (2, "lnsr_lam0_inject_at0") else "CPU A"
+            _run(str(runs / "final" / "mrpc1k" / "mrpc" / arm / f"seed{seed}.json"), seed, 0.7, device=dev)
+    assert "*Machines:* final 3 on CPU A, 1 on CPU B." in study.progress_line(str(runs), "mrpc1k")
+    sec = study.final_section(str(runs), "mrpc1k", str(tmp_path / "plots"))
+    assert "Seeds whose arms ran on more than one machine" in sec and "machine (kept, and paired" in sec
+    assert sec.split("more than one machine")[1].split(":", 1)[1].split(".")[0].strip() == "2"
