@@ -114,6 +114,44 @@ PenaltyArgs penalty_args(const at::TensorList& ys_in, const c10::optional<at::Te
   return a;
 }
 
+// penalty_tap_backward's operands, checked once, made contiguous, grad in y's dtype, mask fp32;
+// rows are token rows (batch rows times the token dims).
+struct TapArgs {
+  at::Tensor y, grad, mask;  // grad / mask undefined when absent
+  int64_t first_rows = 0, pair_rows = 0, grad_rows = 0, hidden = 0;
+};
+
+TapArgs tap_args(const c10::optional<at::Tensor>& grad, const at::Tensor& coef, const at::Tensor& y, int64_t first,
+                 const c10::optional<at::Tensor>& mask) {
+  TORCH_CHECK(y.dim() >= 2, "lnsr::penalty_tap_backward: y must be [first + 2m, ..., H], got shape ", y.sizes());
+  TORCH_CHECK(first >= 0 && first <= y.size(0) && (y.size(0) - first) % 2 == 0,
+              "lnsr::penalty_tap_backward: y's ", y.size(0), " rows are not first (", first, ") + 2m");
+  TORCH_CHECK(coef.numel() == 1 && coef.device() == y.device(),
+              "lnsr::penalty_tap_backward: coef must be a one-element tensor on ", y.device());
+  dtype_code(y, "y");
+  TapArgs a;
+  a.y = y.contiguous();
+  a.hidden = last_dim(y);
+  const int64_t tokens = y.size(0) > 0 && a.hidden > 0 ? y.numel() / (y.size(0) * a.hidden) : 0;
+  a.first_rows = first * tokens;
+  a.pair_rows = (y.size(0) - first) / 2 * tokens;
+  if (grad.has_value() && grad->defined()) {
+    TORCH_CHECK(grad->dim() == y.dim() && grad->size(0) <= y.size(0) &&
+                    grad->sizes().slice(1) == y.sizes().slice(1) && grad->device() == y.device(),
+                "lnsr::penalty_tap_backward: grad has shape ", grad->sizes(), " on ", grad->device(),
+                "; it must be y's leading rows ", y.sizes(), " on ", y.device());
+    a.grad = grad->to(y.scalar_type()).contiguous();
+    a.grad_rows = grad->size(0) * tokens;
+  }
+  if (mask.has_value() && mask->defined()) {
+    TORCH_CHECK(mask->numel() == a.pair_rows && mask->device() == y.device(),
+                "lnsr::penalty_tap_backward: mask has ", mask->numel(), " entries on ", mask->device(), " for ",
+                a.pair_rows, " noisy tokens on ", y.device());
+    a.mask = mask->to(at::kFloat).contiguous();
+  }
+  return a;
+}
+
 const float* mask_ptr(const PenaltyArgs& a) { return a.mask.has_value() ? a.mask->const_data_ptr<float>() : nullptr; }
 const float* weights_ptr(const PenaltyArgs& a) { return a.weights.const_data_ptr<float>(); }
 
@@ -181,6 +219,19 @@ std::vector<at::Tensor> layer_penalty_backward_cpu(const at::Tensor& grad, const
   lnsr::cpu::layer_penalty_backward(a.layers.data(), static_cast<int>(a.layers.size()), a.rows, mask_ptr(a),
                                     weights_ptr(a), grad.item<float>(), count.item<float>(), detach_clean);
   return grads;
+}
+
+at::Tensor penalty_tap_backward_cpu(const c10::optional<at::Tensor>& grad, const at::Tensor& coef, const at::Tensor& y,
+                                    int64_t first, const c10::optional<at::Tensor>& mask, bool detach_clean) {
+  TapArgs a = tap_args(grad, coef, y, first, mask);
+  at::Tensor out = at::empty_like(a.y, at::MemoryFormat::Contiguous);
+  if (a.y.numel() > 0)
+    lnsr::cpu::penalty_tap_backward(dtype_code(a.y, "y"), a.y.const_data_ptr(),
+                                    a.grad.defined() ? a.grad.const_data_ptr() : nullptr, out.mutable_data_ptr(),
+                                    a.mask.defined() ? a.mask.const_data_ptr<float>() : nullptr,
+                                    coef.item<float>(), a.first_rows, a.pair_rows, a.grad_rows, a.hidden,
+                                    detach_clean);
+  return out;
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -278,6 +329,23 @@ std::vector<at::Tensor> layer_penalty_backward_cuda(const at::Tensor& grad, cons
                                                 c.const_data_ptr<float>(), detach_clean, stream_of(g)),
              "layer_penalty_backward");
   return grads;
+}
+
+at::Tensor penalty_tap_backward_cuda(const c10::optional<at::Tensor>& grad, const at::Tensor& coef,
+                                     const at::Tensor& y, int64_t first, const c10::optional<at::Tensor>& mask,
+                                     bool detach_clean) {
+  c10::cuda::CUDAGuard guard(y.device());
+  TapArgs a = tap_args(grad, coef, y, first, mask);
+  at::Tensor c = coef.to(at::kFloat).contiguous();
+  at::Tensor out = at::empty_like(a.y, at::MemoryFormat::Contiguous);
+  check_cuda(lnsr::cuda::penalty_tap_backward(dtype_code(a.y, "y"), a.y.const_data_ptr(),
+                                              a.grad.defined() ? a.grad.const_data_ptr() : nullptr,
+                                              out.mutable_data_ptr(),
+                                              a.mask.defined() ? a.mask.const_data_ptr<float>() : nullptr,
+                                              c.const_data_ptr<float>(), a.first_rows, a.pair_rows, a.grad_rows,
+                                              a.hidden, detach_clean, stream_of(out)),
+             "penalty_tap_backward");
+  return out;
 }
 
 #endif  // LNSR_WITH_CUDA
@@ -418,6 +486,9 @@ TORCH_LIBRARY(lnsr, m) {
   m.def("layer_penalty(Tensor[] ys, Tensor? mask, Tensor weights, bool detach_clean) -> (Tensor, Tensor)");
   m.def("layer_penalty_backward(Tensor grad, Tensor count, Tensor[] ys, Tensor? mask, Tensor weights, "
         "bool detach_clean) -> Tensor[]");
+  // The streaming penalty's per-layer backward (lnsr.ops.PenaltyStream; the Triton op has this schema).
+  m.def("penalty_tap_backward(Tensor? grad, Tensor coef, Tensor y, int first, Tensor? mask, bool detach_clean) "
+        "-> Tensor");
   m.impl("noise", c10::DispatchKey::CompositeExplicitAutograd, TORCH_FN(noise_any));
 }
 
@@ -427,6 +498,7 @@ TORCH_LIBRARY_IMPL(lnsr, CPU, m) {
   m.impl("perturb_backward", TORCH_FN(perturb_backward_cpu));
   m.impl("layer_penalty", TORCH_FN(layer_penalty_cpu));
   m.impl("layer_penalty_backward", TORCH_FN(layer_penalty_backward_cpu));
+  m.impl("penalty_tap_backward", TORCH_FN(penalty_tap_backward_cpu));
 }
 
 TORCH_LIBRARY_IMPL(lnsr, Autograd, m) {
@@ -442,6 +514,7 @@ TORCH_LIBRARY_IMPL(lnsr, CUDA, m) {
   m.impl("perturb_backward", TORCH_FN(perturb_backward_cuda));
   m.impl("layer_penalty", TORCH_FN(layer_penalty_cuda));
   m.impl("layer_penalty_backward", TORCH_FN(layer_penalty_backward_cuda));
+  m.impl("penalty_tap_backward", TORCH_FN(penalty_tap_backward_cuda));
 }
 #endif
 

@@ -278,6 +278,32 @@ void penalty_grad_chunk(const PenaltyLayer& L, int64_t rows, int64_t r0, int64_t
   }
 }
 
+// The streaming penalty's gradient of one layer (lnsr.ops.reference.penalty_tap_backward), in one
+// pass: token rows < P carry the gradient from above only; clean row P+i and noisy row P+M+i get
+// it plus -/+ s_i (noisy - clean), s_i = 2 coef m_i.  Padding (s_i = 0) gets nothing, whatever it holds.
+template <typename T>
+void tap_backward_impl(const T* y, const T* g, T* out, const float* mask, float coef2, int64_t P, int64_t M,
+                       int64_t G, int64_t H, bool detach_clean) {
+  auto above = [&](int64_t r, int64_t k) { return (g != nullptr && r < G) ? to_f(g[r * H + k]) : 0.f; };
+  at::parallel_for(0, P, row_grain(H), [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r)
+      for (int64_t k = 0; k < H; ++k) out[r * H + k] = from_f<T>(above(r, k));
+  });
+  at::parallel_for(0, M, row_grain(2 * H), [&](int64_t i0, int64_t i1) {
+    for (int64_t i = i0; i < i1; ++i) {
+      const float s = coef2 * (mask ? mask[i] : 1.f);
+      const int64_t c = P + i, n = P + M + i;
+      const T* yc = y + c * H;
+      const T* yn = y + n * H;
+      for (int64_t k = 0; k < H; ++k) {
+        const float d = s != 0.f ? s * (to_f(yn[k]) - to_f(yc[k])) : 0.f;
+        out[n * H + k] = from_f<T>(above(n, k) + d);
+        out[c * H + k] = from_f<T>(detach_clean ? above(c, k) : above(c, k) - d);
+      }
+    }
+  });
+}
+
 template <typename F>
 void by_dtype(int dtype, F&& f) {
   switch (dtype) {
@@ -359,6 +385,16 @@ void layer_penalty_backward(const PenaltyLayer* layers, int n_layers, int64_t ro
         penalty_grad_chunk<decltype(tag)>(L, rows, r0, r1, mask, scale, detach_clean);
       });
     }
+  });
+}
+
+void penalty_tap_backward(int dtype, const void* y, const void* grad, void* out, const float* mask, float coef,
+                          int64_t first_rows, int64_t pair_rows, int64_t grad_rows, int64_t hidden,
+                          bool detach_clean) {
+  by_dtype(dtype, [&](auto tag) {
+    using T = decltype(tag);
+    tap_backward_impl<T>(static_cast<const T*>(y), static_cast<const T*>(grad), static_cast<T*>(out), mask,
+                         2.f * coef, first_rows, pair_rows, grad_rows, hidden, detach_clean);
   });
 }
 

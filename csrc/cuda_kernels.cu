@@ -522,6 +522,31 @@ void launch_perturb(const void* h_, void* out_, int64_t rows, int64_t hidden, Se
   }
 }
 
+// The streaming penalty's gradient of one layer (cpu::penalty_tap_backward): one thread per element
+// of the rows above (gradient copy) and per (clean, noisy) element pair; coef is read on the device.
+template <typename T>
+__global__ void tap_backward_kernel(const T* __restrict__ y, const T* __restrict__ g, T* __restrict__ out,
+                                    const float* __restrict__ mask, const float* __restrict__ coef, int64_t P,
+                                    int64_t M, int64_t G, int64_t H, bool detach_clean) {
+  const float c2 = 2.f * __ldg(coef);
+  const int64_t total = (P + M) * H;
+  for (int64_t idx = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; idx < total;
+       idx += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const int64_t r = idx / H, k = idx - r * H;
+    if (r < P) {  // rows without a noisy copy: the gradient from above only
+      out[idx] = Cvt<T>::from(g != nullptr && r < G ? Cvt<T>::to(g[idx]) : 0.f);
+      continue;
+    }
+    const int64_t i = r - P, n = (P + M + i) * H + k;  // idx is the clean element
+    const float s = c2 * (mask != nullptr ? mask[i] : 1.f);
+    const float d = s != 0.f ? s * (Cvt<T>::to(y[n]) - Cvt<T>::to(y[idx])) : 0.f;  // padding: 0
+    const float gc = g != nullptr && r < G ? Cvt<T>::to(g[idx]) : 0.f;
+    const float gn = g != nullptr && P + M + i < G ? Cvt<T>::to(g[n]) : 0.f;
+    out[n] = Cvt<T>::from(gn + d);
+    out[idx] = Cvt<T>::from(detach_clean ? gc : gc - d);
+  }
+}
+
 template <typename T>
 void launch_perturb_backward(const void* g_, void* gh_, int64_t n, cudaStream_t st) {
   const T* g = static_cast<const T*>(g_);
@@ -602,6 +627,27 @@ int layer_penalty_backward(const PenaltyLayer* layers, int n_layers, int64_t row
     penalty_backward_kernel<<<dim3(static_cast<unsigned>(chunks), cnt), kThreads, 0, st>>>(
         tbl, rows, chunk_rows, mask, weights + first, grad_loss, count, detach_clean);
   }
+  return static_cast<int>(cudaGetLastError());
+}
+
+int penalty_tap_backward(int dtype, const void* y, const void* grad, void* out, const float* mask,
+                         const float* coef, int64_t first_rows, int64_t pair_rows, int64_t grad_rows, int64_t hidden,
+                         bool detach_clean, void* stream) {
+  const int64_t work = (first_rows + pair_rows) * hidden;
+  if (work <= 0) return 0;
+  cudaStream_t st = static_cast<cudaStream_t>(stream);
+  const int blocks = blocks_for(work, kThreads);
+#define LNSR_TAP(T)                                                                                        \
+  tap_backward_kernel<T><<<blocks, kThreads, 0, st>>>(static_cast<const T*>(y), static_cast<const T*>(grad), \
+                                                      static_cast<T*>(out), mask, coef, first_rows, pair_rows, \
+                                                      grad_rows, hidden, detach_clean)
+  switch (dtype) {
+    case kF32: LNSR_TAP(float); break;
+    case kF16: LNSR_TAP(__half); break;
+    case kBF16: LNSR_TAP(__nv_bfloat16); break;
+    default: return static_cast<int>(cudaErrorInvalidValue);
+  }
+#undef LNSR_TAP
   return static_cast<int>(cudaGetLastError());
 }
 

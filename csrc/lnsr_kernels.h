@@ -30,6 +30,13 @@ void layer_penalty_forward(const PenaltyLayer* layers, int n_layers, int64_t row
                            const float* weights, float* loss, float* count);
 void layer_penalty_backward(const PenaltyLayer* layers, int n_layers, int64_t rows, const float* mask,
                             const float* weights, float grad_loss, float count, bool detach_clean);
+// The streaming penalty's gradient of one layer y of (first_rows + 2 * pair_rows) x hidden elements:
+// out = grad (its first grad_rows rows; nullptr = none, zeros below) plus 2 coef mask_i (noisy_i -
+// clean_i) on noisy row first_rows + pair_rows + i and minus that on clean row first_rows + i (not
+// if detach_clean); mask: pair_rows fp32 entries or nullptr.  y, grad and out share one dtype.
+void penalty_tap_backward(int dtype, const void* y, const void* grad, void* out, const float* mask, float coef,
+                          int64_t first_rows, int64_t pair_rows, int64_t grad_rows, int64_t hidden,
+                          bool detach_clean);
 }  // namespace cpu
 
 namespace cuda {
@@ -49,6 +56,10 @@ int layer_penalty_forward(const PenaltyLayer* layers, int n_layers, int64_t rows
 int layer_penalty_backward(const PenaltyLayer* layers, int n_layers, int64_t rows, const float* mask,
                            const float* weights, const float* grad_loss, const float* count, bool detach_clean,
                            void* stream);
+// cpu::penalty_tap_backward with coef a device fp32 scalar, read on the device (no host sync).
+int penalty_tap_backward(int dtype, const void* y, const void* grad, void* out, const float* mask,
+                         const float* coef, int64_t first_rows, int64_t pair_rows, int64_t grad_rows, int64_t hidden,
+                         bool detach_clean, void* stream);
 }  // namespace cuda
 
 }  // namespace lnsr

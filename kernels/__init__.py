@@ -36,12 +36,6 @@ class TritonBackend(OpsBackend):
     def __init__(self, interpreted: bool):
         self.interpreted = interpreted  # the kernels were defined under TRITON_INTERPRET=1
 
-    def penalty_tap_backward(self, grad, coef, y, first, mask, detach_clean):
-        # one fused pass (kernels/_triton.py: _tap_bwd_kernel) instead of the reference's several
-        if self.uses_reference(y):
-            return super().penalty_tap_backward(grad, coef, y, first, mask, detach_clean)
-        return torch.ops.lnsr_triton.penalty_tap_backward(grad, coef, y, int(first), mask, bool(detach_clean))
-
     def supports(self, device) -> bool:
         device = torch.device(device)
         if device.type == "cuda":

@@ -555,15 +555,5 @@ perturb_seeded_op = _op("perturb_seeded", _perturb_seeded_impl)
 perturb_backward_op = _op("perturb_backward", _perturb_bwd_impl)
 layer_penalty_op = _op("layer_penalty", _penalty_impl)
 layer_penalty_backward_op = _op("layer_penalty_backward", _penalty_bwd_impl)
+penalty_tap_backward_op = _op("penalty_tap_backward", _tap_bwd_impl)
 register_op_extras("lnsr_triton")
-
-# The streaming penalty's per-layer backward (lnsr.ops.PenaltyStream); Triton only, so outside the
-# shared OP_SCHEMAS.  An op so that torch.compile traces it as one node.
-penalty_tap_backward_op = torch.library.custom_op(
-    "lnsr_triton::penalty_tap_backward", _tap_bwd_impl, mutates_args=(),
-    schema="(Tensor? grad, Tensor coef, Tensor y, int first, Tensor? mask, bool detach_clean) -> Tensor")
-
-
-@penalty_tap_backward_op.register_fake
-def _(grad, coef, y, first, mask, detach_clean):
-    return torch.empty_like(y, memory_format=torch.contiguous_format)

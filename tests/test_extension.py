@@ -134,6 +134,10 @@ def test_opcheck(cpu, gen):
     opcheck(torch.ops.lnsr.layer_penalty.default, (ys, torch.ones(2, 3), torch.tensor([1.0, 2.0]), False))
     opcheck(torch.ops.lnsr.layer_penalty.default, (ys, None, torch.tensor([1.0, 0.5]), True))
     opcheck(torch.ops.lnsr.noise.default, (10, 5, torch.device("cpu")))
+    y = _randn((5, 3, 8), torch.float32, gen)  # one row without a noisy copy, then 2 clean + 2 noisy
+    opcheck(torch.ops.lnsr.penalty_tap_backward.default, (_randn((3, 3, 8), torch.float32, gen), torch.tensor(0.5), y,
+                                                          1, torch.ones(2, 3), False))
+    opcheck(torch.ops.lnsr.penalty_tap_backward.default, (None, torch.tensor(0.5), y, 1, None, True))
 
 
 def test_auto_dispatch_prefers_the_cpu_kernels(cpu):
@@ -210,6 +214,9 @@ def test_cuda_opcheck(gen):
     ys = [_randn((4, 3, 8), torch.float16, gen, device="cuda").requires_grad_()]
     opcheck(torch.ops.lnsr.layer_penalty.default, (ys, torch.ones(2, 3, device="cuda"), torch.ones(1, device="cuda"),
                                                    False))
+    y = _randn((4, 3, 8), torch.bfloat16, gen, device="cuda")
+    opcheck(torch.ops.lnsr.penalty_tap_backward.default, (y[:2].clone(), torch.tensor(0.5, device="cuda"), y, 0,
+                                                          torch.ones(2, 3, device="cuda"), False))
 
 
 def test_broken_build_warns_once_and_falls_back(monkeypatch):

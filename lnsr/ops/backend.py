@@ -55,6 +55,9 @@ OP_SCHEMAS = {
     "layer_penalty": "(Tensor[] ys, Tensor? mask, Tensor weights, bool detach_clean) -> (Tensor, Tensor)",
     "layer_penalty_backward": "(Tensor grad, Tensor count, Tensor[] ys, Tensor? mask, Tensor weights, "
                               "bool detach_clean) -> Tensor[]",
+    # the streaming penalty's gradient of one layer (reference.penalty_tap_backward), one fused pass
+    "penalty_tap_backward": "(Tensor? grad, Tensor coef, Tensor y, int first, Tensor? mask, bool detach_clean) "
+                            "-> Tensor",
 }
 
 
@@ -298,6 +301,12 @@ class OpsBackend(Backend):
     def penalty_backward(self, grad, count, ys, mask, weights, detach_clean):
         return list(self.ops.layer_penalty_backward(grad, count, ys, mask, weights, bool(detach_clean)))
 
+    def penalty_tap_backward(self, grad, coef, y, first, mask, detach_clean):
+        # one fused pass over y (and grad) instead of the reference's several
+        if self.uses_reference(y):
+            return super().penalty_tap_backward(grad, coef, y, first, mask, detach_clean)
+        return self.ops.penalty_tap_backward(grad, coef, y, int(first), mask, bool(detach_clean))
+
 
 _REGISTERED: set[str] = set()
 
@@ -336,6 +345,10 @@ def register_op_extras(namespace: str, *, autograd: bool = True) -> None:
     @torch.library.register_fake(q("layer_penalty_backward"))
     def _layer_penalty_backward_fake(grad, count, ys, mask, weights, detach_clean):
         return [torch.empty_like(y, memory_format=torch.contiguous_format) for y in ys]
+
+    @torch.library.register_fake(q("penalty_tap_backward"))
+    def _penalty_tap_backward_fake(grad, coef, y, first, mask, detach_clean):
+        return torch.empty_like(y, memory_format=torch.contiguous_format)
 
     if not autograd:
         return
