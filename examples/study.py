@@ -328,7 +328,7 @@ def main(argv=None) -> int:
     ap.add_argument("--runs", default=os.path.join(ROOT, "docs", "runs", "study"))
     ap.add_argument("--results", default=os.path.join(ROOT, "docs", "results.md"))
     ap.add_argument("--plots", default=os.path.join(ROOT, "docs", "study"))
-    ap.add_argument("command", choices=("recipe-choice", "recipe-table", "task-of", "summary"))
+    ap.add_argument("command", choices=("recipe-choice", "recipe-table", "task-of", "progress", "summary"))
     ap.add_argument("regime", nargs="?", choices=tuple(REGIMES))
     a = ap.parse_args(argv)
     if a.command != "summary" and not a.regime:
@@ -340,6 +340,8 @@ def main(argv=None) -> int:
         print(recipe_table(a.runs, a.regime))
     elif a.command == "task-of":
         print(REGIMES[a.regime][0])
+    elif a.command == "progress":
+        print(f"{a.regime}: " + progress_line(a.runs, a.regime), end="")
     else:
         print(summary(a.runs, a.results, a.plots))
     return 0

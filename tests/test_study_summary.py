@@ -142,6 +142,7 @@ def test_progress_counts_finished_runs_per_stage(study, tmp_path):
     line = study.progress_line(str(runs), "mrpc1k")
     assert line.startswith("*Runs finished:* recipe 17/18; strength 0/27; final 2/60; profile not yet")
     assert "*Machines:* recipe 17 on CPU A; final 2 on CPU A." in line
+    assert study.main(["--runs", str(runs), "progress", "mrpc1k"]) == 0
 
 
 def test_a_study_that_moves_between_machines_says_so(study, tmp_path):
