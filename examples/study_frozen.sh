@@ -39,7 +39,10 @@ driver() {
   cd "$WORKTREE"
   echo "start $(date -u)"
   for r in mrpc1k sst2-1k rte1k rte; do
+    task=$("$PYTHON" examples/study.py --runs "$OUT" task-of "$r")
     for stage in recipe strength final; do
+      # a finished strength search is not ranked again: that would rewrite best.json's date
+      if [ "$stage" = strength ] && [ -f "$OUT/strength/$r/$task/best.json" ]; then continue; fi
       bash examples/study.sh "$stage" "$r"; echo "$r $stage done $(date -u)"
     done
   done
