@@ -118,6 +118,7 @@ PenaltyArgs penalty_args(const at::TensorList& ys_in, const c10::optional<at::Te
 // rows are token rows (batch rows times the token dims).
 struct TapArgs {
   at::Tensor y, grad, mask;  // grad / mask undefined when absent
+  int dtype = 0;             // of y (and of grad, converted)
   int64_t first_rows = 0, pair_rows = 0, grad_rows = 0, hidden = 0;
 };
 
@@ -128,8 +129,8 @@ TapArgs tap_args(const c10::optional<at::Tensor>& grad, const at::Tensor& coef, 
               "lnsr::penalty_tap_backward: y's ", y.size(0), " rows are not first (", first, ") + 2m");
   TORCH_CHECK(coef.numel() == 1 && coef.device() == y.device(),
               "lnsr::penalty_tap_backward: coef must be a one-element tensor on ", y.device());
-  dtype_code(y, "y");
   TapArgs a;
+  a.dtype = dtype_code(y, "y");
   a.y = y.contiguous();
   a.hidden = last_dim(y);
   const int64_t tokens = y.size(0) > 0 && a.hidden > 0 ? y.numel() / (y.size(0) * a.hidden) : 0;
@@ -226,7 +227,7 @@ at::Tensor penalty_tap_backward_cpu(const c10::optional<at::Tensor>& grad, const
   TapArgs a = tap_args(grad, coef, y, first, mask);
   at::Tensor out = at::empty_like(a.y, at::MemoryFormat::Contiguous);
   if (a.y.numel() > 0)
-    lnsr::cpu::penalty_tap_backward(dtype_code(a.y, "y"), a.y.const_data_ptr(),
+    lnsr::cpu::penalty_tap_backward(a.dtype, a.y.const_data_ptr(),
                                     a.grad.defined() ? a.grad.const_data_ptr() : nullptr, out.mutable_data_ptr(),
                                     a.mask.defined() ? a.mask.const_data_ptr<float>() : nullptr,
                                     coef.item<float>(), a.first_rows, a.pair_rows, a.grad_rows, a.hidden,
@@ -338,7 +339,7 @@ at::Tensor penalty_tap_backward_cuda(const c10::optional<at::Tensor>& grad, cons
   TapArgs a = tap_args(grad, coef, y, first, mask);
   at::Tensor c = coef.to(at::kFloat).contiguous();
   at::Tensor out = at::empty_like(a.y, at::MemoryFormat::Contiguous);
-  check_cuda(lnsr::cuda::penalty_tap_backward(dtype_code(a.y, "y"), a.y.const_data_ptr(),
+  check_cuda(lnsr::cuda::penalty_tap_backward(a.dtype, a.y.const_data_ptr(),
                                               a.grad.defined() ? a.grad.const_data_ptr() : nullptr,
                                               out.mutable_data_ptr(),
                                               a.mask.defined() ? a.mask.const_data_ptr<float>() : nullptr,

@@ -226,9 +226,11 @@ def test_host_overhead_table_compares_the_same_work(tmp_path, monkeypatch):
         else:  # its own RNG: the clean half and the noise's scale agree
             assert d.shape == b.shape and torch.equal(d[:H.SHAPE[0]], b[:H.SHAPE[0]])
     rows = [dict(op="layer_penalty", shape="12x[4, 8, 64]", device="cpu", us_lnsr_ops=90.0, us_direct=30.0, ratio=3.0,
-                 us_engine=60.0, engine_ratio=2.0, ratio_vs_engine=1.5),
+                 us_engine=60.0, engine_ratio=2.0, ratio_vs_engine=1.5, us_torch_eager=900.0, us_min_autograd=20.0,
+                 min_autograd_ratio=0.67),
             dict(op="perturb", shape="[4, 8, 64]", device="cpu", us_lnsr_ops=40.0, us_direct=20.0, ratio=2.0,
-                 us_engine=32.0, engine_ratio=1.6, ratio_vs_engine=1.25)]
+                 us_engine=32.0, engine_ratio=1.6, ratio_vs_engine=1.25, us_torch_eager=80.0, us_min_autograd=20.0,
+                 min_autograd_ratio=1.0)]
     monkeypatch.setattr(H, "run", lambda quick=False: rows)
     monkeypatch.chdir(tmp_path)
     assert bench.main(["--only", "host", "--device", "cpu", "--quick"]) == 0

@@ -132,8 +132,8 @@ def format_table(rows) -> str:
     for r in rows:
         lines.append(f"{r['op']:<15}{r['shape']:<18}{r['us_lnsr_ops']:>21.1f}{r['us_direct']:>12.1f}"
                      f"{r['ratio']:>7.2f}x{r['us_engine']:>13.1f}{r['engine_ratio']:>14.2f}x"
-                     f"{r['ratio_vs_engine']:>12.2f}x{r.get('us_torch_eager', float('nan')):>13.1f}"
-                     f"{r.get('us_min_autograd', float('nan')):>15.1f}{r.get('min_autograd_ratio', float('nan')):>12.2f}x")
+                     f"{r['ratio_vs_engine']:>12.2f}x{r['us_torch_eager']:>13.1f}"
+                     f"{r['us_min_autograd']:>15.1f}{r['min_autograd_ratio']:>12.2f}x")
     return "\n".join(lines)
 
 
