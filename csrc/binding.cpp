@@ -12,6 +12,7 @@
 #include <c10/core/Device.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/csrc/autograd/custom_function.h>
+#include <torch/csrc/autograd/python_variable.h>
 #include <torch/library.h>
 
 #include <string_view>
@@ -462,6 +463,79 @@ struct PenaltyFunction : public torch::autograd::Function<PenaltyFunction> {
   }
 };
 
+at::Tensor call_penalty_tap_backward(const c10::optional<at::Tensor>& grad, const at::Tensor& coef, const at::Tensor& y,
+                                     int64_t first, const c10::optional<at::Tensor>& mask, bool detach_clean) {
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("lnsr::penalty_tap_backward", "")
+                       .typed<at::Tensor(const c10::optional<at::Tensor>&, const at::Tensor&, const at::Tensor&, int64_t,
+                                         const c10::optional<at::Tensor>&, bool)>();
+  return op.call(grad, coef, y, first, mask, detach_clean);
+}
+
+// The streaming penalty's tap (lnsr.ops.PenaltyStream.tap; the Python _PenaltyTap is the same
+// function for the torch and Triton backends and under torch.compile): y[:keep] for the rest of the
+// model and a zero fp32 scalar through which the penalty's gradient dP * w_j / N arrives; the
+// backward is one penalty_tap_backward, so neither direction of a tap enters Python.
+struct PenaltyTapFunction : public torch::autograd::Function<PenaltyTapFunction> {
+  static variable_list forward(AutogradContext* ctx, const at::Tensor& y, const c10::optional<at::Tensor>& mask,
+                               int64_t first, int64_t keep, bool detach_clean) {
+    const bool has_mask = mask.has_value() && mask->defined();
+    ctx->save_for_backward({y, has_mask ? *mask : at::Tensor()});
+    ctx->saved_data["first"] = first;
+    ctx->saved_data["detach_clean"] = detach_clean;
+    ctx->set_materialize_grads(false);  // an unused output costs nothing: no zeros are made for it
+    return {y.slice(0, 0, keep), at::zeros({}, y.options().dtype(at::kFloat))};
+  }
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    variable_list saved = ctx->get_saved_variables();
+    const at::Tensor& y = saved[0];
+    at::Tensor gy;
+    if (grads[0].defined() || grads[1].defined()) {
+      c10::optional<at::Tensor> grad, mask;
+      if (grads[0].defined()) grad = grads[0];
+      if (saved[1].defined()) mask = saved[1];
+      at::Tensor coef = grads[1].defined() ? grads[1] : at::zeros({}, y.options().dtype(at::kFloat));
+      gy = call_penalty_tap_backward(grad, coef, y, ctx->saved_data["first"].toInt(), mask,
+                                     ctx->saved_data["detach_clean"].toBool());
+    }
+    return {gy, at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
+  }
+};
+
+// lnsr._C.penalty_tap(y, mask or None, first, keep, detach_clean) -> (y[:keep], coef): called from
+// Python without the dispatcher (a view-returning op would need alias annotations and
+// functionalization); plain tensors only -- PenaltyStream sends subclasses and traced code to the
+// Python tap.
+PyObject* py_penalty_tap(PyObject* /*self*/, PyObject* args) {
+  HANDLE_TH_ERRORS
+  PyObject *py_y = nullptr, *py_mask = nullptr;
+  long long first = 0, keep = 0;
+  int detach_clean = 0;
+  if (!PyArg_ParseTuple(args, "OOLLp", &py_y, &py_mask, &first, &keep, &detach_clean)) return nullptr;
+  TORCH_CHECK_TYPE(THPVariable_CheckExact(py_y) && (py_mask == Py_None || THPVariable_CheckExact(py_mask)),
+                   "lnsr._C.penalty_tap: y and mask must be plain torch.Tensor (mask may be None)");
+  const at::Tensor& y = THPVariable_Unpack(py_y);
+  TORCH_CHECK(y.dim() >= 2 && first >= 0 && first < y.size(0) && (y.size(0) - first) % 2 == 0 && keep > 0 &&
+                  keep <= y.size(0),
+              "lnsr._C.penalty_tap: y must be [first + 2m, ..., H] with 0 < keep <= its rows, got ", y.sizes(),
+              ", first=", first, ", keep=", keep);
+  c10::optional<at::Tensor> mask;
+  if (py_mask != Py_None) mask = THPVariable_Unpack(py_mask);
+  variable_list out = PenaltyTapFunction::apply(y, mask, static_cast<int64_t>(first), static_cast<int64_t>(keep),
+                                                static_cast<bool>(detach_clean));
+  PyObject* tuple = PyTuple_New(2);
+  if (tuple == nullptr) return nullptr;
+  PyTuple_SET_ITEM(tuple, 0, THPVariable_Wrap(std::move(out[0])));  // steals the new references
+  PyTuple_SET_ITEM(tuple, 1, THPVariable_Wrap(std::move(out[1])));
+  return tuple;
+  END_HANDLE_TH_ERRORS
+}
+
+PyMethodDef module_methods[] = {
+    {"penalty_tap", py_penalty_tap, METH_VARARGS,
+     "penalty_tap(y, mask, first, keep, detach_clean) -> (y[:keep], coef): PenaltyStream's tap in C++"},
+    {nullptr, nullptr, 0, nullptr}};
+
 at::Tensor perturb_autograd(const at::Tensor& h, int64_t seed, double sigma, std::string_view kind) {
   return PerturbFunction::apply(h, seed, sigma, kind);
 }
@@ -522,7 +596,7 @@ TORCH_LIBRARY_IMPL(lnsr, CUDA, m) {
 // A plain Python module (no pybind11: faster to compile); importing it runs the registrations above.
 extern "C" PyMODINIT_FUNC PyInit__C(void) {
   static struct PyModuleDef def = {PyModuleDef_HEAD_INIT, "_C", "lnsr compiled kernels (ops under torch.ops.lnsr)",
-                                   -1, nullptr, nullptr, nullptr, nullptr, nullptr};
+                                   -1, module_methods, nullptr, nullptr, nullptr, nullptr};
   PyObject* mod = PyModule_Create(&def);
   if (mod == nullptr) return nullptr;
   PyModule_AddIntConstant(mod, "WITH_CUDA", LNSR_WITH_CUDA);

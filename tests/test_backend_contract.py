@@ -14,6 +14,7 @@ test_extension.py.  Failure messages print the generator seed: replay with LNSR_
 """
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import os
 import random
@@ -25,6 +26,7 @@ import lnsr
 from lnsr.ops import backend as B
 from lnsr.ops import dispatch
 from lnsr.ops import reference as R
+from torch.utils._python_dispatch import TorchDispatchMode
 
 RUN_SEED = int(os.environ.get("LNSR_TEST_SEED", random.SystemRandom().randrange(2**31)))
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -586,17 +588,77 @@ def test_lnsr_backward_holds_one_penalty_gradient_at_a_time(bd):
     model = transformers.BertForSequenceClassification(cfg).to(dev).train()
     ids = torch.randint(0, 97, (3, 10), generator=torch.Generator().manual_seed(0)).to(dev)
     made, alive_at_call = [], []
-    original = type(be).penalty_tap_backward
 
-    def spy(self, *args, **kwargs):
+    def seen(out):
         alive_at_call.append(sum(r() is not None for r in made))
-        out = original(self, *args, **kwargs)
         made.append(weakref.ref(out))
         return out
 
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(type(be), "penalty_tap_backward", spy)
+    class Spy(TorchDispatchMode):  # lnsr._C's tap calls the op from C++: only the dispatcher sees it
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            return seen(out) if func is torch.ops.lnsr.penalty_tap_backward.default else out
+
+    original = type(be).penalty_tap_backward
+    compiled = be.name in ("cpu", "cuda")
+    with pytest.MonkeyPatch.context() as mp, (Spy() if compiled else contextlib.nullcontext()):
+        if not compiled:
+            mp.setattr(type(be), "penalty_tap_backward", lambda self, *a, **k: seen(original(self, *a, **k)))
         with lnsr.LNSR(model, sigma=0.1, lam=1.0, inject_at=0, backend=be.name) as reg:
             out = model(input_ids=ids, labels=torch.tensor([0, 1, 1], device=dev))
             (out.loss + reg.loss).backward()
     assert len(alive_at_call) == 4 and alive_at_call == [0, 0, 0, 0], alive_at_call
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_compiled_tap_equals_python_tap(bd, gen, dtype, monkeypatch):
+    """lnsr._C's tap (forward and backward in C++, no Python) is the Python ``_PenaltyTap`` bit for
+    bit: values, the gradient of y, with and without mask, rows without a pair, keep < rows,
+    detach_clean, and each output's gradient alone (the other one unused)."""
+    be, dev = bd
+    if be.name not in ("cpu", "cuda"):
+        pytest.skip("the compiled tap is lnsr._C's")
+    H = 7  # odd hidden size
+    for first, keep, masked, detach in ((0, 6, True, False), (2, 8, False, True), (1, 3, True, False)):
+        rows = first + 6  # m = 3 paired rows
+        y0 = _randn((rows, 5, H), dtype, gen, dev)
+        mask = _mask((3, 5), gen, dev) if masked else None
+        up = _randn((keep, 5, H), dtype, gen, dev)
+        results = {}
+        for python_tap in (False, True):
+            if python_tap:
+                monkeypatch.setenv("LNSR_PYTHON_TAP", "1")
+            else:
+                monkeypatch.delenv("LNSR_PYTHON_TAP", raising=False)
+            per_use = []
+            for use in ("both", "z", "penalty"):
+                y = y0.clone().requires_grad_()
+                stream = lnsr.ops.PenaltyStream(mask=mask, detach_clean=detach, backend=be.name)
+                z = stream.tap(y, first=first, keep=keep)
+                pen = stream.loss([0.5])
+                assert ("PenaltyTapFunction" in z.grad_fn.name()) == (not python_tap), z.grad_fn.name()
+                loss = {"both": (z * up).sum() + pen, "z": (z * up).sum(), "penalty": 3.0 * pen}[use]
+                (g,) = torch.autograd.grad(loss, y)
+                per_use.append((z.detach(), pen.detach(), g))
+            results[python_tap] = per_use
+        for (za, pa, ga), (zb, pb, gb) in zip(results[False], results[True]):
+            assert torch.equal(za, zb) and torch.equal(pa, pb)
+            assert torch.equal(ga, gb), _msg(f"tap gradient first={first} keep={keep}")(f"{(ga - gb).abs().max()}")
+
+
+def test_compiled_tap_rejects_bad_input():
+    """lnsr._C.penalty_tap checks what it is handed, with messages that say what is expected."""
+    from lnsr.ops import extension
+    try:
+        tap = extension.load().penalty_tap
+    except ImportError:
+        pytest.skip("lnsr._C is not built")
+    y = torch.randn(4, 3, 8)
+    with pytest.raises(RuntimeError, match=r"\[first \+ 2m, \.\.\., H\]"):
+        tap(y, None, 1, 4, False)
+    with pytest.raises(RuntimeError, match="keep"):
+        tap(y, None, 0, 5, False)
+    with pytest.raises(TypeError, match="plain torch.Tensor"):
+        tap(y.as_subclass(type("Sub", (torch.Tensor,), {})), None, 0, 4, False)  # may override dispatch
+    with pytest.raises(TypeError):
+        tap(y, None, 0)

@@ -6,6 +6,7 @@ torch reference in ``lnsr.ops.reference`` is the ground truth that every backend
 from __future__ import annotations
 
 import math
+import os
 from typing import Sequence
 
 import torch
@@ -200,6 +201,19 @@ class _PenaltyTap(torch.autograd.Function):
         return gy, None, None, None, None, None
 
 
+def _compiled_tap(impl, mask):
+    """``lnsr._C.penalty_tap`` (the same tap as ``_PenaltyTap``, forward and backward in C++) when
+    ``impl`` is a backend of lnsr._C and the mask a plain tensor or None; else None.  Traced code
+    (torch.compile), tensor subclasses and reference dtypes keep ``_PenaltyTap``, which Dynamo can
+    trace and which dispatches per backend.  ``LNSR_PYTHON_TAP=1`` forces ``_PenaltyTap``."""
+    from .extension import ExtensionBackend
+    if (not isinstance(impl, ExtensionBackend) or os.environ.get("LNSR_PYTHON_TAP") == "1"
+            or not (mask is None or type(mask) is torch.Tensor)):
+        return None
+    from .extension import load
+    return getattr(load(), "penalty_tap", None)  # None with an lnsr._C built before the C++ tap
+
+
 class PenaltyStream:
     """``layer_penalty`` over block outputs met one at a time, with a streaming backward.
 
@@ -220,6 +234,7 @@ class PenaltyStream:
         self.ys: list[torch.Tensor] = []      # the paired rows of each layer, detached (for the value)
         self._coefs: list[torch.Tensor] = []  # the zero scalars through which dP * w_j / N arrives
         self._impl = None
+        self._fast = None  # lnsr._C.penalty_tap when the backend is lnsr._C's (_compiled_tap)
 
     def tap(self, y: torch.Tensor, *, first: int, keep: int, record: bool = True) -> torch.Tensor:
         rows = y.shape[0] - first
@@ -231,7 +246,12 @@ class PenaltyStream:
                              f"{(rows // 2, *y.shape[1:-1])}")
         if self._impl is None:
             self._impl = self._resolve(y, first)
-        z, coef = _PenaltyTap.apply(y, self.mask, first, keep, self.detach_clean, self._impl)
+            self._fast = _compiled_tap(self._impl, self.mask)
+        if (self._fast is not None and type(y) is torch.Tensor and not torch.compiler.is_compiling()
+                and not Backend.uses_reference(y)):
+            z, coef = self._fast(y, self.mask, first, keep, self.detach_clean)  # no Python either way
+        else:
+            z, coef = _PenaltyTap.apply(y, self.mask, first, keep, self.detach_clean, self._impl)
         if record:
             self.ys.append(y[first:].detach())
             self._coefs.append(coef)
