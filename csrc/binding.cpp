@@ -502,6 +502,29 @@ struct PenaltyTapFunction : public torch::autograd::Function<PenaltyTapFunction>
   }
 };
 
+// The stream's loss (PenaltyStream.loss): the value, computed once without a graph, plus
+// sum_j (w_j / N) * coef_j over the taps' zero scalars -- one node instead of stack, mul, sum and
+// add; its backward hands tap j the scalar dP * w_j / N (the same products as the Python form).
+struct StreamLossFunction : public torch::autograd::Function<StreamLossFunction> {
+  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& value, const at::Tensor& count,
+                            const at::Tensor& weights, at::TensorList coefs) {
+    TORCH_CHECK(weights.numel() == static_cast<int64_t>(coefs.size()), "lnsr._C.penalty_stream_loss: ",
+                weights.numel(), " weights for ", coefs.size(), " taps");
+    ctx->save_for_backward({weights.div(count.to(weights.device()).clamp_min(1.0))});
+    return value.clone();  // value + sum_j scale_j * 0
+  }
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    const at::Tensor scale = ctx->get_saved_variables()[0];
+    variable_list out{at::Tensor(), at::Tensor(), at::Tensor()};
+    if (grads[0].defined()) {
+      for (at::Tensor& g : at::mul(scale, grads[0]).unbind(0)) out.push_back(std::move(g));
+    } else {
+      out.resize(3 + scale.numel());
+    }
+    return out;
+  }
+};
+
 // lnsr._C.penalty_tap(y, mask or None, first, keep, detach_clean) -> (y[:keep], coef): called from
 // Python without the dispatcher (a view-returning op would need alias annotations and
 // functionalization); plain tensors only -- PenaltyStream sends subclasses and traced code to the
@@ -531,9 +554,31 @@ PyObject* py_penalty_tap(PyObject* /*self*/, PyObject* args) {
   END_HANDLE_TH_ERRORS
 }
 
+// lnsr._C.penalty_stream_loss(value, count, weights, coefs) -> the stream's loss (StreamLossFunction).
+PyObject* py_penalty_stream_loss(PyObject* /*self*/, PyObject* args) {
+  HANDLE_TH_ERRORS
+  PyObject *py_value = nullptr, *py_count = nullptr, *py_weights = nullptr, *py_coefs = nullptr;
+  if (!PyArg_ParseTuple(args, "OOOO", &py_value, &py_count, &py_weights, &py_coefs)) return nullptr;
+  TORCH_CHECK_TYPE(THPVariable_CheckExact(py_value) && THPVariable_CheckExact(py_count) &&
+                       THPVariable_CheckExact(py_weights) && PyList_Check(py_coefs),
+                   "lnsr._C.penalty_stream_loss: value, count, weights must be plain tensors and coefs a list");
+  std::vector<at::Tensor> coefs;
+  coefs.reserve(PyList_GET_SIZE(py_coefs));
+  for (Py_ssize_t j = 0; j < PyList_GET_SIZE(py_coefs); ++j) {
+    PyObject* c = PyList_GET_ITEM(py_coefs, j);
+    TORCH_CHECK_TYPE(THPVariable_CheckExact(c), "lnsr._C.penalty_stream_loss: coefs[", j, "] is not a tensor");
+    coefs.push_back(THPVariable_Unpack(c));
+  }
+  return THPVariable_Wrap(StreamLossFunction::apply(THPVariable_Unpack(py_value), THPVariable_Unpack(py_count),
+                                                    THPVariable_Unpack(py_weights), at::TensorList(coefs)));
+  END_HANDLE_TH_ERRORS
+}
+
 PyMethodDef module_methods[] = {
     {"penalty_tap", py_penalty_tap, METH_VARARGS,
      "penalty_tap(y, mask, first, keep, detach_clean) -> (y[:keep], coef): PenaltyStream's tap in C++"},
+    {"penalty_stream_loss", py_penalty_stream_loss, METH_VARARGS,
+     "penalty_stream_loss(value, count, weights, coefs) -> loss: PenaltyStream.loss's node in C++"},
     {nullptr, nullptr, 0, nullptr}};
 
 at::Tensor perturb_autograd(const at::Tensor& h, int64_t seed, double sigma, std::string_view kind) {

@@ -11,6 +11,11 @@ Side by side in one run, on CPU tensors and the ``cpu`` backend (lnsr._C):
 - ``perturb`` (relative) of ``[4, 8, 64]`` forward + backward: ``lnsr.ops.perturb`` and autograd vs
   ``torch.ops.lnsr.perturb`` then ``torch.ops.lnsr.perturb_backward``;
 
+- ``penalty_stream``, what ``LNSR`` runs inside a model: 12 taps of ``lnsr.ops.PenaltyStream``, its
+  loss and the backward vs the value op then one ``torch.ops.lnsr.penalty_tap_backward`` per layer;
+  its "engine" column is lnsr._C's tap and loss node called without PenaltyStream's Python, and
+  ``LNSR_PYTHON_TAP=1`` measures the Python tap instead of the C++ one (the ``python_tap`` column);
+
 and a third column, the floor of any autograd path: the compiled op called with tensors that
 require grad and ``torch.autograd.grad`` (torch's engine and the C++ autograd of lnsr._C, no
 Python of lnsr).  The ratio is the time through ``lnsr.ops`` over the direct calls (design target:
@@ -25,6 +30,7 @@ shared machine hits both alike; each timed call runs the pair ``inner`` times.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 import torch
@@ -87,8 +93,31 @@ def cases():
         out = user_perturb(h, seed, sigma=0.05, kind="relative")
         return out, torch.autograd.grad(out, h, g)
 
+    # The streaming penalty, what LNSR runs inside a model: one tap per layer, the loss, backward.
+    from lnsr.ops import extension
+    C = extension.load()
+
+    def stream_ops():
+        stream = lnsr.ops.PenaltyStream(mask=mask, backend=be.name)
+        for y in ys:
+            stream.tap(y, first=0, keep=SHAPE[0])
+        loss = stream.loss()
+        return loss, torch.autograd.grad(loss, ys)
+
+    def stream_direct():  # the value, then each layer's tap backward with its coef dP * w_j / N
+        loss, count = ops.layer_penalty(ys_plain, mask, weights, False)
+        coef = one / count
+        return loss, [ops.penalty_tap_backward(None, coef, y, 0, mask, False) for y in ys_plain]
+
+    def stream_engine():  # lnsr._C's tap and loss node without PenaltyStream's Python
+        coefs = [C.penalty_tap(y, mask, 0, SHAPE[0], False)[1] for y in ys]
+        value, count = ops.layer_penalty(ys_plain, mask, weights, False)
+        loss = C.penalty_stream_loss(value, count, weights, coefs)
+        return loss, torch.autograd.grad(loss, ys)
+
     return {"layer_penalty": (penalty_ops, penalty_direct, penalty_engine, penalty_eager),
-            "perturb": (perturb_ops, perturb_direct, perturb_engine, perturb_eager)}
+            "perturb": (perturb_ops, perturb_direct, perturb_engine, perturb_eager),
+            "penalty_stream": (stream_ops, stream_direct, stream_engine, penalty_eager)}
 
 
 def min_autograd():
@@ -112,8 +141,8 @@ def run(quick: bool = False) -> list[dict]:
         res = interleaved_ms({"ops": loop(via_ops), "direct": loop(direct), "engine": loop(engine),
                               "eager": loop(eager), "min": loop(min_autograd())}, reps)
         us = {k: 1e3 * med / inner for k, (med, _best) in res.items()}
-        rows.append(dict(op=op, shape=f"{N_LAYERS}x{list(SHAPE)}" if op == "layer_penalty" else str(list(SHAPE)),
-                         device="cpu", backend="cpu", threads=torch.get_num_threads(),
+        rows.append(dict(op=op, shape=str(list(SHAPE)) if op == "perturb" else f"{N_LAYERS}x{list(SHAPE)}",
+                         device="cpu", backend="cpu", python_tap=os.environ.get("LNSR_PYTHON_TAP") == "1", threads=torch.get_num_threads(),
                          us_lnsr_ops=round(us["ops"], 2), us_direct=round(us["direct"], 2),
                          us_engine=round(us["engine"], 2), ratio=round(us["ops"] / us["direct"], 2),
                          engine_ratio=round(us["engine"] / us["direct"], 2),
@@ -125,7 +154,8 @@ def run(quick: bool = False) -> list[dict]:
 
 def format_table(rows) -> str:
     lines = ["# host overhead, forward + backward, CPU (lnsr._C), median us per call; ratio = lnsr.ops / "
-             "direct torch.ops.lnsr calls (target <= 2x)",
+             "direct torch.ops.lnsr calls (target <= 2x)"
+             + ("; PenaltyStream with the Python tap (LNSR_PYTHON_TAP=1)" if rows and rows[0].get("python_tap") else ""),
              f"{'op':<15}{'shape':<18}{'lnsr.ops + autograd':>21}{'direct ops':>12}{'ratio':>8}"
              f"{'op + engine':>13}{'engine/direct':>15}{'lnsr/engine':>13}{'eager torch':>13}"
              f"{'1-op autograd':>15}{'its /direct':>13}"]

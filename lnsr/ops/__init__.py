@@ -202,16 +202,18 @@ class _PenaltyTap(torch.autograd.Function):
 
 
 def _compiled_tap(impl, mask):
-    """``lnsr._C.penalty_tap`` (the same tap as ``_PenaltyTap``, forward and backward in C++) when
-    ``impl`` is a backend of lnsr._C and the mask a plain tensor or None; else None.  Traced code
-    (torch.compile), tensor subclasses and reference dtypes keep ``_PenaltyTap``, which Dynamo can
-    trace and which dispatches per backend.  ``LNSR_PYTHON_TAP=1`` forces ``_PenaltyTap``."""
-    from .extension import ExtensionBackend
+    """lnsr._C when ``impl`` is one of its backends and the mask a plain tensor or None, else None:
+    its ``penalty_tap`` is ``_PenaltyTap`` with forward and backward in C++, its
+    ``penalty_stream_loss`` the loss's node.  Traced code (torch.compile), tensor subclasses and
+    reference dtypes keep the Python forms, which Dynamo traces and which dispatch per backend.
+    ``LNSR_PYTHON_TAP=1`` forces them."""
+    from .extension import ExtensionBackend, load
     if (not isinstance(impl, ExtensionBackend) or os.environ.get("LNSR_PYTHON_TAP") == "1"
             or not (mask is None or type(mask) is torch.Tensor)):
         return None
-    from .extension import load
-    return getattr(load(), "penalty_tap", None)  # None with an lnsr._C built before the C++ tap
+    mod = load()
+    # None with an lnsr._C built before the C++ tap
+    return mod if hasattr(mod, "penalty_tap") and hasattr(mod, "penalty_stream_loss") else None
 
 
 class PenaltyStream:
@@ -234,7 +236,8 @@ class PenaltyStream:
         self.ys: list[torch.Tensor] = []      # the paired rows of each layer, detached (for the value)
         self._coefs: list[torch.Tensor] = []  # the zero scalars through which dP * w_j / N arrives
         self._impl = None
-        self._fast = None  # lnsr._C.penalty_tap when the backend is lnsr._C's (_compiled_tap)
+        self._fast = None  # lnsr._C when the backend is one of its (_compiled_tap)
+        self._python_taps = False  # whether a layer took _PenaltyTap (then loss keeps its Python form)
 
     def tap(self, y: torch.Tensor, *, first: int, keep: int, record: bool = True) -> torch.Tensor:
         rows = y.shape[0] - first
@@ -249,9 +252,10 @@ class PenaltyStream:
             self._fast = _compiled_tap(self._impl, self.mask)
         if (self._fast is not None and type(y) is torch.Tensor and not torch.compiler.is_compiling()
                 and not Backend.uses_reference(y)):
-            z, coef = self._fast(y, self.mask, first, keep, self.detach_clean)  # no Python either way
+            z, coef = self._fast.penalty_tap(y, self.mask, first, keep, self.detach_clean)  # no Python either way
         else:
             z, coef = _PenaltyTap.apply(y, self.mask, first, keep, self.detach_clean, self._impl)
+            self._python_taps = True
         if record:
             self.ys.append(y[first:].detach())
             self._coefs.append(coef)
@@ -277,8 +281,11 @@ class PenaltyStream:
             raise ValueError("PenaltyStream.loss: no layer was tapped")
         w = weights_tensor(weights, len(self.ys), self.ys[0].device)
         value, count = self._impl.penalty_value(self.ys, self.mask, w)
-        # value + sum_j (w_j / N) * 0: the value of the penalty, the gradient of each tap's scalar
-        scale = w / count.to(w.device).clamp_min(1.0)
-        out = value + (scale * torch.stack(self._coefs)).sum()
-        self.ys, self._coefs = [], []  # released: the taps keep what their backward needs
+        if self._fast is not None and not self._python_taps and not torch.compiler.is_compiling():
+            out = self._fast.penalty_stream_loss(value, count, w, self._coefs)  # the same, one C++ node
+        else:
+            # value + sum_j (w_j / N) * 0: the value of the penalty, the gradient of each tap's scalar
+            scale = w / count.to(w.device).clamp_min(1.0)
+            out = value + (scale * torch.stack(self._coefs)).sum()
+        self.ys, self._coefs, self._python_taps = [], [], False  # released: the taps keep what their backward needs
         return out
