@@ -284,21 +284,41 @@ void penalty_grad_chunk(const PenaltyLayer& L, int64_t rows, int64_t r0, int64_t
 template <typename T>
 void tap_backward_impl(const T* y, const T* g, T* out, const float* mask, float coef2, int64_t P, int64_t M,
                        int64_t G, int64_t H, bool detach_clean) {
-  auto above = [&](int64_t r, int64_t k) { return (g != nullptr && r < G) ? to_f(g[r * H + k]) : 0.f; };
+  // Rows without a gradient from above read a row of zeros, so that every inner loop below is
+  // branch-free (the compiler vectorises it); the arithmetic is the same as element by element.
+  const std::vector<T> zeros(static_cast<size_t>(H), from_f<T>(0.f));
+  auto above = [&](int64_t r) { return (g != nullptr && r < G) ? g + r * H : zeros.data(); };
   at::parallel_for(0, P, row_grain(H), [&](int64_t r0, int64_t r1) {
-    for (int64_t r = r0; r < r1; ++r)
-      for (int64_t k = 0; k < H; ++k) out[r * H + k] = from_f<T>(above(r, k));
+    for (int64_t r = r0; r < r1; ++r) {
+      const T* __restrict__ a = above(r);
+      T* __restrict__ o = out + r * H;
+      for (int64_t k = 0; k < H; ++k) o[k] = from_f<T>(to_f(a[k]));
+    }
   });
   at::parallel_for(0, M, row_grain(2 * H), [&](int64_t i0, int64_t i1) {
     for (int64_t i = i0; i < i1; ++i) {
       const float s = coef2 * (mask ? mask[i] : 1.f);
       const int64_t c = P + i, n = P + M + i;
-      const T* yc = y + c * H;
-      const T* yn = y + n * H;
-      for (int64_t k = 0; k < H; ++k) {
-        const float d = s != 0.f ? s * (to_f(yn[k]) - to_f(yc[k])) : 0.f;
-        out[n * H + k] = from_f<T>(above(n, k) + d);
-        out[c * H + k] = from_f<T>(detach_clean ? above(c, k) : above(c, k) - d);
+      // restrict: out never overlaps y or grad (binding.cpp allocates it), so the loops vectorise
+      const T *__restrict__ yc = y + c * H, *__restrict__ yn = y + n * H;
+      const T *__restrict__ ac = above(c), *__restrict__ an = above(n);
+      T *__restrict__ oc = out + c * H, *__restrict__ on = out + n * H;
+      if (s == 0.f) {  // padding (or coef 0): nothing added, whatever y holds there (NaN/Inf)
+        for (int64_t k = 0; k < H; ++k) {
+          on[k] = from_f<T>(to_f(an[k]) + 0.f);
+          oc[k] = from_f<T>(detach_clean ? to_f(ac[k]) : to_f(ac[k]) - 0.f);
+        }
+      } else if (detach_clean) {
+        for (int64_t k = 0; k < H; ++k) {
+          on[k] = from_f<T>(to_f(an[k]) + s * (to_f(yn[k]) - to_f(yc[k])));
+          oc[k] = from_f<T>(to_f(ac[k]));
+        }
+      } else {
+        for (int64_t k = 0; k < H; ++k) {
+          const float d = s * (to_f(yn[k]) - to_f(yc[k]));
+          on[k] = from_f<T>(to_f(an[k]) + d);
+          oc[k] = from_f<T>(to_f(ac[k]) - d);
+        }
       }
     }
   });

@@ -662,3 +662,30 @@ def test_compiled_tap_rejects_bad_input():
         tap(y.as_subclass(type("Sub", (torch.Tensor,), {})), None, 0, 4, False)  # may override dispatch
     with pytest.raises(TypeError):
         tap(y, None, 0)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_cpu_tap_backward_is_the_reference_bit_for_bit(dtype):
+    """lnsr._C's CPU kernel of one layer's streaming gradient does the reference's fp32 arithmetic in
+    the same order, so it must equal it exactly: every dtype, gradient from above absent / on some
+    rows / on all rows, rows without a pair, detach_clean, and a mask whose padding holds NaN/Inf."""
+    be = dispatch.resolve_backend("cpu", "cpu") if "cpu" in lnsr.ops.available_backends() else None
+    if be is None:
+        pytest.skip("lnsr._C is not built")
+    gen = torch.Generator().manual_seed(RUN_SEED)
+    for first, grad_rows, detach, masked, H in ((0, None, False, True, 33), (2, 8, True, False, 64),
+                                                (3, 2, False, True, 7), (0, 6, False, False, 1)):
+        rows = first + 6
+        y = _randn((rows, 4, H), dtype, gen, "cpu")
+        mask = _mask((3, 4), gen, "cpu") if masked else None
+        if masked:
+            pad = (mask == 0)
+            y[first:first + 3][pad] = float("nan")
+            y[first + 3:][pad] = float("inf")
+        grad = None if grad_rows is None else _randn((grad_rows, 4, H), dtype, gen, "cpu")
+        coef = torch.rand((), generator=gen) + 0.1
+        got = be.penalty_tap_backward(grad, coef, y, first, mask, detach)
+        want = R.penalty_tap_backward(grad, coef, y, first, mask, detach)
+        assert got.dtype == want.dtype == dtype
+        assert torch.equal(got, want), _msg(f"tap backward first={first} grad_rows={grad_rows}")(
+            f"{(got.float() - want.float()).abs().max()}")
