@@ -227,10 +227,10 @@ def test_host_overhead_table_compares_the_same_work(tmp_path, monkeypatch):
             assert d.shape == b.shape and torch.equal(d[:H.SHAPE[0]], b[:H.SHAPE[0]])
     rows = [dict(op="layer_penalty", shape="12x[4, 8, 64]", device="cpu", us_lnsr_ops=90.0, us_direct=30.0, ratio=3.0,
                  us_engine=60.0, engine_ratio=2.0, ratio_vs_engine=1.5, us_torch_eager=900.0, us_min_autograd=20.0,
-                 min_autograd_ratio=0.67),
+                 min_autograd_ratio=0.67, us_builtin_n=75.0, builtin_n_ratio=2.5),
             dict(op="perturb", shape="[4, 8, 64]", device="cpu", us_lnsr_ops=40.0, us_direct=20.0, ratio=2.0,
                  us_engine=32.0, engine_ratio=1.6, ratio_vs_engine=1.25, us_torch_eager=80.0, us_min_autograd=20.0,
-                 min_autograd_ratio=1.0)]
+                 min_autograd_ratio=1.0, us_builtin_n=20.0, builtin_n_ratio=1.0)]
     monkeypatch.setattr(H, "run", lambda quick=False: rows)
     monkeypatch.chdir(tmp_path)
     assert bench.main(["--only", "host", "--device", "cpu", "--quick"]) == 0
@@ -238,6 +238,7 @@ def test_host_overhead_table_compares_the_same_work(tmp_path, monkeypatch):
     assert "layer_penalty" in text and "perturb" in text and "ratio" in text.splitlines()[0]
     table = H.format_table(rows)
     assert "3.00x" in table and "2.00x" in table and "direct ops" in table and "1.25x" in table
+    assert "builtin, n inputs" in table and "2.50x" in table
 
 
 @pytest.mark.slow

@@ -23,7 +23,9 @@ at most 2x); ``vs engine`` splits it into what lnsr's Python adds and what the e
 Two more columns put the target in scale: the same math in eager PyTorch through autograd (what a
 user writes: ``torch.randn_like`` noise, one masked mean per layer; the same values), and the
 cheapest autograd round trip there is, one builtin op on one tensor (``y.sum()`` then
-``torch.autograd.grad``), which no path through autograd can undercut.  The
+``torch.autograd.grad``), which no path through autograd can undercut, and the same for a builtin op
+with as many inputs as the op (``torch.stack(ys).sum()`` over 12 tensors): torch's own price of an
+autograd round trip over that many tensors.  The
 callables take turns, rep by rep (``lnsr.utils.machine.interleaved_ms``), so that other load on a
 shared machine hits both alike; each timed call runs the pair ``inner`` times.
 """
@@ -126,6 +128,13 @@ def min_autograd():
     return lambda: torch.autograd.grad(y.sum(), y)
 
 
+def builtin_autograd(n: int):
+    """A builtin op on as many inputs as the op has (``torch.stack(ys).sum()``, then
+    ``torch.autograd.grad`` to all ``n``): torch's own cost of an autograd round trip over n tensors."""
+    ys = [torch.randn(SHAPE).requires_grad_() for _ in range(n)]
+    return lambda: torch.autograd.grad(torch.stack(ys).sum(), ys)
+
+
 def run(quick: bool = False) -> list[dict]:
     """One row per op: microseconds per forward + backward both ways and their ratio."""
     from lnsr.utils.machine import interleaved_ms
@@ -139,7 +148,8 @@ def run(quick: bool = False) -> list[dict]:
                     fn()
             return timed
         res = interleaved_ms({"ops": loop(via_ops), "direct": loop(direct), "engine": loop(engine),
-                              "eager": loop(eager), "min": loop(min_autograd())}, reps)
+                              "eager": loop(eager), "min": loop(min_autograd()),
+                              "builtin": loop(builtin_autograd(1 if op == "perturb" else N_LAYERS))}, reps)
         us = {k: 1e3 * med / inner for k, (med, _best) in res.items()}
         rows.append(dict(op=op, shape=str(list(SHAPE)) if op == "perturb" else f"{N_LAYERS}x{list(SHAPE)}",
                          device="cpu", backend="cpu", python_tap=os.environ.get("LNSR_PYTHON_TAP") == "1", threads=torch.get_num_threads(),
@@ -148,7 +158,8 @@ def run(quick: bool = False) -> list[dict]:
                          engine_ratio=round(us["engine"] / us["direct"], 2),
                          ratio_vs_engine=round(us["ops"] / us["engine"], 2),
                          us_torch_eager=round(us["eager"], 2), us_min_autograd=round(us["min"], 2),
-                         min_autograd_ratio=round(us["min"] / us["direct"], 2)))
+                         min_autograd_ratio=round(us["min"] / us["direct"], 2),
+                         us_builtin_n=round(us["builtin"], 2), builtin_n_ratio=round(us["builtin"] / us["direct"], 2)))
     return rows
 
 
@@ -158,12 +169,13 @@ def format_table(rows) -> str:
              + ("; PenaltyStream with the Python tap (LNSR_PYTHON_TAP=1)" if rows and rows[0].get("python_tap") else ""),
              f"{'op':<15}{'shape':<18}{'lnsr.ops + autograd':>21}{'direct ops':>12}{'ratio':>8}"
              f"{'op + engine':>13}{'engine/direct':>15}{'lnsr/engine':>13}{'eager torch':>13}"
-             f"{'1-op autograd':>15}{'its /direct':>13}"]
+             f"{'1-op autograd':>15}{'its /direct':>13}{'builtin, n inputs':>19}{'its /direct':>13}"]
     for r in rows:
         lines.append(f"{r['op']:<15}{r['shape']:<18}{r['us_lnsr_ops']:>21.1f}{r['us_direct']:>12.1f}"
                      f"{r['ratio']:>7.2f}x{r['us_engine']:>13.1f}{r['engine_ratio']:>14.2f}x"
                      f"{r['ratio_vs_engine']:>12.2f}x{r['us_torch_eager']:>13.1f}"
-                     f"{r['us_min_autograd']:>15.1f}{r['min_autograd_ratio']:>12.2f}x")
+                     f"{r['us_min_autograd']:>15.1f}{r['min_autograd_ratio']:>12.2f}x"
+                     f"{r['us_builtin_n']:>19.1f}{r['builtin_n_ratio']:>12.2f}x")
     return "\n".join(lines)
 
 
