@@ -6,7 +6,8 @@
 #   examples/study.sh final    [REGIME...]  # 3. 10 seeds x 6 arms on the GLUE dev split (seed 1 models saved)
 #   examples/study.sh profile               # 4. noise-stability profile of seed-1 models of mrpc1k
 #   examples/study.sh all      [REGIME...]  # 1-3 per regime, regime after regime, then 4
-#   examples/study.sh summary               # every table and plot rebuilt from the run files (trains nothing)
+#   examples/study.sh summary               # every table and plot rebuilt from the run files (trains nothing;
+#                                           # also spelled --summary-only)
 #
 # Regimes: mrpc1k sst2-1k rte1k (1000 training examples, one fixed subset per task) and rte (full).
 # Runs are resumable (finished runs are skipped, killed runs restart from their checkpoint); each
@@ -119,6 +120,7 @@ case "$cmd" in
   recipe|strength|final) for r in $regimes; do $cmd "$r"; done ;;
   all) for r in $regimes; do recipe "$r"; strength "$r"; final "$r"; done; profile ;;
   profile) profile ;;
-  summary) $PY "$HERE/study.py" --runs "$OUT" summary ;;
-  *) echo "usage: $0 recipe|strength|final|all|profile|summary [REGIME...]" >&2; exit 2 ;;
+  summary|--summary-only)  # RESULTS / PLOTS: another results file and plot folder (default: docs/)
+    $PY "$HERE/study.py" --runs "$OUT" ${RESULTS:+--results "$RESULTS"} ${PLOTS:+--plots "$PLOTS"} summary ;;
+  *) echo "usage: $0 recipe|strength|final|all|profile|summary (--summary-only) [REGIME...]" >&2; exit 2 ;;
 esac

@@ -155,3 +155,23 @@ def test_a_study_that_moves_between_machines_says_so(study, tmp_path):
     sec = study.final_section(str(runs), "mrpc1k", str(tmp_path / "plots"))
     assert "Seeds whose arms ran on more than one machine" in sec and "machine (kept, and paired" in sec
     assert sec.split("more than one machine")[1].split(":", 1)[1].split(".")[0].strip() == "2"
+
+
+def test_study_sh_summary_only_rebuilds_the_tables_from_run_files(study, tmp_path):
+    """`examples/study.sh --summary-only` (the issue's name; `summary` is the same): the tables come
+    from the run files under OUT into RESULTS, nothing is trained."""
+    import subprocess
+    import sys
+    runs = tmp_path / "runs"
+    _recipe(str(runs))
+    results = tmp_path / "results.md"
+    results.write_text("<!-- study:begin -->\nold\n<!-- study:end -->\n")
+    env = {**os.environ, "OUT": str(runs), "RESULTS": str(results), "PLOTS": str(tmp_path / "plots"),
+           "PYTHON": sys.executable}
+    script = os.path.join(HERE, "..", "examples", "study.sh")
+    out = subprocess.run(["bash", script, "--summary-only"], env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    text = results.read_text()
+    assert "old" not in text and "**1. Recipe" in text and "| 1e-4 | 5 **chosen** |" in text
+    bad = subprocess.run(["bash", script, "--summary"], env=env, capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 2 and "usage" in bad.stderr
