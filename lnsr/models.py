@@ -137,3 +137,17 @@ def replace_block_input(args, kwargs, fn, *, who: str = "block"):
     if where[0] == "args":
         return (new, *args[1:]), kwargs
     return args, {**kwargs, where[1]: new}
+
+
+def enable_activation_checkpointing(model: nn.Module) -> None:
+    """Non-reentrant activation checkpointing of a transformers model (what LNSR's recomputation
+    handling is tested with).  transformers 5 renamed ``gradient_checkpointing_enable`` to
+    ``activation_checkpointing_enable`` and will drop the old name; this calls whichever exists."""
+    enable = getattr(model, "activation_checkpointing_enable", None)
+    if enable is not None:
+        enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    elif hasattr(model, "gradient_checkpointing_enable"):
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        raise TypeError(f"{type(model).__name__} has neither activation_checkpointing_enable nor "
+                        "gradient_checkpointing_enable; wrap its blocks in torch.utils.checkpoint yourself")

@@ -8,6 +8,7 @@ import torch.distributed as dist
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import lnsr  # noqa: E402
+from lnsr.models import enable_activation_checkpointing  # noqa: E402
 from tiny_models import batch, build  # noqa: E402
 
 STEPS = 3
@@ -39,7 +40,7 @@ def main():
     rank = dist.get_rank()
     model = build("bert", layers=3, seed=7)
     if args.checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        enable_activation_checkpointing(model)
     model.train()
     if args.mode == "ddp":
         wrapped = torch.nn.parallel.DistributedDataParallel(model)

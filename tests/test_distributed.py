@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import lnsr
+from lnsr.models import enable_activation_checkpointing
 from dist_worker import STEPS, micro_batch
 from tiny_models import build
 
@@ -17,7 +18,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 def single_process(checkpointing):
     model = build("bert", layers=3, seed=7)
     if checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        enable_activation_checkpointing(model)
     model.train()
     opt = torch.optim.SGD(model.parameters(), lr=0.5)
     reg = lnsr.LNSR(model, sigma=0.1, inject_at=1, lam=0.5)

@@ -5,6 +5,7 @@ import pytest
 import torch
 
 import lnsr
+from lnsr.models import enable_activation_checkpointing
 from lnsr.twopass import two_pass
 from tiny_models import batch, build
 
@@ -166,7 +167,7 @@ def test_gradient_checkpointing_gives_the_same_penalty_and_gradients(family, dro
     for checkpointing in (False, True):
         model = build(family, dropout=dropout, seed=3)
         if checkpointing:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            enable_activation_checkpointing(model)
         model.train()
         reg = lnsr.LNSR(model, sigma=0.1, inject_at=1, lam=0.5)
         torch.manual_seed(11)

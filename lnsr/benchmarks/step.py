@@ -28,6 +28,8 @@ import time
 
 import torch
 
+from lnsr.models import enable_activation_checkpointing
+
 MODELS = ("bert-base", "minilm", "llama-small", "llama-1b", "tiny-bert")
 BASELINES = ("l2sp", "mixout", "r3f", "smart")
 # Entry-point group through which installed tools offer regularisation methods: each entry is a
@@ -113,7 +115,7 @@ def run_case(spec: dict) -> dict:
     with torch.device(device):  # build on the device: a 1B model's init on the CPU takes long
         model, decoder = build_model(spec["model"])
     if spec.get("checkpointing"):
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        enable_activation_checkpointing(model)
     model.to(device).train()
     n_layers = len(lnsr.find_blocks(model)[0])
     k = spec["inject_at"] if spec["inject_at"] >= 0 else n_layers // 2
