@@ -28,7 +28,6 @@ def main(argv=None):
     import transformers as tf
 
     import lnsr
-    from lnsr.models import enable_activation_checkpointing
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", help="Hugging Face causal LM (hub name or local path)")
@@ -56,7 +55,7 @@ def main(argv=None):
         tok.pad_token = tok.pad_token or tok.eos_token
         model = tf.AutoModelForCausalLM.from_pretrained(args.model)
     if args.checkpointing:
-        enable_activation_checkpointing(model)
+        lnsr.enable_activation_checkpointing(model)
     model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"],
                                              task_type="CAUSAL_LM"))
     reg = lnsr.LNSR(model, sigma=0.05, inject_at=args.inject_at, lam=args.lam,

@@ -219,3 +219,27 @@ def test_wrapped_models_are_unwrapped():
     torch.testing.assert_close(p, p_def.detach(), rtol=1e-5, atol=0)
     torch.testing.assert_close(out.logits, clean.logits, rtol=1e-5, atol=1e-6)
     _assert_grads_close(grads, _grads(model))
+
+
+def test_enable_activation_checkpointing_takes_either_transformers_name():
+    """transformers 5's activation_checkpointing_enable when present, else the older name; non-reentrant
+    both ways; a module with neither gets an error that says what to do."""
+    import torch.nn as nn
+    calls = []
+
+    class New(nn.Module):
+        def activation_checkpointing_enable(self, activation_checkpointing_kwargs=None):
+            calls.append(("new", activation_checkpointing_kwargs))
+
+        def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs=None):
+            calls.append(("old", gradient_checkpointing_kwargs))
+
+    class Old(nn.Module):
+        def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs=None):
+            calls.append(("old", gradient_checkpointing_kwargs))
+
+    lnsr.enable_activation_checkpointing(New())
+    lnsr.enable_activation_checkpointing(Old())
+    assert calls == [("new", {"use_reentrant": False}), ("old", {"use_reentrant": False})]
+    with pytest.raises(TypeError, match="torch.utils.checkpoint"):
+        lnsr.enable_activation_checkpointing(nn.Linear(2, 2))
