@@ -9,6 +9,7 @@
 #include <cmath>
 #include <cstdlib>
 #include <cstring>
+#include <type_traits>
 #include <vector>
 
 #include "lnsr_kernels.h"
@@ -144,6 +145,69 @@ bool use_avx2() { return false; }
 void normals_block_avx2(uint64_t seed, uint64_t c, float* o) { normals_block_scalar(seed, c, o); }
 #endif
 
+// sum (b - a)^2 over half-precision rows (layer_penalty's forward, so PenaltyStream's value): the
+// scalar loop below converts element by element and stays scalar for bf16 and fp16. This AVX2 +
+// F16C form does exactly its arithmetic -- eight fp32 lanes, lane l summing elements l, l+8, ...,
+// a separate multiply and add (never fused, see below), the same final
+// combination and scalar tail -- so it returns the same bits, only faster. Picked at run time.
+#if defined(__x86_64__) && defined(__GNUC__)
+}  // namespace
+}  // namespace cpu
+}  // namespace lnsr
+// The target includes fma only because immintrin.h was first included under the noise's
+// "avx2,fma" above (its intrinsics carry that target); an empty asm keeps each product a separate
+// rounding, so no multiply-add can be fused.
+#pragma GCC push_options
+#pragma GCC target("avx2,fma,f16c")
+#include <immintrin.h>
+namespace lnsr {
+namespace cpu {
+namespace {
+#define LNSR_AVX2_F16C __attribute__((target("avx2,fma,f16c")))
+LNSR_AVX2_F16C inline __m256 load8_f(const c10::BFloat16* p) {  // bf16 -> fp32 is exact: the bits moved up 16
+  const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+}
+LNSR_AVX2_F16C inline __m256 load8_f(const c10::Half* p) {  // fp16 -> fp32 is exact
+  return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+}
+// (one body for both types; a macro rather than a template, whose instances would lose the target)
+#define LNSR_SUM_SQ_DIFF_AVX2(T)                                                                      \
+  LNSR_AVX2_F16C __attribute__((noinline)) float sum_sq_diff_avx2(const T* a, const T* b, int64_t n, \
+                                                                  int64_t* done) {                    \
+    __m256 acc = _mm256_setzero_ps();                                                                 \
+    int64_t k = 0;                                                                                    \
+    for (; k + 8 <= n; k += 8) {                                                                      \
+      const __m256 d = _mm256_sub_ps(load8_f(b + k), load8_f(a + k));                                 \
+      __m256 dd = _mm256_mul_ps(d, d);                                                                \
+      asm("" : "+x"(dd)); /* opaque: the add below cannot be fused with the multiply */               \
+      acc = _mm256_add_ps(acc, dd);                                                                   \
+    }                                                                                                 \
+    alignas(32) float l[8];                                                                           \
+    _mm256_store_ps(l, acc);                                                                          \
+    *done = k;                                                                                        \
+    return ((l[0] + l[4]) + (l[1] + l[5])) + ((l[2] + l[6]) + (l[3] + l[7]));                         \
+  }
+LNSR_SUM_SQ_DIFF_AVX2(c10::BFloat16)
+LNSR_SUM_SQ_DIFF_AVX2(c10::Half)
+#undef LNSR_SUM_SQ_DIFF_AVX2
+#undef LNSR_AVX2_F16C
+#pragma GCC pop_options
+
+bool use_avx2_f16c() {
+  static const bool ok = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("f16c") &&
+                         std::getenv("LNSR_CPU_NO_AVX2") == nullptr;
+  return ok;
+}
+#else
+bool use_avx2_f16c() { return false; }
+template <typename T>
+float sum_sq_diff_avx2(const T*, const T*, int64_t, int64_t* done) {  // never called: no AVX2 here
+  *done = 0;
+  return 0.f;
+}
+#endif
+
 // z[0:n] = elements [start, start + n) of the stream.
 void fill_noise(uint64_t seed, int64_t start, int64_t n, float* z) {
   int64_t i = start;
@@ -186,8 +250,9 @@ float sum_sq(const T* x, int64_t n) {
   return s;
 }
 
+// The eight-lane part of sum_sq_diff: lane l sums elements l, l+8, ...; *done = elements covered.
 template <typename T>
-float sum_sq_diff(const T* a, const T* b, int64_t n) {
+float sum_sq_diff_lanes(const T* a, const T* b, int64_t n, int64_t* done) {
   float acc[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
   int64_t k = 0;
   for (; k + 8 <= n; k += 8)
@@ -195,7 +260,18 @@ float sum_sq_diff(const T* a, const T* b, int64_t n) {
       const float d = to_f(b[k + l]) - to_f(a[k + l]);
       acc[l] += d * d;
     }
-  float s = ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7]));
+  *done = k;
+  return ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7]));
+}
+
+template <typename T>
+float sum_sq_diff(const T* a, const T* b, int64_t n) {
+  int64_t k = 0;
+  float s;
+  if constexpr (std::is_same_v<T, float>)
+    s = sum_sq_diff_lanes(a, b, n, &k);
+  else  // the same bits either way (see sum_sq_diff_avx2)
+    s = use_avx2_f16c() ? sum_sq_diff_avx2(a, b, n, &k) : sum_sq_diff_lanes(a, b, n, &k);
   for (; k < n; ++k) {
     const float d = to_f(b[k]) - to_f(a[k]);
     s += d * d;

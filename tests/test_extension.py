@@ -339,3 +339,35 @@ def test_autograd_of_the_compiled_ops_is_cpp(cpu, gen):
     python_in_backward = [f for f in calls if "lnsr" in f or "torch/_library" in f or "autograd/function.py" in f]
     assert python_in_backward == [], python_in_backward
     assert all(y.grad is not None for y in ys) and h.grad is not None
+
+
+_HALF_PENALTY = """
+import sys, torch, lnsr._C
+g = torch.Generator().manual_seed(int(sys.argv[1]))
+out = []
+for dt in (torch.bfloat16, torch.float16):
+    for H in (1, 7, 8, 9, 33, 384):
+        ys = [torch.randn(6, 5, H, generator=g).to(dt) for _ in range(3)]
+        mask = (torch.rand(3, 5, generator=g) > 0.3).float()
+        out += list(torch.ops.lnsr.layer_penalty(ys, mask, torch.rand(3, generator=g), False))
+print(repr([float(v).hex() for v in out]))
+"""
+
+
+def test_half_precision_penalty_avx2_path_is_the_scalar_path_bit_for_bit():
+    """The AVX2 + F16C reduction of layer_penalty's forward for bf16/fp16 (picked at run time)
+    returns the bits of the scalar loop it replaces (LNSR_CPU_NO_AVX2=1 forces that loop): hidden
+    sizes below, at and off the 8-lane width."""
+    import subprocess
+    import sys
+    pytest.importorskip("lnsr._C")
+    runs = {}
+    for off in (False, True):
+        env = {k: v for k, v in os.environ.items() if k != "LNSR_CPU_NO_AVX2"}
+        if off:
+            env["LNSR_CPU_NO_AVX2"] = "1"
+        res = subprocess.run([sys.executable, "-c", _HALF_PENALTY, str(RUN_SEED)], env=env, capture_output=True,
+                             text=True, timeout=300)
+        assert res.returncode == 0, res.stderr[-2000:]
+        runs[off] = res.stdout
+    assert runs[False] == runs[True] and len(runs[False]) > 100
