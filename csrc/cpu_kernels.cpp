@@ -159,6 +159,7 @@ void normals_block_avx2(uint64_t seed, uint64_t c, float* o) { normals_block_sca
 // rounding, so no multiply-add can be fused.
 #pragma GCC push_options
 #pragma GCC target("avx2,fma,f16c")
+#include <cpuid.h>
 #include <immintrin.h>
 namespace lnsr {
 namespace cpu {
@@ -195,7 +196,9 @@ LNSR_SUM_SQ_DIFF_AVX2(c10::Half)
 #pragma GCC pop_options
 
 bool use_avx2_f16c() {
-  static const bool ok = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("f16c") &&
+  // F16C from CPUID leaf 1 (ECX bit 29): older compilers' __builtin_cpu_supports lacks "f16c"
+  unsigned a = 0, b = 0, c = 0, d = 0;
+  static const bool ok = __builtin_cpu_supports("avx2") && __get_cpuid(1, &a, &b, &c, &d) && (c & (1u << 29)) &&
                          std::getenv("LNSR_CPU_NO_AVX2") == nullptr;
   return ok;
 }
