@@ -2,6 +2,7 @@
 
     python examples/study.py --runs docs/runs/study recipe-choice mrpc1k   # "--lr X --epochs Y"
     python examples/study.py --runs docs/runs/study recipe-table mrpc1k
+    python examples/study.py --runs docs/runs/study remaining               # runs left, rough cost
     python examples/study.py --runs docs/runs/study summary                 # every table and plot
 
 ``summary`` rewrites the block between ``<!-- study:begin -->`` and ``<!-- study:end -->`` of
@@ -286,6 +287,56 @@ def progress_line(runs_dir: str, regime: str) -> str:
     return line
 
 
+# training examples per run, where a regime differs from the 1000 of the few-sample regimes
+# (rte: the other 80% of its training split in the searches, all of it in the final)
+TRAIN_SIZE = {"rte": {"recipe": 1992, "strength": 1992, "final": 2490}}
+
+
+def remaining(runs_dir: str) -> list[dict]:
+    """Runs left per regime and stage, with a rough cost in run-hours (one run's wall time, summed).
+
+    A stage with finished runs is costed at its own mean run time; one without, at the same stage's
+    mean over the regimes that have some, scaled by training-set size (a run's steps). Rough: it
+    knows neither the recipe a regime will choose nor its sequence lengths.
+    """
+    prog = {r: progress(runs_dir, r) for r in REGIMES}
+    rows = []
+    for regime in REGIMES:
+        for stage in STAGE_RUNS:
+            s = prog[regime][stage]
+            left = s["total"] - s["done"]
+            if left <= 0:
+                continue
+            per_run, basis = s["mean_wall_s"], "its own runs"
+            if per_run is None:
+                # per-example time of the stage's finished runs elsewhere, times this regime's size
+                seen = [(p[stage]["mean_wall_s"] / TRAIN_SIZE.get(r, {}).get(stage, 1000), p[stage]["done"])
+                        for r, p in prog.items() if p[stage]["mean_wall_s"]]
+                if seen:
+                    per_example = sum(t * n for t, n in seen) / sum(n for _, n in seen)
+                    per_run = per_example * TRAIN_SIZE.get(regime, {}).get(stage, 1000)
+                    basis = "other regimes' runs"
+            rows.append({"regime": regime, "stage": stage, "left": left, "per_run_s": per_run,
+                         "run_hours": None if per_run is None else left * per_run / 3600, "basis": basis})
+    return rows
+
+
+def remaining_text(runs_dir: str, jobs: int = 2) -> str:
+    rows = remaining(runs_dir)
+    if not rows:
+        return "Nothing left: every registered run has finished.\n"
+    lines = []
+    for r in rows:
+        cost = (f"about {r['run_hours']:.1f} run-hours ({r['per_run_s'] / 60:.0f} min per run, from {r['basis']})"
+                if r["run_hours"] is not None else "cost unknown (no finished run of this stage yet)")
+        lines.append(f"{r['regime']} {r['stage']}: {r['left']} runs left, {cost}")
+    known = [r["run_hours"] for r in rows if r["run_hours"] is not None]
+    total = sum(known)
+    lines.append(f"in all about {total:.1f} run-hours{'' if len(known) == len(rows) else ' (stages of unknown cost left out)'}"
+                 f": about {total / jobs:.1f} hours of wall time at {jobs} runs at once")
+    return "\n".join(lines) + "\n"
+
+
 def summary(runs_dir: str, results_md: str, plot_dir: str) -> str:
     parts = []
     for regime, (_, title) in REGIMES.items():
@@ -328,10 +379,13 @@ def main(argv=None) -> int:
     ap.add_argument("--runs", default=os.path.join(ROOT, "docs", "runs", "study"))
     ap.add_argument("--results", default=os.path.join(ROOT, "docs", "results.md"))
     ap.add_argument("--plots", default=os.path.join(ROOT, "docs", "study"))
-    ap.add_argument("command", choices=("recipe-choice", "recipe-table", "task-of", "progress", "summary"))
+    ap.add_argument("--jobs", type=int, default=int(os.environ.get("JOBS", 2)),
+                    help="runs at once, for `remaining`'s wall-time estimate (default: $JOBS or 2)")
+    ap.add_argument("command", choices=("recipe-choice", "recipe-table", "task-of", "progress", "remaining",
+                                        "summary"))
     ap.add_argument("regime", nargs="?", choices=tuple(REGIMES))
     a = ap.parse_args(argv)
-    if a.command != "summary" and not a.regime:
+    if a.command not in ("summary", "remaining") and not a.regime:
         ap.error(f"{a.command} needs a regime")
     if a.command == "recipe-choice":
         best = recipe_choice(a.runs, a.regime)
@@ -342,6 +396,8 @@ def main(argv=None) -> int:
         print(REGIMES[a.regime][0])
     elif a.command == "progress":
         print(f"{a.regime}: " + progress_line(a.runs, a.regime), end="")
+    elif a.command == "remaining":
+        print(remaining_text(a.runs, a.jobs), end="")
     else:
         print(summary(a.runs, a.results, a.plots))
     return 0

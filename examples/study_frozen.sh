@@ -3,7 +3,7 @@
 # background, resumably, committing finished run records as they land.
 #
 #   examples/study_frozen.sh start     # worktree + driver + committer, both under nohup/nice
-#   examples/study_frozen.sh status    # finished runs per stage, what is running
+#   examples/study_frozen.sh status    # finished runs per stage, what is left (rough cost), what is running
 #   examples/study_frozen.sh stop
 #
 # Why a frozen copy: the arms of one study must run the same code for all seeds, while the library
@@ -73,6 +73,7 @@ case "${1:-}" in
     for r in mrpc1k sst2-1k rte1k rte; do
       "$VENV/bin/python" "$HERE/examples/study.py" --runs "$OUT" progress "$r" 2>/dev/null || true
     done
+    "$VENV/bin/python" "$HERE/examples/study.py" --runs "$OUT" --jobs "${JOBS:-2}" remaining 2>/dev/null || true
     pgrep -af "lnsr finetune" | sed 's/.*--method \([^ ]*\) --seeds \([0-9]*\).*/running: \1 seed \2/' || true ;;
   stop)
     for p in driver committer; do

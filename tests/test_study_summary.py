@@ -23,9 +23,10 @@ def study():
     return mod
 
 
-def _run(path, seed, acc, *, epochs=1, predicted=(40, 60), labels=(30, 70), device="CPU A"):
+def _run(path, seed, acc, *, epochs=1, predicted=(40, 60), labels=(30, 70), device="CPU A", wall=None):
     os.makedirs(os.path.dirname(path), exist_ok=True)
     run = {"config": {"seed": seed}, "final": {"accuracy": acc, "f1": acc}, "device": device,
+           **({"wall_time_s": wall} if wall is not None else {}),
            "epochs": [{"epoch": e + 1, "task_loss": 0.5 / (e + 1), "metrics": {"accuracy": acc},
                        "predicted_per_class": list(predicted)} for e in range(epochs)],
            "evaluation_label_counts": list(labels)}
@@ -143,6 +144,27 @@ def test_progress_counts_finished_runs_per_stage(study, tmp_path):
     assert line.startswith("*Runs finished:* recipe 17/18; strength 0/27; final 2/60; profile not yet")
     assert "*Machines:* recipe 17 on CPU A; final 2 on CPU A." in line
     assert study.main(["--runs", str(runs), "progress", "mrpc1k"]) == 0
+
+
+def test_remaining_costs_each_stage_from_its_own_runs_else_scaled_from_other_regimes(study, tmp_path):
+    runs = tmp_path / "runs"
+    for seed in (1, 2):  # mrpc1k final: 2 of 60 runs, 600 s and 1200 s
+        _run(str(runs / "final" / "mrpc1k" / "mrpc" / "vanilla" / f"seed{seed}.json"), seed, 0.7, wall=600.0 * seed)
+    _run(str(runs / "final" / "rte" / "rte" / "vanilla" / "seed1.json"), 1, 0.6, wall=3600.0)  # rte: its own
+    rows = {(r["regime"], r["stage"]): r for r in study.remaining(str(runs))}
+    assert rows[("mrpc1k", "final")]["left"] == 58 and rows[("mrpc1k", "final")]["per_run_s"] == 900.0
+    assert rows[("rte", "final")]["left"] == 59 and rows[("rte", "final")]["per_run_s"] == 3600.0
+    # sst2-1k final has no runs: the per-example time of the others, weighted by their runs
+    # (mrpc1k 900 s / 1000 examples x 2 runs, rte 3600 s / 2490 examples x 1 run), times 1000 examples
+    expect = (2 * 900.0 / 1000 + 3600.0 / 2490) / 3 * 1000
+    assert rows[("sst2-1k", "final")]["per_run_s"] == pytest.approx(expect)
+    assert rows[("sst2-1k", "final")]["run_hours"] == pytest.approx(60 * expect / 3600)
+    assert rows[("rte1k", "recipe")]["run_hours"] is None  # no recipe run anywhere: unknown, not guessed
+    text = study.remaining_text(str(runs), jobs=2)
+    known = sum(r["run_hours"] for r in rows.values() if r["run_hours"] is not None)
+    assert f"in all about {known:.1f} run-hours (stages of unknown cost left out)" in text
+    assert f"about {known / 2:.1f} hours of wall time at 2 runs at once" in text
+    assert study.main(["--runs", str(runs), "--jobs", "3", "remaining"]) == 0
 
 
 def test_a_study_that_moves_between_machines_says_so(study, tmp_path):
