@@ -34,7 +34,7 @@ def _run(path, seed, acc, *, epochs=1, predicted=(40, 60), labels=(30, 70), devi
         json.dump(run, f)
 
 
-def _recipe(root, regime="mrpc1k", skip=None):
+def _recipe(root, regime="mrpc1k", skip=None, task="mrpc"):
     best = ("1e-4", 5)
     for lr in ("5e-5", "1e-4"):
         for ep in (3, 5, 10):
@@ -42,7 +42,7 @@ def _recipe(root, regime="mrpc1k", skip=None):
                 if skip == (lr, ep, seed):
                     continue
                 acc = 0.80 if (lr, ep) == best else 0.70 + 0.001 * ep
-                _run(os.path.join(root, "recipe", regime, f"lr{lr}_ep{ep}", "mrpc", "vanilla", f"seed{seed}.json"),
+                _run(os.path.join(root, "recipe", regime, f"lr{lr}_ep{ep}", task, "vanilla", f"seed{seed}.json"),
                      seed, acc + 0.001 * seed, epochs=ep)
 
 
@@ -153,7 +153,7 @@ def test_remaining_costs_each_stage_from_its_own_runs_else_scaled_from_other_reg
     _run(str(runs / "final" / "rte" / "rte" / "vanilla" / "seed1.json"), 1, 0.6, wall=3600.0)  # rte: its own
     rows = {(r["regime"], r["stage"]): r for r in study.remaining(str(runs))}
     assert rows[("mrpc1k", "final")]["left"] == 58 and rows[("mrpc1k", "final")]["per_run_s"] == 900.0
-    assert rows[("rte", "final")]["left"] == 59 and rows[("rte", "final")]["per_run_s"] == 3600.0
+    assert rows[("rte", "final")]["left"] == 29 and rows[("rte", "final")]["per_run_s"] == 3600.0  # 5 seeds x 6
     # sst2-1k final has no runs: the per-example time of the others, weighted by their runs
     # (mrpc1k 900 s / 1000 examples x 2 runs, rte 3600 s / 2490 examples x 1 run), times 1000 examples
     expect = (2 * 900.0 / 1000 + 3600.0 / 2490) / 3 * 1000
@@ -197,3 +197,35 @@ def test_study_sh_summary_only_rebuilds_the_tables_from_run_files(study, tmp_pat
     assert "old" not in text and "**1. Recipe" in text and "| 1e-4 | 5 **chosen** |" in text
     bad = subprocess.run(["bash", script, "--summary"], env=env, capture_output=True, text=True, timeout=60)
     assert bad.returncode == 2 and "usage" in bad.stderr
+
+
+@pytest.mark.parametrize("regime,env_seeds,expect", [("rte1k", None, list(range(1, 11))), ("rte", None, [1, 2, 3, 4, 5]),
+                                                     ("rte", "1 2 3 4 5 6 7 8 9 10", list(range(1, 11)))])
+def test_study_sh_final_runs_the_registered_seeds_and_arms(study, tmp_path, regime, env_seeds, expect):
+    """The final stage's commands, printed by a stand-in for `lnsr` (nothing is trained): 6 arms per
+    seed, seeds in order, 10 seeds, 5 for RTE full (the protocol's allowance) unless SEEDS_FINAL_RTE says more."""
+    import subprocess
+    import sys
+    runs = tmp_path / "runs"
+    _recipe(str(runs), regime=regime, task="rte")
+    best = runs / "strength" / regime / "rte" / "best.json"
+    best.parent.mkdir(parents=True)
+    best.write_text(json.dumps({"best": {"label": "lnsr_lam0.01_inject_at3_noiserelative", "options": {"inject_at": 3}}}))
+    fake = tmp_path / "lnsr"
+    fake.write_text("#!/bin/bash\necho \"lnsr $*\"\n")
+    fake.chmod(0o755)
+    env = {**os.environ, "OUT": str(runs), "PYTHON": sys.executable, "LNSR": str(fake), "JOBS": "1",
+           "MODELS": str(tmp_path / "models")}
+    env.pop("SEEDS_FINAL_RTE", None)
+    if env_seeds:
+        env["SEEDS_FINAL_RTE"] = env_seeds
+    script = os.path.join(HERE, "..", "examples", "study.sh")
+    out = subprocess.run(["bash", script, "final", regime], env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    lines = [ln for ln in out.stdout.splitlines() if ln.startswith("lnsr finetune")]
+    seeds = [int(ln.split("--seeds ")[1].split()[0]) for ln in lines]
+    assert seeds == [s for s in expect for _ in range(6)]
+    arms = [ln.split("--method ")[1].split()[0] for ln in lines[:6]]
+    assert arms == ["vanilla", "lnsr:lam=0,inject_at=3", f"lnsr:@{best}", f"lnsr:@{best},noisy_fraction=0.25", "r3f", "mixout"]
+    assert all("--lr 1e-4 --epochs 5" in ln for ln in lines)  # the recipe the search chose
+    assert study.stage_runs(regime, "final") == 6 * (5 if regime == "rte" else 10)
