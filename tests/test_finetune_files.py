@@ -242,6 +242,10 @@ def test_tune_never_reads_validation_and_best_json_is_reused(tmp_path, tiny_mode
     row = next(r for r in best["ranking"] if r["label"] == lnsr_best)
     assert row["control"] == "lnsr_lam0" and row["vs_control"][0] == pytest.approx(means[lnsr_best] - means["lnsr_lam0"])
     assert "lnsr tune: accuracy on holdout0.2 of train" in cap.out and "best LNSR arm" in cap.out
+    rec = best["recommendation"]
+    assert rec["decision"] in ("use", "leave off", "undecided") and rec["text"] in cap.out
+    assert rec["vs_control"]["mean"] == pytest.approx(means[lnsr_best] - means["lnsr_lam0"])
+    assert rec["text"] in (out / "nli" / "tune.md").read_text()
 
     # lnsr:@best.json in finetune takes exactly the chosen options
     monkeypatch.setattr(files, "read_table", real)
@@ -256,6 +260,47 @@ def test_tune_never_reads_validation_and_best_json_is_reused(tmp_path, tiny_mode
               f"lnsr:@{tmp_path / 'other.json'}"])
     with pytest.raises(SystemExit, match=r"is not JSON"):
         main(["finetune", "--train-file", train, "--validation-file", val, "--method", f"lnsr:@{train}"])
+
+
+def _rows(**arms):
+    """Ranking rows as `lnsr tune` writes them: per-seed scores, each LNSR arm with its control."""
+    return [{"label": k, "per_seed": {str(i + 1): x for i, x in enumerate(v)},
+             **({"control": "lnsr_lam0"} if k.startswith("lnsr_lam0.") else {})} for k, v in arms.items()]
+
+
+@pytest.mark.parametrize("best,decision", [
+    ([0.80, 0.81, 0.82], "use"),           # ahead of control and vanilla by ~0.1 on every seed, tiny spread
+    ([0.69, 0.70, 0.71], "leave off"),     # level with its control on average
+    ([0.68, 0.70, 0.71], "leave off"),     # behind its control on average
+    ([0.75, 0.69, 0.72], "undecided"),     # ahead on average (+0.02) but within the spread
+])
+def test_tune_recommendation_reads_the_intervals(best, decision):
+    from lnsr.finetune.stats import compare
+    from lnsr.finetune.tune import recommend
+
+    rows = _rows(**{"lnsr_lam0.01": best, "lnsr_lam0": [0.69, 0.70, 0.71], "vanilla": [0.70, 0.70, 0.70]})
+    rec = recommend(rows, rows[0])
+    assert rec["decision"] == decision and rec["text"].startswith(f"recommendation: {decision} — ")
+    want = compare(rows[0]["per_seed"], rows[1]["per_seed"])
+    assert rec["vs_control"]["ci95"] == pytest.approx(want["ci95"]) and rec["vs_control"]["n"] == 3
+    assert f"{100 * want['mean']:+.2f} [{100 * want['ci95'][0]:+.2f}, {100 * want['ci95'][1]:+.2f}]" in rec["text"]
+
+
+def test_tune_recommendation_without_an_interval_or_a_control_is_undecided():
+    from lnsr.finetune.tune import recommend
+
+    one = _rows(**{"lnsr_lam0.01": [0.9], "lnsr_lam0": [0.7], "vanilla": [0.7]})  # one seed: no interval
+    rec = recommend(one, one[0])
+    assert rec["decision"] == "undecided" and "(one seed: no interval)" in rec["text"]
+    assert rec["vs_control"]["ci95"] == [None, None]  # JSON-safe, not NaN
+    json.dumps(rec, allow_nan=False)
+    lone = _rows(**{"lnsr_lam0.01": [0.9, 0.91], "vanilla": [0.7, 0.7]})  # its control never finished
+    rec = recommend(lone, lone[0])
+    assert rec["decision"] == "undecided" and "no finished run" in rec["text"] and rec["vs_control"] is None
+    ahead_of_control_only = _rows(**{"lnsr_lam0.01": [0.80, 0.81, 0.82], "lnsr_lam0": [0.70, 0.71, 0.72],
+                                     "vanilla": [0.80, 0.70, 0.90]})  # vanilla's spread covers the gain
+    assert recommend(ahead_of_control_only, ahead_of_control_only[0])["decision"] == "undecided"
+    assert recommend([], None) is None
 
 
 def test_tune_on_glue_leaves_dev_unread(tmp_path, tiny_model):

@@ -4,7 +4,8 @@ A grid over LNSR options (default ``lam`` in {0.003, 0.01, 0.03}) runs over a fe
 ``vanilla`` and the ``lam = 0`` control (the same doubled forward and dropout handling, no
 penalty; one control per setting of the non-``lam`` axes), so the table shows whether the penalty
 itself helps. The arms are ranked by the mean of one metric on the held-out part; the best LNSR
-options go to ``best.json``, which ``lnsr finetune --method lnsr:@best.json`` reuses. Validation,
+options go to ``best.json``, which ``lnsr finetune --method lnsr:@best.json`` reuses, with a
+recommendation (use / leave off / undecided) read from paired intervals over seeds. Validation,
 evaluation and test files are never opened.
 """
 from __future__ import annotations
@@ -91,6 +92,64 @@ def rank(results: list[dict], metric: str, specs: dict, controls: dict) -> list[
     return rows
 
 
+def _finite(c: dict) -> dict:
+    """A ``stats.compare`` result that JSON can carry (NaN -> None)."""
+    def clean(v):
+        if isinstance(v, list):
+            return [clean(x) for x in v]
+        return None if isinstance(v, float) and v != v else v
+
+    return {k: clean(v) for k, v in c.items()}
+
+
+def recommend(rows: list[dict], best: dict | None) -> dict | None:
+    """Whether the held-out runs support switching LNSR on, from paired statistics over seeds.
+
+    The penalty is judged against its own ``lam = 0`` control (same forward and dropout handling),
+    LNSR as a whole against vanilla. ``use``: the best arm is ahead of both with 95% intervals above
+    0. ``leave off``: it is not ahead of its control on average. ``undecided``: anything between,
+    e.g. ahead on average but within the seed-to-seed spread. The best arm is the best of several on
+    these same runs, so its lead is optimistic: ``use`` needs the interval, not only the mean.
+    """
+    from .stats import compare
+
+    if best is None:
+        return None
+    by_label = {r["label"]: r for r in rows}
+
+    def cmp(other):
+        if other not in by_label:
+            return None
+        return _finite(compare(best["per_seed"], by_label[other]["per_seed"]))
+
+    vc, vv = cmp(best.get("control")), cmp("vanilla")
+
+    def fmt(c, what):
+        lo, hi = c["ci95"]
+        ci = f" [{100 * lo:+.2f}, {100 * hi:+.2f}]" if lo is not None else " (one seed: no interval)"
+        return f"{100 * c['mean']:+.2f}{ci} against {what} ({c['ahead']} of {c['n']} seeds ahead)"
+
+    def above_zero(c):
+        return c is not None and c["n"] > 1 and c["ci95"][0] is not None and c["ci95"][0] > 0
+
+    parts = [f"{best['label']}: " + "; ".join(fmt(c, w) for c, w in ((vc, "its lam=0 control"), (vv, "vanilla"))
+                                             if c is not None and c["n"])]
+    if vc is None or not vc["n"]:
+        decision, why = "undecided", "its lam=0 control has no finished run on the same seeds"
+    elif vc["mean"] <= 0:
+        decision, why = "leave off", "the penalty did not help on the held-out split (not ahead of its control)"
+    elif vc["n"] < 2:
+        decision, why = "undecided", "one seed gives no interval: run --seeds 1 2 3 (or more)"
+    elif above_zero(vc) and (vv is None or above_zero(vv)):
+        decision, why = "use", "ahead of its control" + (" and of vanilla" if vv else "") + " beyond the seed spread"
+    else:
+        decision, why = "undecided", ("ahead on average, but within the seed-to-seed spread; the best of several "
+                                      "arms looks better than it is: more seeds (--seeds) would tell, and until "
+                                      "then plain fine-tuning costs less")
+    return {"decision": decision, "vs_control": vc, "vs_vanilla": vv,
+            "text": f"recommendation: {decision} — {why}. " + parts[0] + " (95% t-intervals, paired by seed)."}
+
+
 def table(rows: list[dict], metric: str, split: str) -> str:
     def diff(t):
         return "-" if not t or t[0] is None else f"{100 * t[0]:+.2f} ({t[1]}/{t[2]})"
@@ -169,6 +228,7 @@ def tune_main(args) -> dict:
                 verdict += f", vs its lam=0 control {100 * vc[0]:+.2f}"
             if rows[0]["label"] != best["label"]:
                 verdict += f"; note: {rows[0]['label']} ranks first overall"
+        advice = recommend(rows, best)
         record = {
             "task": prep.spec.name, "metric": metric, "split": prep.eval_split, "seeds": list(args.seeds),
             "grid": grid, "complete": complete, "data": prep.source,
@@ -176,15 +236,18 @@ def tune_main(args) -> dict:
                                                                    "per_seed")},
             "ranking": [{k: v for k, v in r.items() if k != "order"} for r in rows],
             "verdict": verdict,
+            "recommendation": advice,
             "created": datetime.datetime.now().isoformat(timespec="seconds"),
             "note": "chosen on held-out training data; validation, evaluation and test files were not read",
         }
         path = args.best_file or os.path.join(task_dir, "best.json")
         write_json(path, record)
+        advice_text = advice["text"] if advice else ""
         with open(os.path.join(task_dir, "tune.md"), "w") as f:
-            f.write(text + "\n" + verdict + "\n")
+            f.write(text + "\n" + verdict + "\n\n" + advice_text + "\n")
         print(text)
         print(verdict)
+        print(advice_text)
         if not complete:
             print("(incomplete: some arms or seeds have not finished; the ranking covers what has)")
         print(f"-> {path}  (reuse: lnsr finetune ... --method vanilla lnsr:@{path})")
