@@ -107,7 +107,23 @@ def strength_table(runs_dir: str, regime: str) -> str | None:
         return None
     with open(path) as f:
         text = f.read().strip()
-    return re.sub(r"^### .*\n", "", text).strip() + "\n"
+    # tune.md of the frozen code has no recommendation: the registered choice was the highest mean
+    text = re.sub(r"^### .*\n", "", text).strip().split("\n\nrecommendation:")[0] + "\n"
+    best_json = os.path.join(runs_dir, "strength", regime, task, "best.json")
+    if os.path.isfile(best_json):
+        # imported here: the frozen copy that drives the runs imports this file too and lacks it
+        from lnsr.finetune.tune import recommend
+
+        with open(best_json) as f:
+            rec = json.load(f)
+        rows = rec.get("ranking") or []
+        best = next((r for r in rows if rec.get("best") and r["label"] == rec["best"]["label"]), None)
+        advice = recommend(rows, best)
+        if advice:
+            text += ("\n*Exploratory (added 2026-12-02, after registration; not used for any choice):* what "
+                     "today's `lnsr tune` would recommend from these runs — " + advice["text"].replace(
+                         "recommendation: ", "**", 1).replace(" — ", "** — ", 1) + "\n")
+    return text
 
 
 # -- 3. final -----------------------------------------------------------------------------------------

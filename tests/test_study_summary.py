@@ -229,3 +229,23 @@ def test_study_sh_final_runs_the_registered_seeds_and_arms(study, tmp_path, regi
     assert arms == ["vanilla", "lnsr:lam=0,inject_at=3", f"lnsr:@{best}", f"lnsr:@{best},noisy_fraction=0.25", "r3f", "mixout"]
     assert all("--lr 1e-4 --epochs 5" in ln for ln in lines)  # the recipe the search chose
     assert study.stage_runs(regime, "final") == 6 * (5 if regime == "rte" else 10)
+
+
+def test_strength_section_is_tune_md_plus_the_exploratory_recommendation(study, tmp_path):
+    runs = tmp_path / "runs"
+    d = runs / "strength" / "sst2-1k" / "sst2"
+    d.mkdir(parents=True)
+    assert study.strength_table(str(runs), "sst2-1k") is None
+    # a tune.md as the frozen code writes it, and one from today's code (its recommendation is dropped:
+    # the section recomputes it from best.json so both read alike)
+    table = "| rank | arm |\n|---|---|\n| 1 | lnsr_lam0.01 |\n\nbest LNSR arm: lnsr_lam0.01"
+    for extra in ("", "\n\nrecommendation: use — stale"):
+        (d / "tune.md").write_text("### lnsr tune: accuracy\n" + table + extra + "\n")
+        assert study.strength_table(str(runs), "sst2-1k") == table + "\n"
+    ranking = [{"label": "lnsr_lam0.01", "per_seed": {"1": 0.80, "2": 0.81, "3": 0.82}, "control": "lnsr_lam0"},
+               {"label": "lnsr_lam0", "per_seed": {"1": 0.70, "2": 0.71, "3": 0.72}},
+               {"label": "vanilla", "per_seed": {"1": 0.69, "2": 0.70, "3": 0.72}}]
+    (d / "best.json").write_text(json.dumps({"best": {"label": "lnsr_lam0.01"}, "ranking": ranking}))
+    text = study.strength_table(str(runs), "sst2-1k")
+    assert text.startswith(table) and "*Exploratory (added 2026-12-02" in text
+    assert "**use** — ahead of its control and of vanilla" in text and "+10.00 [+10.00, +10.00]" in text
