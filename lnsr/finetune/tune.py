@@ -59,11 +59,10 @@ def grid_specs(grid: dict) -> tuple[list, dict]:
 
 def paired(a: dict, b: dict) -> tuple[float | None, int, int]:
     """Mean paired difference a - b over the seeds both have, and the seeds a is ahead / behind."""
-    seeds = [s for s in a if s in b]
-    if not seeds:
-        return None, 0, 0
-    d = np.array([a[s] - b[s] for s in seeds])
-    return float(d.mean()), int((d > 0).sum()), int((d < 0).sum())
+    from .stats import compare
+
+    c = compare(a, b)
+    return (c["mean"], c["ahead"], c["behind"]) if c["n"] else (None, 0, 0)
 
 
 def rank(results: list[dict], metric: str, specs: dict, controls: dict) -> list[dict]:
