@@ -167,10 +167,12 @@ def arm_order(labels) -> list:
 def fmt_cmp(c: dict, interim: bool = False) -> str:
     if not c.get("n"):
         return "| - | - | - | - | - |"
+    # imported here: the frozen copy that drives the runs imports this file too and lacks it
+    from lnsr.finetune.stats import reading as read
+
     lo, hi = c["ci95"]
     ci = f"[{100 * lo:+.2f}, {100 * hi:+.2f}]" if np.isfinite(lo) else "-"
-    reading = "no measurable effect" if not (np.isfinite(lo) and (lo > 0 or hi < 0)) else \
-        ("ahead" if lo > 0 else "behind")
+    reading = read(c)
     if interim:  # the registered reading is made on all seeds, not on the first few
         reading = f"interim ({c['n']} seeds)"
     return (f"| {100 * c['mean']:+.2f} {ci} | {c['p_t']:.3f} | {c['p_wilcoxon']:.3f} | {c['ahead']}/{c['behind']} | "

@@ -213,6 +213,10 @@ def test_finetune_end_to_end_and_resume(tmp_path, capsys):
             assert float(cells[6]) == pytest.approx(vals.min(), abs=0.006)
             assert cells[7] == ", ".join(f"s{s}:{v:.2f}" for s, v in zip((1, 2), vals))
     assert md in first.out  # the same table is printed on stdout
+    # LNSR against vanilla, paired by seed, on the task's main metric (MRPC: f1)
+    d = [records["lnsr", s][0]["final"]["f1"] - records["vanilla", s][0]["final"]["f1"] for s in (1, 2)]
+    line = next(ln for ln in md.splitlines() if ln.startswith("| lnsr - vanilla | 2 | "))
+    assert line.split("|")[3].strip().startswith(f"{100 * np.mean(d):+.2f} [")
     png = (out_dir / "summary.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5000
 

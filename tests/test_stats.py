@@ -59,3 +59,43 @@ def test_pitman_morgan_equal_paired_variances():
     assert stats.pitman_morgan([1.0, 2.0, 4.0], [2.0, 4.0, 8.0]) == (pytest.approx(0.5), 0.0)
     c = stats.compare({1: 0.70, 2: 0.74, 3: 0.72, 4: 0.71}, {1: 0.60, 2: 0.80, 3: 0.72, 4: 0.66})
     assert c["sd_ratio"] < 1 and 0 <= c["p_var"] <= 1
+
+
+def test_reading_follows_the_interval():
+    assert stats.reading(stats.compare({1: 0.8, 2: 0.81, 3: 0.82}, {1: 0.7, 2: 0.7, 3: 0.71})) == "ahead"
+    assert stats.reading(stats.compare({1: 0.7, 2: 0.7, 3: 0.71}, {1: 0.8, 2: 0.81, 3: 0.82})) == "behind"
+    assert stats.reading(stats.compare({1: 0.75, 2: 0.69, 3: 0.72}, {1: 0.7, 2: 0.7, 3: 0.7})) == "no measurable effect"
+    assert stats.reading(stats.compare({1: 0.9}, {1: 0.7})) == "no measurable effect"  # one seed: no interval
+    assert stats.reading(stats.compare({1: 0.9}, {2: 0.7})) == "no measurable effect"  # no common seed
+
+
+def test_paired_table_pairs_with_vanilla_and_each_arm_with_its_own_control():
+    from lnsr.finetune.report import controls_of, paired_table, summarize
+
+    base = {"sigma": 0.05, "inject_at": 0, "dropout": "paired"}
+
+    def run(label, method, seed, acc, **opts):
+        return {"config": {"label": label, "seed": seed, "method": method,
+                           "method_options": {**base, **opts} if method == "lnsr" else {}},
+                "final": {"accuracy": acc}, "epochs": [{}], "wall_time_s": 1.0}
+
+    arms = {("vanilla", "vanilla", ()): [0.70, 0.72, 0.71],
+            ("lnsr_lam0", "lnsr", (("lam", 0.0),)): [0.71, 0.73, 0.74],
+            ("lnsr_lam0.01", "lnsr", (("lam", 0.01),)): [0.75, 0.76, 0.78],
+            ("lnsr_lam0.01_k3", "lnsr", (("lam", 0.01), ("inject_at", 3))): [0.70, 0.72, 0.70],  # no control at k=3
+            ("r3f", "r3f", ()): [0.69, 0.73, 0.71]}
+    results = [run(label, m, seed, acc, **dict(o)) for (label, m, o), accs in arms.items()
+               for seed, acc in zip((1, 2, 3), accs)]
+    assert controls_of(results) == {"lnsr_lam0.01": "lnsr_lam0"}
+    text = paired_table(summarize(results), results, "accuracy")
+    rows = {ln.split("|")[1].strip(): [c.strip() for c in ln.split("|")[2:-1]]
+            for ln in text.splitlines() if ln.startswith("| ") and " - " in ln.split("|")[1]}
+    assert list(rows) == ["lnsr_lam0 - vanilla", "lnsr_lam0.01 - vanilla", "lnsr_lam0.01_k3 - vanilla",
+                          "r3f - vanilla", "lnsr_lam0.01 - lnsr_lam0"]
+    c = stats.compare({1: 0.75, 2: 0.76, 3: 0.78}, {1: 0.71, 2: 0.73, 3: 0.74})
+    lo, hi = c["ci95"]
+    assert rows["lnsr_lam0.01 - lnsr_lam0"] == ["3", f"{100 * c['mean']:+.2f} [{100 * lo:+.2f}, {100 * hi:+.2f}]",
+                                                f"{c['p_t']:.3f}", "3/0", stats.reading(c)]
+    assert rows["lnsr_lam0.01_k3 - vanilla"][3] == "0/1"  # seeds 1 and 2 tie
+    only = [r for r in results if r["config"]["label"] == "r3f"]
+    assert paired_table(summarize(only), only, "accuracy") is None  # nothing to pair

@@ -67,6 +67,49 @@ def markdown_table(task: str, summary: dict, metric_names) -> str:
     return "\n".join(lines) + "\n"
 
 
+def controls_of(results: list[dict]) -> dict:
+    """``{LNSR label: its lam = 0 control's label}`` where a run of LNSR with every other option the
+    same and ``lam = 0`` is among the results (the arm that isolates the penalty)."""
+    opts = {}
+    for r in results:
+        cfg = r["config"]
+        if cfg.get("method") == "lnsr":
+            opts[cfg["label"]] = dict(cfg.get("method_options") or {})
+    rest = {label: {k: v for k, v in o.items() if k != "lam"} for label, o in opts.items()}
+    return {label: ctl for label, o in opts.items() if o.get("lam")
+            for ctl, c in opts.items() if c.get("lam") == 0 and rest[ctl] == rest[label]}
+
+
+def paired_table(summary: dict, results: list[dict], metric: str) -> str | None:
+    """Each method against vanilla, and each LNSR arm against its lam = 0 control, paired by seed:
+    mean difference x100 with its 95% t-interval, paired t p, seeds ahead/behind, and what the
+    interval supports. None when nothing can be paired."""
+    from .stats import compare, reading
+
+    def scores(label):
+        s = summary[label]
+        return dict(zip(s["seeds"], s["metrics"].get(metric, [])))
+
+    pairs = [(a, "vanilla") for a in summary if a != "vanilla" and "vanilla" in summary]
+    pairs += [(a, c) for a, c in controls_of(results).items() if a in summary and c in summary]
+    rows = []
+    for a, b in pairs:
+        c = compare(scores(a), scores(b))
+        if not c["n"]:
+            continue
+        lo, hi = c["ci95"]
+        ci = f" [{100 * lo:+.2f}, {100 * hi:+.2f}]" if np.isfinite(lo) else ""
+        p = f"{c['p_t']:.3f}" if np.isfinite(c["p_t"]) else "-"
+        rows.append(f"| {a} - {b} | {c['n']} | {100 * c['mean']:+.2f}{ci} | {p} | {c['ahead']}/{c['behind']} | "
+                    f"{reading(c)} |")
+    if not rows:
+        return None
+    return "\n".join([f"Paired by seed ({metric} x100): mean difference with its 95% t-interval; where the "
+                      "interval includes 0 the reading is \"no measurable effect\":", "",
+                      "| comparison | seeds | mean diff [95% CI] | paired t p | ahead/behind | reading |",
+                      "|---|---|---|---|---|---|", *rows]) + "\n"
+
+
 def plot(task: str, summary: dict, metric_names, path: str) -> None:
     import matplotlib
     matplotlib.use("Agg")
@@ -101,6 +144,9 @@ def write_summary(task: str, results: list[dict], metric_names, out_dir: str, lo
     summary = summarize(results)
     metric_names = metric_names_of(results, metric_names)
     table = markdown_table(task, summary, metric_names)
+    paired = paired_table(summary, results, metric_names[0]) if metric_names else None
+    if paired:
+        table += "\n" + paired
     os.makedirs(out_dir, exist_ok=True)
     with open(os.path.join(out_dir, "summary.md"), "w") as f:
         f.write(table)

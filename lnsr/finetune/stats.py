@@ -146,6 +146,15 @@ def pitman_morgan(a, b) -> tuple[float, float]:
     return ratio, float(min(1.0, 2 * (1 - t_cdf(abs(t), n - 2))))
 
 
+def reading(c: dict) -> str:
+    """What a ``compare`` result supports: "ahead" / "behind" when the 95% interval excludes 0,
+    else "no measurable effect" (also with one seed, where there is no interval)."""
+    lo, hi = c.get("ci95", (math.nan, math.nan))
+    if c.get("n") and np.isfinite(lo) and (lo > 0 or hi < 0):
+        return "ahead" if lo > 0 else "behind"
+    return "no measurable effect"
+
+
 def compare(a: dict, b: dict) -> dict:
     """Paired comparison of two arms given as ``{seed: score}``: over the seeds both have."""
     seeds = sorted(s for s in a if s in b)
