@@ -299,7 +299,8 @@ def test_tune_recommendation_without_an_interval_or_a_control_is_undecided():
     assert rec["decision"] == "undecided" and "no finished run" in rec["text"] and rec["vs_control"] is None
     ahead_of_control_only = _rows(**{"lnsr_lam0.01": [0.80, 0.81, 0.82], "lnsr_lam0": [0.70, 0.71, 0.72],
                                      "vanilla": [0.80, 0.70, 0.90]})  # vanilla's spread covers the gain
-    assert recommend(ahead_of_control_only, ahead_of_control_only[0])["decision"] == "undecided"
+    rec = recommend(ahead_of_control_only, ahead_of_control_only[0])
+    assert rec["decision"] == "undecided" and "not clearly ahead of vanilla" in rec["text"]
     assert recommend([], None) is None
 
 

@@ -110,43 +110,45 @@ def recommend(rows: list[dict], best: dict | None) -> dict | None:
     e.g. ahead on average but within the seed-to-seed spread. The best arm is the best of several on
     these same runs, so its lead is optimistic: ``use`` needs the interval, not only the mean.
     """
-    from .stats import compare
+    from .stats import compare, reading
 
     if best is None:
         return None
     by_label = {r["label"]: r for r in rows}
 
     def cmp(other):
-        if other not in by_label:
-            return None
-        return _finite(compare(best["per_seed"], by_label[other]["per_seed"]))
+        return compare(best["per_seed"], by_label[other]["per_seed"]) if other in by_label else None
 
     vc, vv = cmp(best.get("control")), cmp("vanilla")
 
     def fmt(c, what):
         lo, hi = c["ci95"]
-        ci = f" [{100 * lo:+.2f}, {100 * hi:+.2f}]" if lo is not None else " (one seed: no interval)"
+        ci = f" [{100 * lo:+.2f}, {100 * hi:+.2f}]" if np.isfinite(lo) else " (one seed: no interval)"
         return f"{100 * c['mean']:+.2f}{ci} against {what} ({c['ahead']} of {c['n']} seeds ahead)"
 
-    def above_zero(c):
-        return c is not None and c["n"] > 1 and c["ci95"][0] is not None and c["ci95"][0] > 0
+    def ahead(c):  # its 95% interval lies above 0
+        return c is not None and reading(c) == "ahead"
 
-    parts = [f"{best['label']}: " + "; ".join(fmt(c, w) for c, w in ((vc, "its lam=0 control"), (vv, "vanilla"))
-                                             if c is not None and c["n"])]
+    numbers = f"{best['label']}: " + "; ".join(fmt(c, w) for c, w in ((vc, "its lam=0 control"), (vv, "vanilla"))
+                                              if c is not None and c["n"])
     if vc is None or not vc["n"]:
         decision, why = "undecided", "its lam=0 control has no finished run on the same seeds"
     elif vc["mean"] <= 0:
         decision, why = "leave off", "the penalty did not help on the held-out split (not ahead of its control)"
     elif vc["n"] < 2:
         decision, why = "undecided", "one seed gives no interval: run --seeds 1 2 3 (or more)"
-    elif above_zero(vc) and (vv is None or above_zero(vv)):
+    elif ahead(vc) and (vv is None or ahead(vv)):
         decision, why = "use", "ahead of its control" + (" and of vanilla" if vv else "") + " beyond the seed spread"
+    elif ahead(vc):
+        decision, why = "undecided", ("ahead of its control beyond the seed spread, but not clearly ahead of "
+                                      "vanilla: the penalty helps, LNSR as a whole may not")
     else:
         decision, why = "undecided", ("ahead on average, but within the seed-to-seed spread; the best of several "
                                       "arms looks better than it is: more seeds (--seeds) would tell, and until "
                                       "then plain fine-tuning costs less")
-    return {"decision": decision, "vs_control": vc, "vs_vanilla": vv,
-            "text": f"recommendation: {decision} — {why}. " + parts[0] + " (95% t-intervals, paired by seed)."}
+    return {"decision": decision, "vs_control": None if vc is None else _finite(vc),
+            "vs_vanilla": None if vv is None else _finite(vv),
+            "text": f"recommendation: {decision} — {why}. {numbers} (95% t-intervals, paired by seed)."}
 
 
 def table(rows: list[dict], metric: str, split: str) -> str:
