@@ -32,11 +32,11 @@ FINAL_ARMS, FINAL_SEEDS = 6, 10   # registered: 6 arms x 10 seeds per regime (un
 # the protocol's allowance "RTE full: 5 seeds if the CPU time is short, said so", taken 2026-12-02 before any
 # rte run (docs/results.md); examples/study.sh runs these seeds (SEEDS_FINAL_RTE to run more)
 FINAL_SEEDS_OF = {"rte": 5}
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def final_seeds(regime: str) -> int:
     return FINAL_SEEDS_OF.get(regime, FINAL_SEEDS)
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def load_runs(pattern: str) -> list[dict]:
@@ -168,10 +168,9 @@ def fmt_cmp(c: dict, interim: bool = False) -> str:
     if not c.get("n"):
         return "| - | - | - | - | - |"
     # imported here: the frozen copy that drives the runs imports this file too and lacks it
-    from lnsr.finetune.stats import reading as read
+    from lnsr.finetune.stats import ci_text, reading as read
 
-    lo, hi = c["ci95"]
-    ci = f"[{100 * lo:+.2f}, {100 * hi:+.2f}]" if np.isfinite(lo) else "-"
+    ci = ci_text(c) or "-"
     reading = read(c)
     if interim:  # the registered reading is made on all seeds, not on the first few
         reading = f"interim ({c['n']} seeds)"
@@ -324,6 +323,10 @@ def progress_line(runs_dir: str, regime: str) -> str:
 TRAIN_SIZE = {"rte": {"recipe": 1992, "strength": 1992, "final": 2490}}
 
 
+def train_size(regime: str, stage: str) -> int:
+    return TRAIN_SIZE.get(regime, {}).get(stage, 1000)
+
+
 def remaining(runs_dir: str) -> list[dict]:
     """Runs left per regime and stage, with a rough cost in run-hours (one run's wall time, summed).
 
@@ -342,11 +345,11 @@ def remaining(runs_dir: str) -> list[dict]:
             per_run, basis = s["mean_wall_s"], "its own runs"
             if per_run is None:
                 # per-example time of the stage's finished runs elsewhere, times this regime's size
-                seen = [(p[stage]["mean_wall_s"] / TRAIN_SIZE.get(r, {}).get(stage, 1000), p[stage]["done"])
+                seen = [(p[stage]["mean_wall_s"] / train_size(r, stage), p[stage]["done"])
                         for r, p in prog.items() if p[stage]["mean_wall_s"]]
                 if seen:
                     per_example = sum(t * n for t, n in seen) / sum(n for _, n in seen)
-                    per_run = per_example * TRAIN_SIZE.get(regime, {}).get(stage, 1000)
+                    per_run = per_example * train_size(regime, stage)
                     basis = "other regimes' runs"
             rows.append({"regime": regime, "stage": stage, "left": left, "per_run_s": per_run,
                          "run_hours": None if per_run is None else left * per_run / 3600, "basis": basis})

@@ -84,7 +84,7 @@ def paired_table(summary: dict, results: list[dict], metric: str) -> str | None:
     """Each method against vanilla, and each LNSR arm against its lam = 0 control, paired by seed:
     mean difference x100 with its 95% t-interval, paired t p, seeds ahead/behind, and what the
     interval supports. None when nothing can be paired."""
-    from .stats import compare, reading
+    from .stats import ci_text, compare, reading
 
     def scores(label):
         s = summary[label]
@@ -97,8 +97,7 @@ def paired_table(summary: dict, results: list[dict], metric: str) -> str | None:
         c = compare(scores(a), scores(b))
         if not c["n"]:
             continue
-        lo, hi = c["ci95"]
-        ci = f" [{100 * lo:+.2f}, {100 * hi:+.2f}]" if np.isfinite(lo) else ""
+        ci = f" {ci_text(c)}" if ci_text(c) else ""
         p = f"{c['p_t']:.3f}" if np.isfinite(c["p_t"]) else "-"
         rows.append(f"| {a} - {b} | {c['n']} | {100 * c['mean']:+.2f}{ci} | {p} | {c['ahead']}/{c['behind']} | "
                     f"{reading(c)} |")

@@ -146,6 +146,12 @@ def pitman_morgan(a, b) -> tuple[float, float]:
     return ratio, float(min(1.0, 2 * (1 - t_cdf(abs(t), n - 2))))
 
 
+def ci_text(c: dict) -> str | None:
+    """A ``compare`` result's 95% interval x100 as ``[-0.85, +1.88]``; None where there is none."""
+    lo, hi = c.get("ci95", (math.nan, math.nan))
+    return f"[{100 * lo:+.2f}, {100 * hi:+.2f}]" if c.get("n") and np.isfinite(lo) else None
+
+
 def reading(c: dict) -> str:
     """What a ``compare`` result supports: "ahead" / "behind" when the 95% interval excludes 0,
     else "no measurable effect" (also with one seed, where there is no interval)."""

@@ -110,7 +110,7 @@ def recommend(rows: list[dict], best: dict | None) -> dict | None:
     e.g. ahead on average but within the seed-to-seed spread. The best arm is the best of several on
     these same runs, so its lead is optimistic: ``use`` needs the interval, not only the mean.
     """
-    from .stats import compare, reading
+    from .stats import ci_text, compare, reading
 
     if best is None:
         return None
@@ -122,8 +122,7 @@ def recommend(rows: list[dict], best: dict | None) -> dict | None:
     vc, vv = cmp(best.get("control")), cmp("vanilla")
 
     def fmt(c, what):
-        lo, hi = c["ci95"]
-        ci = f" [{100 * lo:+.2f}, {100 * hi:+.2f}]" if np.isfinite(lo) else " (one seed: no interval)"
+        ci = f" {ci_text(c)}" if ci_text(c) else " (one seed: no interval)"
         return f"{100 * c['mean']:+.2f}{ci} against {what} ({c['ahead']} of {c['n']} seeds ahead)"
 
     def ahead(c):  # its 95% interval lies above 0
