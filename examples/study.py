@@ -207,6 +207,14 @@ def final_section(runs_dir: str, regime: str, plot_dir: str) -> str | None:
     if mixed:  # pairs still share seed, head and data order, but not the machine's bf16 rounding
         out += ["", "Seeds whose arms ran on more than one machine (kept, and paired like the others; see "
                 "*Machines* above): " + ", ".join(map(str, mixed)) + "."]
+    precisions = {}
+    for a in labels:
+        for r in arms[a]:
+            precisions.setdefault(r["config"]["seed"], set()).add(precision_of(r))
+    mixed = sorted(s for s, p in precisions.items() if len(p) > 1)
+    if mixed:  # the amendment runs every arm of a seed in one precision; say so if a seed breaks that
+        out += ["", "Seeds whose arms ran in more than one precision (against the amendment; paired like the "
+                "others): " + ", ".join(map(str, mixed)) + "."]
     out += ["", "Paired by seed (same head initialisation, data order and subset); difference x100 with its 95% "
             "t-interval, paired t-test p, exact Wilcoxon signed-rank p, seeds ahead/behind:", "",
             "| comparison | mean diff [95% CI] | paired t p | Wilcoxon p | ahead/behind | reading |",
@@ -233,6 +241,7 @@ def final_section(runs_dir: str, regime: str, plot_dir: str) -> str | None:
             cells += [f"{c['sd_ratio']:.2f}", f"{c['p_var']:.3f}" if np.isfinite(c["p_var"]) else "-"] if ok \
                 else ["-", "-"]
         out.append(f"| {a} | " + " | ".join(cells) + " |")
+    out += strata_section(scores, labels, control, precisions, interim)
     summary = {a: {"seeds": sorted(scores[a]), "metrics": {METRIC: [scores[a][s] for s in sorted(scores[a])]},
                    "wall": [], "ratio": []} for a in labels}
     os.makedirs(plot_dir, exist_ok=True)
@@ -240,6 +249,37 @@ def final_section(runs_dir: str, regime: str, plot_dir: str) -> str | None:
     plot(f"{REGIMES[regime][1]} (dev)", summary, [METRIC], png)
     out += ["", f"![per-seed dev accuracy, {regime}]({os.path.relpath(png, os.path.join(ROOT, 'docs'))})"]
     return "\n".join(out) + "\n"
+
+
+def precision_of(run: dict) -> str:
+    return run["config"].get("precision", "unknown")
+
+
+def strata_section(scores: dict, labels: list, control: str | None, precisions: dict, interim: bool) -> list:
+    """The amendment's sensitivity analysis: when a final's seeds ran in more than one precision, the
+    paired comparisons again within each precision's seeds (the reading stays the one on all seeds)."""
+    strata = {}
+    for seed, ps in precisions.items():
+        if len(ps) == 1:
+            strata.setdefault(next(iter(ps)), []).append(seed)
+    if len(strata) < 2:
+        return []
+    out = ["", "Sensitivity (amendment of 2026-12-02): the comparisons above within the seeds of each precision "
+           "(the registered reading is the one on all seeds; a stratum reading otherwise is said in the text):", "",
+           "| precision (seeds) | comparison | mean diff [95% CI] | paired t p | Wilcoxon p | ahead/behind | reading |",
+           "|---|---|---|---|---|---|---|"]
+    for p in sorted(strata):
+        keep = set(strata[p])
+        sub = {a: {s: v for s, v in scores[a].items() if s in keep} for a in labels}
+        head = f"| {p} ({', '.join(map(str, sorted(keep)))}) "
+        for a in labels:
+            if a == "vanilla":
+                continue
+            if "vanilla" in sub:
+                out.append(head + f"| {a} - vanilla " + fmt_cmp(compare(sub[a], sub["vanilla"]), interim))
+            if control and a != control:
+                out.append(head + f"| {a} - {control} " + fmt_cmp(compare(sub[a], sub[control]), interim))
+    return out
 
 
 # -- 4. noise-stability profile -------------------------------------------------------------------
@@ -294,7 +334,7 @@ def progress(runs_dir: str, regime: str) -> dict:
         walls = [r["wall_time_s"] for r in runs if "wall_time_s" in r]
         machines = Counter(r.get("device", "unknown machine") for r in runs)
         out[stage] = {"done": len(runs), "total": total, "mean_wall_s": float(np.mean(walls)) if walls else None,
-                      "machines": dict(machines)}
+                      "machines": dict(machines), "precisions": dict(Counter(precision_of(r) for r in runs))}
     out["profile"] = os.path.isfile(os.path.join(runs_dir, "profile", regime, "profile.csv"))
     return out
 
@@ -315,6 +355,10 @@ def progress_line(runs_dir: str, regime: str) -> str:
              for stage in STAGE_RUNS if p[stage]["machines"]]
     if where:
         line += "*Machines:* " + "; ".join(where) + ".\n"
+    prec = [f"{stage} " + ", ".join(f"{n} {pr}" for pr, n in sorted(p[stage]["precisions"].items()))
+            for stage in STAGE_RUNS if p[stage]["precisions"]]
+    if prec:
+        line += "*Precision:* " + "; ".join(prec) + ".\n"
     return line
 
 

@@ -30,9 +30,9 @@ SEEDS_FINAL_RTE=${SEEDS_FINAL_RTE:-1 2 3 4 5}
 JOBS=${JOBS:-1}
 THREADS=${THREADS:-$(( $(nproc) / JOBS > 0 ? $(nproc) / JOBS : 1 ))}
 # fixed for every arm: batch 16, max length 128 (dynamic padding), warm-up 10%, weight decay 0.01,
-# clipping 1.0, bf16 autocast, scores of the last epoch; checkpoints at epoch ends
+# clipping 1.0, scores of the last epoch, the precision below; checkpoints at epoch ends
 # MODEL / DEVICE (optional): another copy of the model and another device (examples/study_gpu.sh)
-COMMON="--data-dir $DATA --batch-size 16 --max-length 128 --warmup-ratio 0.1 --weight-decay 0.01 --bf16 \
+COMMON="--data-dir $DATA --batch-size 16 --max-length 128 --warmup-ratio 0.1 --weight-decay 0.01 \
   --no-progress --checkpoint-every 0 --threads $THREADS${MODEL:+ --model $MODEL}${DEVICE:+ --device $DEVICE}"
 
 regime_args() {  # task and training-set size of a regime
@@ -47,6 +47,24 @@ regime_args() {  # task and training-set size of a regime
 holdout_args() {  # SST-2's held-out 20% is 13,470 sentences: its first 2000 (a random subset) are scored
   case "$1" in sst2-1k) echo "--holdout 0.2 --max-eval-samples 2000" ;; *) echo "--holdout 0.2" ;; esac
 }
+# Precision (amendment of 2026-12-02, docs/results.md, made before the runs it governs): bf16 autocast
+# for the runs started under the registered protocol (mrpc1k; sst2-1k's searches and final seeds 1-5),
+# fp32 for every later run, whatever the machine: on a CPU without AVX-512 BF16 or AMX, bf16 autocast
+# runs a MiniLM step about 13x slower than fp32 (docs/runs/machine_check/). One precision per seed of
+# a final, so every pair shares it. PRECISION=bf16|fp32 sets all runs (a GPU replica: bf16).
+PRECISION=${PRECISION:-}
+case "$PRECISION" in ""|bf16|fp32) ;; *) echo "PRECISION must be bf16 or fp32 (or unset), not '$PRECISION'" >&2; exit 2 ;; esac
+precision_args() {  # REGIME STAGE SEED -> --bf16 or nothing (fp32)
+  local p=$PRECISION
+  if [ -z "$p" ]; then
+    case "$1:$2" in
+      mrpc1k:*|sst2-1k:recipe|sst2-1k:strength) p=bf16 ;;
+      sst2-1k:final) if [ "$3" -le 5 ]; then p=bf16; else p=fp32; fi ;;
+      *) p=fp32 ;;
+    esac
+  fi
+  [ "$p" = bf16 ] && echo "--bf16" || true
+}
 recipe_of() { $PY "$HERE/study.py" --runs "$OUT" recipe-choice "$1"; }   # prints "--lr X --epochs Y"
 
 # Each stage lists its runs, one `lnsr finetune` command per (seed, arm), seeds outer, and runs them
@@ -58,7 +76,7 @@ recipe() {
   for seed in 1 2 3; do
     for lr in 5e-5 1e-4; do
       for ep in 3 5 10; do
-        echo "$LNSR finetune $(regime_args "$r") $COMMON $(holdout_args "$r") --method vanilla --seeds $seed \
+        echo "$LNSR finetune $(regime_args "$r") $COMMON $(precision_args "$r" recipe "$seed") $(holdout_args "$r") --method vanilla --seeds $seed \
 --lr $lr --epochs $ep --output-dir $OUT/recipe/$r/lr${lr}_ep${ep}"
       done
     done
@@ -72,7 +90,7 @@ for k in 0 3; do for lam in 0.003 0.01 0.03; do GRID_ARMS="$GRID_ARMS lnsr:lam=$
 strength() {
   local r=$1 recipe
   recipe=$(recipe_of "$r")
-  local tune="$(regime_args "$r") $COMMON $(holdout_args "$r") $recipe --sigma 0.05 --output-dir $OUT/strength/$r"
+  local tune="$(regime_args "$r") $COMMON $(precision_args "$r" strength 1) $(holdout_args "$r") $recipe --sigma 0.05 --output-dir $OUT/strength/$r"
   for seed in 1 2 3; do
     for arm in $GRID_ARMS; do echo "$LNSR finetune $tune --method $arm --seeds $seed"; done
   done | run_queue
@@ -96,7 +114,7 @@ final() {
   for seed in $seeds; do
     save=""; [ "$seed" = 1 ] && [ -n "$want_models" ] && save="--save-model"
     for arm in $arms; do
-      echo "$LNSR finetune $(regime_args "$r") $COMMON $recipe --method $arm --seeds $seed --output-dir $OUT/final/$r $save"
+      echo "$LNSR finetune $(regime_args "$r") $COMMON $(precision_args "$r" final "$seed") $recipe --method $arm --seeds $seed --output-dir $OUT/final/$r $save"
     done
   done | run_queue
   mkdir -p "$MODELS/$r"

@@ -65,6 +65,7 @@ EOF
     nvidia-smi --query-gpu=name,memory.total --format=csv,noheader || true
     export DATA="$WORK/data" MODEL="$WORK/minilm_fp16" DEVICE=cuda PYTHON=$PY
     export OUT="${STUDY_OUT:-${OUT:-$ROOT/runs}/study_gpu}" JOBS=${JOBS:-8} THREADS=${THREADS:-2}
+    export PRECISION=${PRECISION:-bf16}  # one precision for the whole GPU replica (bf16 autocast, as the CPU runs began)
     export MODELS="$OUT/models"
     mkdir -p "$OUT"
     bash "$HERE/study.sh" "$@"

@@ -23,9 +23,9 @@ def study():
     return mod
 
 
-def _run(path, seed, acc, *, epochs=1, predicted=(40, 60), labels=(30, 70), device="CPU A", wall=None):
+def _run(path, seed, acc, *, epochs=1, predicted=(40, 60), labels=(30, 70), device="CPU A", wall=None, precision=None):
     os.makedirs(os.path.dirname(path), exist_ok=True)
-    run = {"config": {"seed": seed}, "final": {"accuracy": acc, "f1": acc}, "device": device,
+    run = {"config": {"seed": seed, **({"precision": precision} if precision else {})}, "final": {"accuracy": acc, "f1": acc}, "device": device,
            **({"wall_time_s": wall} if wall is not None else {}),
            "epochs": [{"epoch": e + 1, "task_loss": 0.5 / (e + 1), "metrics": {"accuracy": acc},
                        "predicted_per_class": list(predicted)} for e in range(epochs)],
@@ -179,6 +179,37 @@ def test_a_study_that_moves_between_machines_says_so(study, tmp_path):
     assert sec.split("more than one machine")[1].split(":", 1)[1].split(".")[0].strip() == "2"
 
 
+def test_a_final_in_two_precisions_is_also_compared_within_each(study, tmp_path):
+    """The amendment of 2026-12-02: seeds 1-3 in bf16, 4-6 in fp32; the strata table holds each
+    precision's own paired comparison, equal to stats.compare on those seeds alone."""
+    from lnsr.finetune.stats import compare
+    runs = tmp_path / "runs"
+    rng = np.random.default_rng(3)
+    scores = {arm: {s: float(rng.uniform(0.6, 0.8)) for s in range(1, 7)} for arm in ("vanilla", "lnsr_lam0_inject_at0")}
+    for arm, per in scores.items():
+        for seed, acc in per.items():
+            _run(str(runs / "final" / "mrpc1k" / "mrpc" / arm / f"seed{seed}.json"), seed, acc,
+                 precision="bf16" if seed <= 3 else "fp32")
+    assert "*Precision:* final 6 bf16, 6 fp32." in study.progress_line(str(runs), "mrpc1k")
+    sec = study.final_section(str(runs), "mrpc1k", str(tmp_path / "plots"))
+    assert "more than one precision" not in sec
+    rows = [ln for ln in sec.splitlines() if ln.startswith("| bf16 (1, 2, 3) ") or ln.startswith("| fp32 (4, 5, 6) ")]
+    assert len(rows) == 2
+    for row, seeds in zip(rows, ((1, 2, 3), (4, 5, 6))):
+        c = compare({s: scores["lnsr_lam0_inject_at0"][s] for s in seeds}, {s: scores["vanilla"][s] for s in seeds})
+        assert f"{100 * c['mean']:+.2f}" in row and f"{c['p_t']:.3f}" in row
+    # one seed's arms in two precisions is named
+    _run(str(runs / "final" / "mrpc1k" / "mrpc" / "vanilla" / "seed6.json"), 6, 0.7, precision="bf16")
+    sec = study.final_section(str(runs), "mrpc1k", str(tmp_path / "plots"))
+    assert sec.split("more than one precision")[1].split(":", 1)[1].split(".")[0].strip() == "6"
+    assert "| fp32 (4, 5) " in sec
+    # one precision only: no strata table
+    for seed in (4, 5, 6):
+        for arm in scores:
+            _run(str(runs / "final" / "mrpc1k" / "mrpc" / arm / f"seed{seed}.json"), seed, 0.7, precision="bf16")
+    assert "Sensitivity" not in study.final_section(str(runs), "mrpc1k", str(tmp_path / "plots"))
+
+
 def test_study_sh_summary_only_rebuilds_the_tables_from_run_files(study, tmp_path):
     """`examples/study.sh --summary-only` (the issue's name; `summary` is the same): the tables come
     from the run files under OUT into RESULTS, nothing is trained."""
@@ -199,16 +230,13 @@ def test_study_sh_summary_only_rebuilds_the_tables_from_run_files(study, tmp_pat
     assert bad.returncode == 2 and "usage" in bad.stderr
 
 
-@pytest.mark.parametrize("regime,env_seeds,expect", [("rte1k", None, list(range(1, 11))), ("rte", None, [1, 2, 3, 4, 5]),
-                                                     ("rte", "1 2 3 4 5 6 7 8 9 10", list(range(1, 11)))])
-def test_study_sh_final_runs_the_registered_seeds_and_arms(study, tmp_path, regime, env_seeds, expect):
-    """The final stage's commands, printed by a stand-in for `lnsr` (nothing is trained): 6 arms per
-    seed, seeds in order, 10 seeds, 5 for RTE full (the protocol's allowance) unless SEEDS_FINAL_RTE says more."""
+def _final_commands(tmp_path, regime, task, **env_extra):
+    """The final stage's `lnsr finetune` commands, printed by a stand-in for `lnsr` (nothing is trained)."""
     import subprocess
     import sys
     runs = tmp_path / "runs"
-    _recipe(str(runs), regime=regime, task="rte")
-    best = runs / "strength" / regime / "rte" / "best.json"
+    _recipe(str(runs), regime=regime, task=task)
+    best = runs / "strength" / regime / task / "best.json"
     best.parent.mkdir(parents=True)
     best.write_text(json.dumps({"best": {"label": "lnsr_lam0.01_inject_at3_noiserelative", "options": {"inject_at": 3}}}))
     fake = tmp_path / "lnsr"
@@ -216,19 +244,48 @@ def test_study_sh_final_runs_the_registered_seeds_and_arms(study, tmp_path, regi
     fake.chmod(0o755)
     env = {**os.environ, "OUT": str(runs), "PYTHON": sys.executable, "LNSR": str(fake), "JOBS": "1",
            "MODELS": str(tmp_path / "models")}
-    env.pop("SEEDS_FINAL_RTE", None)
-    if env_seeds:
-        env["SEEDS_FINAL_RTE"] = env_seeds
+    for k in ("SEEDS_FINAL_RTE", "PRECISION"):
+        env.pop(k, None)
+    env.update(env_extra)
     script = os.path.join(HERE, "..", "examples", "study.sh")
     out = subprocess.run(["bash", script, "final", regime], env=env, capture_output=True, text=True, timeout=120)
-    assert out.returncode == 0, out.stderr
     lines = [ln for ln in out.stdout.splitlines() if ln.startswith("lnsr finetune")]
+    return out, lines, best
+
+
+@pytest.mark.parametrize("regime,env_seeds,expect", [("rte1k", None, list(range(1, 11))), ("rte", None, [1, 2, 3, 4, 5]),
+                                                     ("rte", "1 2 3 4 5 6 7 8 9 10", list(range(1, 11)))])
+def test_study_sh_final_runs_the_registered_seeds_and_arms(study, tmp_path, regime, env_seeds, expect):
+    """6 arms per seed, seeds in order, 10 seeds, 5 for RTE full (the protocol's allowance) unless
+    SEEDS_FINAL_RTE says more."""
+    out, lines, best = _final_commands(tmp_path, regime, "rte", **({"SEEDS_FINAL_RTE": env_seeds} if env_seeds else {}))
+    assert out.returncode == 0, out.stderr
     seeds = [int(ln.split("--seeds ")[1].split()[0]) for ln in lines]
     assert seeds == [s for s in expect for _ in range(6)]
     arms = [ln.split("--method ")[1].split()[0] for ln in lines[:6]]
     assert arms == ["vanilla", "lnsr:lam=0,inject_at=3", f"lnsr:@{best}", f"lnsr:@{best},noisy_fraction=0.25", "r3f", "mixout"]
     assert all("--lr 1e-4 --epochs 5" in ln for ln in lines)  # the recipe the search chose
     assert study.stage_runs(regime, "final") == 6 * (5 if regime == "rte" else 10)
+
+
+@pytest.mark.parametrize("regime,task,env,bf16_seeds", [
+    ("sst2-1k", "sst2", {}, [1, 2, 3, 4, 5]),     # the amendment: seeds 1-5 began in bf16, 6-10 fp32
+    ("mrpc1k", "mrpc", {}, list(range(1, 11))),   # finished in bf16 before it (so its runs are found finished)
+    ("rte1k", "rte", {}, []),                     # every later run fp32
+    ("rte1k", "rte", {"PRECISION": "bf16"}, list(range(1, 11))),  # one precision for a whole replica (GPU)
+    ("sst2-1k", "sst2", {"PRECISION": "fp32"}, [])])
+def test_study_sh_precision_is_one_per_seed_as_amended(study, tmp_path, regime, task, env, bf16_seeds):
+    out, lines, _ = _final_commands(tmp_path, regime, task, **env)
+    assert out.returncode == 0, out.stderr
+    seeds = sorted({int(ln.split("--seeds ")[1].split()[0]) for ln in lines if "--bf16" in ln})
+    assert seeds == bf16_seeds
+    for s in range(1, 11):  # every arm of a seed in the same precision: pairs share it
+        assert len({"--bf16" in ln for ln in lines if f"--seeds {s} " in ln}) == 1
+
+
+def test_study_sh_rejects_an_unknown_precision_and_runs_nothing(tmp_path):
+    out, lines, _ = _final_commands(tmp_path, "rte1k", "rte", PRECISION="fp16")
+    assert out.returncode == 2 and "PRECISION must be bf16 or fp32" in out.stderr and lines == []
 
 
 def test_strength_section_is_tune_md_plus_the_exploratory_recommendation(study, tmp_path):
