@@ -94,6 +94,34 @@ def test_clear_errors(tmp_path):
         read_tsv(get_task("rte"), os.path.join(d, "train.tsv"))
 
 
+@pytest.mark.parametrize("flags,expect", [({"avx2", "f16c"}, False), ({"avx512f", "avx512_bf16"}, True),
+                                          ({"amx_tile", "amx_bf16"}, True), (set(), False)])
+def test_cpu_has_bf16_reads_the_cpu_flags(flags, expect):
+    from lnsr.utils.machine import cpu_flags, cpu_has_bf16
+    assert cpu_has_bf16(flags) is expect
+    here = cpu_flags()
+    assert here is None or cpu_has_bf16() is bool(here & {"avx512_bf16", "amx_bf16"})
+
+
+@pytest.mark.parametrize("has", [False, True, None])
+def test_bf16_on_a_cpu_without_bf16_hardware_warns_and_names_the_fix(monkeypatch, has):
+    import warnings
+
+    import torch
+
+    from lnsr.finetune import runner
+    monkeypatch.setattr(runner, "cpu_has_bf16", lambda: has)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        runner.check_precision("bf16", torch.device("cpu"))
+        runner.check_precision("fp32", torch.device("cpu"))
+    msgs = [str(w.message) for w in caught]
+    if has is False:  # only a CPU known to lack it: unknown flags (not Linux) say nothing
+        assert len(msgs) == 1 and "neither AVX-512 BF16 nor AMX" in msgs[0] and "leave out --bf16" in msgs[0]
+    else:
+        assert msgs == []
+
+
 def test_missing_model_is_a_clear_error(tmp_path):
     write_glue(tmp_path / "glue", "rte")
     with pytest.raises(SystemExit, match=r"could not load AutoTokenizer from .*no-such-model.*pass --model"):

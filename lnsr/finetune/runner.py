@@ -8,12 +8,13 @@ import os
 import random
 import sys
 import time
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
-from ..utils.machine import cpu_name, source_commit
+from ..utils.machine import cpu_has_bf16, cpu_name, source_commit
 from .files import load_file_task, parse_eval_files
 from .glue import TaskSpec, get_task, load_task, read_tsv, split_holdout
 from .methods import METHODS
@@ -58,6 +59,11 @@ def check_precision(precision: str, device: torch.device) -> None:
         raise SystemExit("--fp16 needs a CUDA device (fp16 autocast with a GradScaler); on the CPU use --bf16")
     if precision == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
         raise SystemExit("--bf16: this GPU does not support bfloat16; use --fp16")
+    if precision == "bf16" and device.type == "cpu" and cpu_has_bf16() is False:
+        # allowed (results are valid), but it is the slow choice: say so before hours of training
+        warnings.warn(f"--bf16 on {cpu_name()}, which has neither AVX-512 BF16 nor AMX: bf16 autocast runs a "
+                      "MiniLM step about 15x slower than fp32 on such a CPU; leave out --bf16 to train in fp32",
+                      stacklevel=2)
 
 
 def set_seed(seed: int) -> None:

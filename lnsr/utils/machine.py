@@ -1,6 +1,6 @@
 """The machine a tool runs on, and how long things take there: one module for every tool.
 
-``cpu_name`` / ``device_name`` / ``environment`` describe the machine (what each result file
+``cpu_name`` / ``cpu_has_bf16`` / ``device_name`` / ``environment`` describe the machine (what each result file
 records beside its numbers); ``synchronize``, ``median_ms`` and ``interleaved_ms`` time code.
 """
 from __future__ import annotations
@@ -26,6 +26,29 @@ def cpu_name() -> str:
     except OSError:
         pass
     return platform.processor() or platform.machine()
+
+
+def cpu_flags() -> set[str] | None:
+    """The processor's feature flags (``/proc/cpuinfo``), or None where they cannot be read."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return None
+
+
+def cpu_has_bf16(flags: set[str] | None = None) -> bool | None:
+    """Whether the CPU multiplies bf16 in hardware (AVX-512 BF16 or AMX); None when unknown.
+
+    Without either, bf16 autocast takes a slow path: a MiniLM training step ran 15-16x slower than
+    fp32 on an AVX2-only EPYC (docs/results.md, "bf16 on a CPU without bf16 hardware")."""
+    flags = cpu_flags() if flags is None else flags
+    if flags is None:
+        return None
+    return bool(flags & {"avx512_bf16", "amx_bf16"})
 
 
 def device_name(device) -> str:
