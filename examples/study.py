@@ -199,18 +199,12 @@ def final_section(runs_dir: str, regime: str, plot_dir: str) -> str | None:
         deg = sum(degenerate(r) for r in arms[a])
         out.append(f"| {a} | {len(v)} | {100 * v.mean():.2f} | {100 * (v.std(ddof=1) if len(v) > 1 else 0):.2f} | "
                    f"{100 * v.min():.2f} | {100 * v.max():.2f} | {deg} | {per} |")
-    devices = {}
-    for a in labels:
-        for r in arms[a]:
-            devices.setdefault(r["config"]["seed"], set()).add(r.get("device", "unknown machine"))
+    devices = per_seed(arms, lambda r: r.get("device", "unknown machine"))
     mixed = sorted(s for s, d in devices.items() if len(d) > 1)
     if mixed:  # pairs still share seed, head and data order, but not the machine's bf16 rounding
         out += ["", "Seeds whose arms ran on more than one machine (kept, and paired like the others; see "
                 "*Machines* above): " + ", ".join(map(str, mixed)) + "."]
-    precisions = {}
-    for a in labels:
-        for r in arms[a]:
-            precisions.setdefault(r["config"]["seed"], set()).add(precision_of(r))
+    precisions = per_seed(arms, precision_of)
     mixed = sorted(s for s, p in precisions.items() if len(p) > 1)
     if mixed:  # the amendment runs every arm of a seed in one precision; say so if a seed breaks that
         out += ["", "Seeds whose arms ran in more than one precision (against the amendment; paired like the "
@@ -219,13 +213,7 @@ def final_section(runs_dir: str, regime: str, plot_dir: str) -> str | None:
             "t-interval, paired t-test p, exact Wilcoxon signed-rank p, seeds ahead/behind:", "",
             "| comparison | mean diff [95% CI] | paired t p | Wilcoxon p | ahead/behind | reading |",
             "|---|---|---|---|---|---|"]
-    for a in labels:
-        if a == "vanilla":
-            continue
-        if "vanilla" in scores:
-            out.append(f"| {a} - vanilla " + fmt_cmp(compare(scores[a], scores["vanilla"]), interim))
-        if control and a != control:
-            out.append(f"| {a} - {control} " + fmt_cmp(compare(scores[a], scores[control]), interim))
+    out += comparison_rows(scores, labels, control, interim)
     # exploratory (not registered): the papers' stability claim as a test of variances, paired by seed
     out += ["", "Stability across seeds (*exploratory*: not in the registered protocol, which reads stability from "
             "std and degenerate runs): each arm's std over the other's on their common seeds, and the Pitman-Morgan "
@@ -251,6 +239,28 @@ def final_section(runs_dir: str, regime: str, plot_dir: str) -> str | None:
     return "\n".join(out) + "\n"
 
 
+def comparison_rows(scores: dict, labels: list, control: str | None, interim: bool, lead: str = "") -> list:
+    """The registered comparisons as table rows: each arm against vanilla, and against the control."""
+    rows = []
+    for a in labels:
+        if a == "vanilla":
+            continue
+        if "vanilla" in scores:
+            rows.append(f"{lead}| {a} - vanilla " + fmt_cmp(compare(scores[a], scores["vanilla"]), interim))
+        if control and a != control:
+            rows.append(f"{lead}| {a} - {control} " + fmt_cmp(compare(scores[a], scores[control]), interim))
+    return rows
+
+
+def per_seed(arms: dict, what) -> dict:
+    """seed -> the set of ``what(run)`` over that seed's runs in every arm (a machine, a precision)."""
+    out = {}
+    for runs in arms.values():
+        for r in runs:
+            out.setdefault(r["config"]["seed"], set()).add(what(r))
+    return out
+
+
 def precision_of(run: dict) -> str:
     return run["config"].get("precision", "unknown")
 
@@ -271,14 +281,7 @@ def strata_section(scores: dict, labels: list, control: str | None, precisions: 
     for p in sorted(strata):
         keep = set(strata[p])
         sub = {a: {s: v for s, v in scores[a].items() if s in keep} for a in labels}
-        head = f"| {p} ({', '.join(map(str, sorted(keep)))}) "
-        for a in labels:
-            if a == "vanilla":
-                continue
-            if "vanilla" in sub:
-                out.append(head + f"| {a} - vanilla " + fmt_cmp(compare(sub[a], sub["vanilla"]), interim))
-            if control and a != control:
-                out.append(head + f"| {a} - {control} " + fmt_cmp(compare(sub[a], sub[control]), interim))
+        out += comparison_rows(sub, labels, control, interim, lead=f"| {p} ({', '.join(map(str, sorted(keep)))}) ")
     return out
 
 

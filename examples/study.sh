@@ -50,7 +50,7 @@ holdout_args() {  # SST-2's held-out 20% is 13,470 sentences: its first 2000 (a 
 # Precision (amendment of 2026-12-02, docs/results.md, made before the runs it governs): bf16 autocast
 # for the runs started under the registered protocol (mrpc1k; sst2-1k's searches and final seeds 1-5),
 # fp32 for every later run, whatever the machine: on a CPU without AVX-512 BF16 or AMX, bf16 autocast
-# runs a MiniLM step about 13x slower than fp32 (docs/runs/machine_check/). One precision per seed of
+# runs a MiniLM step 15-16x slower than fp32 (bench/results/precision_cpu_epyc_avx2_2026-12-02/). One precision per seed of
 # a final, so every pair shares it. PRECISION=bf16|fp32 sets all runs (a GPU replica: bf16).
 PRECISION=${PRECISION:-}
 case "$PRECISION" in ""|bf16|fp32) ;; *) echo "PRECISION must be bf16 or fp32 (or unset), not '$PRECISION'" >&2; exit 2 ;; esac

@@ -97,7 +97,8 @@ def paired_table(summary: dict, results: list[dict], metric: str) -> str | None:
         c = compare(scores(a), scores(b))
         if not c["n"]:
             continue
-        ci = f" {ci_text(c)}" if ci_text(c) else ""
+        ci = ci_text(c)
+        ci = f" {ci}" if ci else ""
         p = f"{c['p_t']:.3f}" if np.isfinite(c["p_t"]) else "-"
         rows.append(f"| {a} - {b} | {c['n']} | {100 * c['mean']:+.2f}{ci} | {p} | {c['ahead']}/{c['behind']} | "
                     f"{reading(c)} |")

@@ -122,7 +122,8 @@ def recommend(rows: list[dict], best: dict | None) -> dict | None:
     vc, vv = cmp(best.get("control")), cmp("vanilla")
 
     def fmt(c, what):
-        ci = f" {ci_text(c)}" if ci_text(c) else " (one seed: no interval)"
+        ci = ci_text(c)
+        ci = f" {ci}" if ci else " (one seed: no interval)"
         return f"{100 * c['mean']:+.2f}{ci} against {what} ({c['ahead']} of {c['n']} seeds ahead)"
 
     def ahead(c):  # its 95% interval lies above 0

@@ -16,28 +16,27 @@ from typing import Callable
 import torch
 
 
-def cpu_name() -> str:
-    """The processor's model name (``/proc/cpuinfo``), else what ``platform`` knows."""
+def _cpuinfo(field: str) -> str | None:
+    """The first ``field`` line of ``/proc/cpuinfo`` (Linux), or None."""
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
-                if line.startswith("model name"):
+                if line.startswith(field):
                     return line.split(":", 1)[1].strip()
     except OSError:
         pass
-    return platform.processor() or platform.machine()
+    return None
+
+
+def cpu_name() -> str:
+    """The processor's model name (``/proc/cpuinfo``), else what ``platform`` knows."""
+    return _cpuinfo("model name") or platform.processor() or platform.machine()
 
 
 def cpu_flags() -> set[str] | None:
     """The processor's feature flags (``/proc/cpuinfo``), or None where they cannot be read."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("flags"):
-                    return set(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    return None
+    flags = _cpuinfo("flags")
+    return None if flags is None else set(flags.split())
 
 
 def cpu_has_bf16(flags: set[str] | None = None) -> bool | None:
