@@ -173,8 +173,12 @@ def fmt_cmp(c: dict, interim: bool = False) -> str:
     ci = ci_text(c) or "-"
     reading = read(c)
     if interim:  # the registered reading is made on all seeds, not on the first few
-        reading = f"interim ({c['n']} seeds)"
-    return (f"| {100 * c['mean']:+.2f} {ci} | {c['p_t']:.3f} | {c['p_wilcoxon']:.3f} | {c['ahead']}/{c['behind']} | "
+        reading = f"interim ({c['n']} seed{'s' if c['n'] != 1 else ''})"
+
+    def p(x):  # one seed has no t-test: say so rather than print nan
+        return f"{x:.3f}" if np.isfinite(x) else "-"
+
+    return (f"| {100 * c['mean']:+.2f} {ci} | {p(c['p_t'])} | {p(c['p_wilcoxon'])} | {c['ahead']}/{c['behind']} | "
             f"{reading} |")
 
 

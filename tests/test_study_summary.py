@@ -118,6 +118,18 @@ def test_final_tables_paired_statistics_and_block_rewrite(study, tmp_path, monke
         study.summary(str(runs), str(results), str(tmp_path / "plots"))
 
 
+def test_a_comparison_on_one_seed_prints_no_test(study):
+    # one seed: a difference, but no interval and no t-test (nan would look like a result)
+    from lnsr.finetune.stats import compare
+
+    row = study.fmt_cmp(compare({6: 0.8246}, {6: 0.8200}), interim=True)
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    assert cells[0] == "+0.46 -" and cells[1] == "-" and "nan" not in row
+    assert cells[-1] == "interim (1 seed)"
+    two = study.fmt_cmp(compare({6: 0.83, 7: 0.82}, {6: 0.82, 7: 0.82}), interim=True)
+    assert "nan" not in two and two.strip().endswith("interim (2 seeds) |")
+
+
 def test_profile_section_reads_the_last_block_per_injection(study, tmp_path):
     prof = tmp_path / "runs" / "profile" / "mrpc1k"
     prof.mkdir(parents=True)
