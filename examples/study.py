@@ -168,18 +168,14 @@ def fmt_cmp(c: dict, interim: bool = False) -> str:
     if not c.get("n"):
         return "| - | - | - | - | - |"
     # imported here: the frozen copy that drives the runs imports this file too and lacks it
-    from lnsr.finetune.stats import ci_text, reading as read
+    from lnsr.finetune.stats import ci_text, p_text, reading as read
 
     ci = ci_text(c) or "-"
     reading = read(c)
     if interim:  # the registered reading is made on all seeds, not on the first few
         reading = f"interim ({c['n']} seed{'s' if c['n'] != 1 else ''})"
-
-    def p(x):  # one seed has no t-test: say so rather than print nan
-        return f"{x:.3f}" if np.isfinite(x) else "-"
-
-    return (f"| {100 * c['mean']:+.2f} {ci} | {p(c['p_t'])} | {p(c['p_wilcoxon'])} | {c['ahead']}/{c['behind']} | "
-            f"{reading} |")
+    return (f"| {100 * c['mean']:+.2f} {ci} | {p_text(c['p_t'])} | {p_text(c['p_wilcoxon'])} | "
+            f"{c['ahead']}/{c['behind']} | {reading} |")
 
 
 def final_section(runs_dir: str, regime: str, plot_dir: str) -> str | None:
@@ -219,6 +215,7 @@ def final_section(runs_dir: str, regime: str, plot_dir: str) -> str | None:
             "|---|---|---|---|---|---|"]
     out += comparison_rows(scores, labels, control, interim)
     # exploratory (not registered): the papers' stability claim as a test of variances, paired by seed
+    from lnsr.finetune.stats import p_text  # here, as in fmt_cmp: the frozen copy lacks it
     out += ["", "Stability across seeds (*exploratory*: not in the registered protocol, which reads stability from "
             "std and degenerate runs): each arm's std over the other's on their common seeds, and the Pitman-Morgan "
             "test of equal paired variances" + (" (interim)" if interim else "") + ":", "",
@@ -230,7 +227,7 @@ def final_section(runs_dir: str, regime: str, plot_dir: str) -> str | None:
         for ref in ("vanilla", control):
             c = compare(scores[a], scores[ref]) if ref in scores and ref != a else {}
             ok = c.get("n", 0) >= 3 and np.isfinite(c.get("sd_ratio", np.nan))
-            cells += [f"{c['sd_ratio']:.2f}", f"{c['p_var']:.3f}" if np.isfinite(c["p_var"]) else "-"] if ok \
+            cells += [f"{c['sd_ratio']:.2f}", p_text(c["p_var"])] if ok \
                 else ["-", "-"]
         out.append(f"| {a} | " + " | ".join(cells) + " |")
     out += strata_section(scores, labels, control, precisions, interim)

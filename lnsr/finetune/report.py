@@ -84,7 +84,7 @@ def paired_table(summary: dict, results: list[dict], metric: str) -> str | None:
     """Each method against vanilla, and each LNSR arm against its lam = 0 control, paired by seed:
     mean difference x100 with its 95% t-interval, paired t p, seeds ahead/behind, and what the
     interval supports. None when nothing can be paired."""
-    from .stats import ci_text, compare, reading
+    from .stats import ci_text, compare, p_text, reading
 
     def scores(label):
         s = summary[label]
@@ -99,7 +99,7 @@ def paired_table(summary: dict, results: list[dict], metric: str) -> str | None:
             continue
         ci = ci_text(c)
         ci = f" {ci}" if ci else ""
-        p = f"{c['p_t']:.3f}" if np.isfinite(c["p_t"]) else "-"
+        p = p_text(c["p_t"])
         rows.append(f"| {a} - {b} | {c['n']} | {100 * c['mean']:+.2f}{ci} | {p} | {c['ahead']}/{c['behind']} | "
                     f"{reading(c)} |")
     if not rows:

@@ -152,6 +152,11 @@ def ci_text(c: dict) -> str | None:
     return f"[{100 * lo:+.2f}, {100 * hi:+.2f}]" if c.get("n") and np.isfinite(lo) else None
 
 
+def p_text(p: float) -> str:
+    """A p-value as ``0.123``, or ``-`` where there is no test (one seed, a constant difference)."""
+    return f"{p:.3f}" if np.isfinite(p) else "-"
+
+
 def reading(c: dict) -> str:
     """What a ``compare`` result supports: "ahead" / "behind" when the 95% interval excludes 0,
     else "no measurable effect" (also with one seed, where there is no interval)."""
