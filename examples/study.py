@@ -420,7 +420,24 @@ def remaining_text(runs_dir: str, jobs: int = 2) -> str:
     return "\n".join(lines) + "\n"
 
 
+def run_dir_summaries(runs_dir: str) -> list[str]:
+    """Rewrite each run directory's summary.md / summary.png from every finished run in it.
+
+    The driver calls `lnsr finetune` once per run, and each call summarises only its own run (one arm,
+    one seed), so the directory's summary would otherwise show whichever run finished last."""
+    from lnsr.finetune.report import write_summary  # lazy: the frozen study copy imports this module too
+    task_dirs = sorted({os.path.dirname(os.path.dirname(p))
+                        for p in glob.glob(os.path.join(runs_dir, "**", "seed*.json"), recursive=True)})
+    for d in task_dirs:
+        runs = load_runs(os.path.join(d, "*", "seed*.json"))
+        labels = arm_order({r["config"]["label"] for r in runs})
+        runs.sort(key=lambda r: (r["config"]["seed"], labels.index(r["config"]["label"])))
+        write_summary(runs[0]["config"]["task"], runs, list(runs[0]["final"]), d, echo=False)
+    return task_dirs
+
+
 def summary(runs_dir: str, results_md: str, plot_dir: str) -> str:
+    run_dir_summaries(runs_dir)
     parts = []
     for regime, (_, title) in REGIMES.items():
         sec = [f"#### {title}", "", progress_line(runs_dir, regime)]

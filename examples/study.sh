@@ -6,7 +6,8 @@
 #   examples/study.sh final    [REGIME...]  # 3. 10 seeds (rte: 5) x 6 arms on GLUE dev (seed 1 models saved)
 #   examples/study.sh profile               # 4. noise-stability profile of seed-1 models of mrpc1k
 #   examples/study.sh all      [REGIME...]  # 1-3 per regime, regime after regime, then 4
-#   examples/study.sh summary               # every table and plot rebuilt from the run files (trains nothing;
+#   examples/study.sh summary               # every table and plot rebuilt from the run files, and each run
+#                                           # folder's summary.md from all its runs (trains nothing;
 #                                           # also spelled --summary-only)
 #
 # Regimes: mrpc1k sst2-1k rte1k (1000 training examples, one fixed subset per task) and rte (full).

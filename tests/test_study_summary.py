@@ -25,7 +25,9 @@ def study():
 
 def _run(path, seed, acc, *, epochs=1, predicted=(40, 60), labels=(30, 70), device="CPU A", wall=None, precision=None):
     os.makedirs(os.path.dirname(path), exist_ok=True)
-    run = {"config": {"seed": seed, **({"precision": precision} if precision else {})}, "final": {"accuracy": acc, "f1": acc}, "device": device,
+    label, task = os.path.basename(os.path.dirname(path)), os.path.basename(os.path.dirname(os.path.dirname(path)))
+    run = {"config": {"seed": seed, "label": label, "task": task, **({"precision": precision} if precision else {})},
+           "final": {"accuracy": acc, "f1": acc}, "device": device,
            **({"wall_time_s": wall} if wall is not None else {}),
            "epochs": [{"epoch": e + 1, "task_loss": 0.5 / (e + 1), "metrics": {"accuracy": acc},
                        "predicted_per_class": list(predicted)} for e in range(epochs)],
@@ -318,3 +320,24 @@ def test_strength_section_is_tune_md_plus_the_exploratory_recommendation(study, 
     text = study.strength_table(str(runs), "sst2-1k")
     assert text.startswith(table) and "*Exploratory (added 2026-12-02" in text
     assert "**use** — ahead of its control and of vanilla" in text and "+10.00 [+10.00, +10.00]" in text
+
+
+def test_summary_rewrites_each_run_directory_summary_from_all_its_runs(study, tmp_path):
+    """The driver runs `lnsr finetune` once per run, which leaves a one-run summary.md behind; the
+    study's summary rewrites it from every run file in the directory, arms in the tables' order."""
+    runs = tmp_path / "runs"
+    task_dir = runs / "final" / "mrpc1k" / "mrpc"
+    for arm, base in (("lnsr_lam0_inject_at0", 0.70), ("vanilla", 0.60)):
+        for seed in (2, 1):
+            _run(str(task_dir / arm / f"seed{seed}.json"), seed, base + 0.01 * seed, wall=100.0 * seed)
+    (task_dir / "summary.md").write_text("| vanilla | accuracy | 1 | stale |\n")
+    recipe_dir = runs / "recipe" / "mrpc1k" / "lr1e-4_ep3" / "mrpc"
+    _run(str(recipe_dir / "vanilla" / "seed1.json"), 1, 0.5)  # no wall time recorded: "-"
+    assert study.run_dir_summaries(str(runs)) == sorted([str(task_dir), str(recipe_dir)])
+    text = (task_dir / "summary.md").read_text()
+    assert "stale" not in text
+    rows = [ln for ln in text.splitlines() if ln.startswith("| vanilla") or ln.startswith("| lnsr")]
+    assert rows[0].startswith("| vanilla | accuracy | 2 | 61.50 |") and "s1:61.00, s2:62.00 | 150 |" in rows[0]
+    assert rows[2].startswith("| lnsr_lam0_inject_at0 | accuracy | 2 | 71.50 |")
+    assert "| vanilla | accuracy | 1 | 50.00 |" in (recipe_dir / "summary.md").read_text()
+    assert "| - | - |" in (recipe_dir / "summary.md").read_text()

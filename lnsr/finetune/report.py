@@ -17,7 +17,8 @@ def summarize(results: list[dict]) -> dict:
         s = out.setdefault(cfg["label"], {"seeds": [], "metrics": {}, "wall": [], "ratio": [],
                                           "eval_split": cfg.get("eval_split", "dev")})
         s["seeds"].append(cfg["seed"])
-        s["wall"].append(r["wall_time_s"])
+        if "wall_time_s" in r:  # absent from hand-made records
+            s["wall"].append(r["wall_time_s"])
         last = r["epochs"][-1]
         if "penalty_task_ratio" in last:
             s["ratio"].append(last["penalty_task_ratio"])
@@ -61,8 +62,9 @@ def markdown_table(task: str, summary: dict, metric_names) -> str:
             st = stats(s["metrics"][m])
             per = ", ".join(f"s{seed}:{100 * v:.2f}" for seed, v in zip(s["seeds"], s["metrics"][m]))
             ratio = f"{np.mean(s['ratio']):.3g}" if s["ratio"] else "-"
+            wall = f"{np.mean(s['wall']):.0f}" if s["wall"] else "-"
             lines.append(f"| {label} | {m} | {st['n']} | {100 * st['mean']:.2f} | {100 * st['std']:.2f} | "
-                         f"{100 * st['max']:.2f} | {100 * st['min']:.2f} | {per} | {np.mean(s['wall']):.0f} | "
+                         f"{100 * st['max']:.2f} | {100 * st['min']:.2f} | {per} | {wall} | "
                          f"{ratio} |")
     return "\n".join(lines) + "\n"
 
@@ -139,8 +141,9 @@ def plot(task: str, summary: dict, metric_names, path: str) -> None:
     plt.close(fig)
 
 
-def write_summary(task: str, results: list[dict], metric_names, out_dir: str, log=print) -> dict:
-    """Print the table, write ``summary.md`` and ``summary.png`` under ``out_dir``; return the summary."""
+def write_summary(task: str, results: list[dict], metric_names, out_dir: str, log=print, echo: bool = True) -> dict:
+    """Print the table (unless ``echo`` is false), write ``summary.md`` and ``summary.png`` under ``out_dir``;
+    return the summary."""
     summary = summarize(results)
     metric_names = metric_names_of(results, metric_names)
     table = markdown_table(task, summary, metric_names)
@@ -150,7 +153,8 @@ def write_summary(task: str, results: list[dict], metric_names, out_dir: str, lo
     os.makedirs(out_dir, exist_ok=True)
     with open(os.path.join(out_dir, "summary.md"), "w") as f:
         f.write(table)
-    print(table)
+    if echo:
+        print(table)
     try:
         plot(task, summary, metric_names, os.path.join(out_dir, "summary.png"))
     except ImportError:
