@@ -43,6 +43,28 @@ def test_hand_values():
     assert c["mean"] == pytest.approx((0.1 + 0.0 + 0.3) / 3)
 
 
+def test_wilcoxon_counts_equal_enumeration_with_ties_and_scipy_at_large_n():
+    import itertools
+
+    rng = np.random.default_rng(2)
+    for n in (1, 4, 9, 12):
+        # differences on a grid of 1/277 (a dev set of 277), so magnitudes tie and some are zero
+        d = rng.integers(-6, 7, n) / 277
+        nz = d[d != 0]
+        w, p = stats.wilcoxon_exact(d)
+        if not len(nz):
+            assert (w, p) == (0.0, 1.0)
+            continue
+        ranks = stats.rankdata(np.abs(nz))
+        sums = np.array([sum(r for r, s in zip(ranks, signs) if s)
+                         for signs in itertools.product((0, 1), repeat=len(nz))])
+        ref = min(1.0, 2 * min(np.mean(sums <= w + 1e-9), np.mean(sums >= w - 1e-9)))
+        assert w == pytest.approx(ranks[nz > 0].sum()) and p == pytest.approx(ref, rel=1e-12)
+    ss = pytest.importorskip("scipy.stats")
+    d = rng.normal(0.3, 1.0, 30)  # 30 pairs: three regimes of 10 seeds pooled; 2^30 patterns counted
+    assert stats.wilcoxon_exact(d)[1] == pytest.approx(ss.wilcoxon(d, method="exact").pvalue, rel=1e-9)
+
+
 def test_pitman_morgan_equal_paired_variances():
     ss = pytest.importorskip("scipy.stats")
     rng = np.random.default_rng(1)
