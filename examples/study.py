@@ -129,14 +129,29 @@ def strength_table(runs_dir: str, regime: str) -> str | None:
 # -- 3. final -----------------------------------------------------------------------------------------
 def degenerate(run: dict) -> bool:
     """Dev predictions all one class, or accuracy at (within 1 point of) the majority-class rate."""
-    last = run["epochs"][-1]
-    counts = last.get("predicted_per_class")
     labels = run.get("evaluation_label_counts")
-    if counts is not None and sum(1 for c in counts if c) <= 1:
+    if one_class(run):
         return True
     if labels:
         return run["final"][METRIC] <= max(labels) / sum(labels) + 0.01
     return False
+
+
+def one_class(run: dict) -> bool:
+    counts = run["epochs"][-1].get("predicted_per_class")
+    return counts is not None and sum(1 for c in counts if c) <= 1
+
+
+def degenerate_kinds(arms: dict) -> list:
+    """The registered count split into its two kinds: a collapsed model (one class predicted) and one
+    that predicts both classes at about chance (where a task is barely learnt, the second is common)."""
+    runs = [r for a in arms.values() for r in a if degenerate(r)]
+    if not runs:
+        return []
+    k = sum(one_class(r) for r in runs)
+    return ["", f"Of the {len(runs)} degenerate runs, {k} predicted a single class on dev; the other "
+            f"{len(runs) - k} predicted both classes, at an accuracy within 1 point of the majority-class rate "
+            "(or below)."]
 
 
 def final_arms(runs_dir: str, regime: str) -> dict:
@@ -199,6 +214,7 @@ def final_section(runs_dir: str, regime: str, plot_dir: str) -> str | None:
         deg = sum(degenerate(r) for r in arms[a])
         out.append(f"| {a} | {len(v)} | {100 * v.mean():.2f} | {100 * (v.std(ddof=1) if len(v) > 1 else 0):.2f} | "
                    f"{100 * v.min():.2f} | {100 * v.max():.2f} | {deg} | {per} |")
+    out += degenerate_kinds(arms)
     devices = per_seed(arms, lambda r: r.get("device", "unknown machine"))
     mixed = sorted(s for s, d in devices.items() if len(d) > 1)
     if mixed:  # pairs still share seed, head and data order, but not the machine's bf16 rounding
@@ -284,6 +300,59 @@ def strata_section(scores: dict, labels: list, control: str | None, precisions: 
         sub = {a: {s: v for s, v in scores[a].items() if s in keep} for a in labels}
         out += comparison_rows(sub, labels, control, interim, lead=f"| {p} ({', '.join(map(str, sorted(keep)))}) ")
     return out
+
+
+# -- across regimes (exploratory) -------------------------------------------------------------------
+ROLES = ("vanilla", "control", "LNSR", "LNSR, noisy_fraction 0.25", "Mixout", "R3F")
+POOLED = (("LNSR", "vanilla"), ("LNSR", "control"), ("control", "vanilla"), ("LNSR, noisy_fraction 0.25", "control"),
+          ("Mixout", "vanilla"), ("R3F", "vanilla"))
+
+
+def role(label: str) -> str:
+    """An arm's part in the protocol, whatever strength its regime's search chose."""
+    if label.startswith("lnsr_lam0_") or label == "lnsr_lam0":
+        return "control"
+    if label.startswith("lnsr"):
+        return "LNSR, noisy_fraction 0.25" if "noisy_fraction" in label else "LNSR"
+    return {"mixout": "Mixout", "r3f": "R3F"}.get(label, label)
+
+
+def pooled_section(runs_dir: str) -> str | None:
+    """Every registered comparison again over the pairs of all regimes whose final is complete, each
+    pair being one seed of one regime (so LNSR at each regime's own chosen strength)."""
+    done, scores, deg, n_runs = [], {}, Counter(), Counter()
+    for regime in REGIMES:
+        arms = final_arms(runs_dir, regime)
+        if sum(len(v) for v in arms.values()) < FINAL_ARMS * final_seeds(regime):
+            continue
+        done.append(regime)
+        for label, runs in arms.items():
+            for r in runs:
+                scores.setdefault(role(label), {})[(regime, r["config"]["seed"])] = r["final"][METRIC]
+                deg[role(label)] += degenerate(r)
+                n_runs[role(label)] += 1
+    if len(done) < 2:
+        return None
+    from lnsr.finetune.stats import ci_text, p_text, reading  # lazy, as in fmt_cmp
+
+    out = [f"*Exploratory (added 2026-12-03, after each regime's registered reading above was made; not in the "
+           f"protocol):* the registered comparisons over the {len(done)} regimes whose final is complete "
+           f"({', '.join(done)}), each pair one seed of one regime, LNSR at each regime's own chosen strength. The "
+           "pairs are pooled as one sample, although the regimes' spreads differ (SST-2's pairs vary least): a "
+           "rough bound on an effect common to the regimes, not a test of any one of them.", "",
+           "| comparison | pairs | mean diff per regime | pooled mean diff [95% CI] | paired t p | Wilcoxon p | "
+           "ahead/behind | reading |", "|---|---|---|---|---|---|---|---|"]
+    for a, b in POOLED:
+        if a not in scores or b not in scores:
+            continue
+        c = compare(scores[a], scores[b])
+        of = lambda arm, regime: {k: v for k, v in scores[arm].items() if k[0] == regime}  # noqa: E731
+        per = ", ".join(f"{r} {100 * compare(of(a, r), of(b, r))['mean']:+.2f}" for r in done)
+        out.append(f"| {a} - {b} | {c['n']} | {per} | {100 * c['mean']:+.2f} {ci_text(c) or '-'} | {p_text(c['p_t'])} | "
+                   f"{p_text(c['p_wilcoxon'])} | {c['ahead']}/{c['behind']} | {reading(c)} |")
+    out += ["", "Degenerate runs per arm over these regimes: " + "; ".join(
+        f"{r} {deg[r]} of {n_runs[r]}" for r in ROLES if n_runs[r]) + "."]
+    return "\n".join(out) + "\n"
 
 
 # -- 4. noise-stability profile -------------------------------------------------------------------
@@ -460,6 +529,9 @@ def summary(runs_dir: str, results_md: str, plot_dir: str) -> str:
         if not has:
             sec.append("Not run yet.\n")
         parts.append("\n".join(sec))
+    pooled = pooled_section(runs_dir)
+    if pooled:
+        parts.append("#### Across regimes\n\n" + pooled)
     block = "\n".join(parts)
     with open(results_md) as f:
         text = f.read()

@@ -120,6 +120,48 @@ def test_final_tables_paired_statistics_and_block_rewrite(study, tmp_path, monke
         study.summary(str(runs), str(results), str(tmp_path / "plots"))
 
 
+def test_degenerate_runs_are_split_into_collapsed_and_at_chance(study, tmp_path):
+    runs = tmp_path / "runs"
+    for seed, (acc, predicted) in enumerate([(0.60, (0, 100)), (0.605, (45, 55)), (0.59, (50, 50)), (0.75, (40, 60))], 1):
+        _run(str(runs / "final" / "rte1k" / "rte" / "vanilla" / f"seed{seed}.json"), seed, acc, predicted=predicted,
+             labels=(40, 60))
+    text = study.final_section(str(runs), "rte1k", str(tmp_path / "plots"))
+    assert "| vanilla | 4 |" in text and "| 3 | 60.0, 60.5, 59.0, 75.0 |" in text
+    assert "Of the 3 degenerate runs, 1 predicted a single class on dev; the other 2 predicted both classes" in text
+    os.remove(runs / "final" / "rte1k" / "rte" / "vanilla" / "seed1.json")
+    os.remove(runs / "final" / "rte1k" / "rte" / "vanilla" / "seed2.json")
+    os.remove(runs / "final" / "rte1k" / "rte" / "vanilla" / "seed3.json")
+    assert "degenerate runs, " not in study.final_section(str(runs), "rte1k", str(tmp_path / "plots"))
+
+
+def test_pooled_section_pairs_each_seed_of_each_complete_regime_by_role(study, tmp_path, monkeypatch):
+    monkeypatch.setattr(study, "FINAL_ARMS", 3)
+    monkeypatch.setattr(study, "FINAL_SEEDS", 3)
+    runs = tmp_path / "runs"
+    # two regimes, each with its own chosen strength (different labels, the same role)
+    grid = {"mrpc1k": ("mrpc", "lnsr_lam0.003_inject_at0_noiserelative", [0.01, 0.02, 0.03]),
+            "sst2-1k": ("sst2", "lnsr_lam0.01_inject_at3_noiserelative", [-0.01, 0.0, 0.04])}
+    for regime, (task, lnsr, diffs) in grid.items():
+        for seed, d in enumerate(diffs, 1):
+            base = 0.70 + 0.01 * seed
+            for arm, acc in (("vanilla", base), ("lnsr_lam0_inject_at0", base), (lnsr, base + d)):
+                collapsed = (regime, arm, seed) == ("mrpc1k", "vanilla", 1)
+                _run(str(runs / "final" / regime / task / arm / f"seed{seed}.json"), seed, acc, labels=(50, 50),
+                     predicted=(0, 100) if collapsed else (40, 60))
+    assert study.role("lnsr_lam0.003_inject_at0_noiserelative_noisy_fraction0.25") == "LNSR, noisy_fraction 0.25"
+    text = study.pooled_section(str(runs))
+    row = next(x for x in text.splitlines() if x.startswith("| LNSR - vanilla |"))
+    from lnsr.finetune.stats import compare
+    d = [0.01, 0.02, 0.03, -0.01, 0.0, 0.04]
+    c = compare(dict(enumerate(d)), dict.fromkeys(range(6), 0.0))
+    assert "| 6 | mrpc1k +2.00, sst2-1k +1.00 |" in row and f"| {100 * c['mean']:+.2f} [" in row
+    assert f"| {c['p_t']:.3f} | {c['p_wilcoxon']:.3f} | 4/1 |" in row
+    assert "| control - vanilla | 6 |" in text and "vanilla 1 of 6; control 0 of 6; LNSR 0 of 6." in text
+    # a regime whose final is not complete is left out; with fewer than two complete, no section
+    os.remove(runs / "final" / "sst2-1k" / "sst2" / "vanilla" / "seed3.json")
+    assert study.pooled_section(str(runs)) is None
+
+
 def test_a_comparison_on_one_seed_prints_no_test(study):
     # one seed: a difference, but no interval and no t-test (nan would look like a result)
     from lnsr.finetune.stats import compare
