@@ -3,6 +3,7 @@
     python examples/study.py --runs docs/runs/study recipe-choice mrpc1k   # "--lr X --epochs Y"
     python examples/study.py --runs docs/runs/study recipe-table mrpc1k
     python examples/study.py --runs docs/runs/study remaining               # runs left, rough cost
+    python examples/study.py --runs docs/runs/study stage-done rte recipe   # exit 0 when all its runs finished
     python examples/study.py --runs docs/runs/study summary                 # every table and plot
 
 ``summary`` rewrites the block between ``<!-- study:begin -->`` and ``<!-- study:end -->`` of
@@ -553,9 +554,10 @@ def main(argv=None) -> int:
     ap.add_argument("--plots", default=os.path.join(ROOT, "docs", "study"))
     ap.add_argument("--jobs", type=int, default=int(os.environ.get("JOBS", 2)),
                     help="runs at once, for `remaining`'s wall-time estimate (default: $JOBS or 2)")
-    ap.add_argument("command", choices=("recipe-choice", "recipe-table", "task-of", "progress", "remaining",
-                                        "summary"))
+    ap.add_argument("command", choices=("recipe-choice", "recipe-table", "task-of", "progress", "stage-done",
+                                        "remaining", "summary"))
     ap.add_argument("regime", nargs="?", choices=tuple(REGIMES))
+    ap.add_argument("stage", nargs="?", choices=STAGE_RUNS, help="for stage-done")
     a = ap.parse_args(argv)
     if a.command not in ("summary", "remaining") and not a.regime:
         ap.error(f"{a.command} needs a regime")
@@ -568,6 +570,11 @@ def main(argv=None) -> int:
         print(REGIMES[a.regime][0])
     elif a.command == "progress":
         print(f"{a.regime}: " + progress_line(a.runs, a.regime), end="")
+    elif a.command == "stage-done":  # exit status 0 when every registered run of the stage has finished
+        if not a.stage:
+            ap.error("stage-done needs a regime and a stage")
+        p = progress(a.runs, a.regime)[a.stage]
+        return 0 if p["done"] >= p["total"] else 1
     elif a.command == "remaining":
         print(remaining_text(a.runs, a.jobs), end="")
     else:

@@ -43,6 +43,9 @@ driver() {
     for stage in recipe strength final; do
       # a finished strength search is not ranked again: that would rewrite best.json's date
       if [ "$stage" = strength ] && [ -f "$OUT/strength/$r/$task/best.json" ]; then continue; fi
+      # nor is a finished recipe search or final walked again (each finished run would be found and
+      # skipped, one CLI start each: minutes per restart on 2 cores)
+      if [ "$stage" != strength ] && "$PYTHON" examples/study.py --runs "$OUT" stage-done "$r" "$stage"; then continue; fi
       bash examples/study.sh "$stage" "$r"; echo "$r $stage done $(date -u)"
     done
   done

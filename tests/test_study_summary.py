@@ -200,6 +200,13 @@ def test_progress_counts_finished_runs_per_stage(study, tmp_path):
     assert line.startswith("*Runs finished:* recipe 17/18; strength 0/27; final 2/60; profile not yet")
     assert "*Machines:* recipe 17 on CPU A; final 2 on CPU A." in line
     assert study.main(["--runs", str(runs), "progress", "mrpc1k"]) == 0
+    # stage-done (the driver's test before walking a stage again): only a complete stage is done
+    assert study.main(["--runs", str(runs), "stage-done", "mrpc1k", "recipe"]) == 1
+    _run(str(runs / "recipe" / "mrpc1k" / "lr5e-5_ep3" / "mrpc" / "vanilla" / "seed2.json"), 2, 0.7)
+    assert study.main(["--runs", str(runs), "stage-done", "mrpc1k", "recipe"]) == 0
+    assert study.main(["--runs", str(runs), "stage-done", "mrpc1k", "final"]) == 1
+    with pytest.raises(SystemExit):
+        study.main(["--runs", str(runs), "stage-done", "mrpc1k"])
 
 
 def test_remaining_costs_each_stage_from_its_own_runs_else_scaled_from_other_regimes(study, tmp_path):
