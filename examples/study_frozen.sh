@@ -51,13 +51,14 @@ driver() {
   done
 }
 
-committer() {  # every 5 minutes: commit the finished run records (JSON, CSV, best.json; never checkpoints)
+committer() {  # every 5 minutes: commit the finished run records (JSON, CSV, best.json; never checkpoints,
+  # nor the per-folder summary.md/png, which each run rewrites from itself alone: `study.sh summary` remakes them)
   cd "$HERE"
   while true; do
     sleep 300
-    files=$(git status --porcelain -uall -- "$OUT" | awk '{print $2}' | grep -v '\.ckpt' || true)
+    files=$(git status --porcelain -uall -- "$OUT" | awk '{print $2}' | grep -v '\.ckpt\|/summary\.\(md\|png\)$' || true)
     [ -n "$files" ] || continue
-    git add -- $files && git commit -q -m "study runs: finished run records as of $(date -u +%H:%M) UTC" -- "$OUT" \
+    git add -- $files && git commit -q -m "study runs: finished run records as of $(date -u +%H:%M) UTC" -- $files \
       && echo "$(date -u) committed $(echo "$files" | wc -l) files"
   done
 }
