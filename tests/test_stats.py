@@ -121,3 +121,13 @@ def test_paired_table_pairs_with_vanilla_and_each_arm_with_its_own_control():
     assert rows["lnsr_lam0.01_k3 - vanilla"][3] == "0/1"  # seeds 1 and 2 tie
     only = [r for r in results if r["config"]["label"] == "r3f"]
     assert paired_table(summarize(only), only, "accuracy") is None  # nothing to pair
+
+
+def test_plot_labels_wrap_at_underscores_and_keep_every_character():
+    from lnsr.finetune.report import _wrap
+
+    label = "lnsr_lam0.01_inject_at0_noiserelative_noisy_fraction0.25"
+    wrapped = _wrap(label, width=22)
+    assert wrapped.replace("\n", "") == label and wrapped.count("\n") == 2
+    assert all(len(line) <= 22 for line in wrapped.splitlines())
+    assert _wrap("vanilla") == "vanilla" and _wrap("a_" + "b" * 30, width=10) == "a_\n" + "b" * 30

@@ -112,6 +112,18 @@ def paired_table(summary: dict, results: list[dict], metric: str) -> str | None:
                       "|---|---|---|---|---|---|", *rows]) + "\n"
 
 
+def _wrap(label: str, width: int = 22) -> str:
+    lines, cur = [], ""
+    for part in label.split("_"):
+        piece = part if not cur else "_" + part
+        if cur and len(cur) + len(piece) > width:
+            lines.append(cur + "_")
+            cur = part
+        else:
+            cur += piece
+    return "\n".join(lines + [cur])
+
+
 def plot(task: str, summary: dict, metric_names, path: str) -> None:
     import matplotlib
     matplotlib.use("Agg")
@@ -131,7 +143,9 @@ def plot(task: str, summary: dict, metric_names, path: str) -> None:
             st = stats(vals)
             ax.errorbar([i + 0.28], [st["mean"]], yerr=[st["std"]], fmt="D", color="k", ms=5, capsize=4, zorder=4)
         ax.set_xticks(range(len(labels)))
-        ax.set_xticklabels(labels, rotation=15)
+        # long arm labels (lnsr_lam0.01_inject_at0_noiserelative_noisy_fraction0.25) wrapped at their
+        # underscores, so that neighbouring ticks do not run into each other
+        ax.set_xticklabels([_wrap(label) for label in labels])
         ax.set_xlim(-0.6, len(labels) - 0.3)
         ax.set_ylabel(f"{m} (x100)")
         ax.grid(axis="y", alpha=0.3)
