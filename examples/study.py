@@ -318,7 +318,36 @@ def role(label: str) -> str:
     return {"mixout": "Mixout", "r3f": "R3F"}.get(label, label)
 
 
-def pooled_section(runs_dir: str) -> str | None:
+def forest_plot(rows: list, regimes: list, path: str) -> None:
+    """One line per comparison: each regime's paired mean difference with its 95% interval, and the
+    pooled one (black), x100, around a line at 0."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 0.9 + 0.75 * len(rows)))
+    offsets = np.linspace(-0.25, 0.1, len(regimes)) if len(regimes) > 1 else np.zeros(1)
+    for i, (name, per, pooled) in enumerate(rows):
+        y = len(rows) - 1 - i
+        for k, (regime, c) in enumerate(zip(regimes, per)):
+            lo, hi = c["ci95"]
+            ax.errorbar([100 * c["mean"]], [y + offsets[k]], xerr=[[100 * (c["mean"] - lo)], [100 * (hi - c["mean"])]],
+                        fmt="o", ms=4, capsize=2, color=f"C{k}", label=regime if i == 0 else None)
+        lo, hi = pooled["ci95"]
+        ax.errorbar([100 * pooled["mean"]], [y + 0.3], xerr=[[100 * (pooled["mean"] - lo)], [100 * (hi - pooled["mean"])]],
+                    fmt="D", ms=5, capsize=3, color="k", label="pooled" if i == 0 else None)
+    ax.axvline(0, color="grey", lw=0.8)
+    ax.set_yticks(range(len(rows)))
+    ax.set_yticklabels([r[0] for r in reversed(rows)])
+    ax.set_xlabel(f"paired difference in dev {METRIC} x100 (mean, 95% t-interval)")
+    ax.legend(fontsize=8, loc="lower right")
+    ax.set_title("Registered comparisons per regime and pooled (exploratory)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def pooled_section(runs_dir: str, plot_dir: str | None = None) -> str | None:
     """Every registered comparison again over the pairs of all regimes whose final is complete, each
     pair being one seed of one regime (so LNSR at each regime's own chosen strength)."""
     done, scores, deg, n_runs = [], {}, Counter(), Counter()
@@ -343,16 +372,24 @@ def pooled_section(runs_dir: str) -> str | None:
            "rough bound on an effect common to the regimes, not a test of any one of them.", "",
            "| comparison | pairs | mean diff per regime | pooled mean diff [95% CI] | paired t p | Wilcoxon p | "
            "ahead/behind | reading |", "|---|---|---|---|---|---|---|---|"]
+    rows = []
     for a, b in POOLED:
         if a not in scores or b not in scores:
             continue
         c = compare(scores[a], scores[b])
         of = lambda arm, regime: {k: v for k, v in scores[arm].items() if k[0] == regime}  # noqa: E731
-        per = ", ".join(f"{r} {100 * compare(of(a, r), of(b, r))['mean']:+.2f}" for r in done)
+        each = [compare(of(a, r), of(b, r)) for r in done]
+        rows.append((f"{a} - {b}", each, c))
+        per = ", ".join(f"{r} {100 * e['mean']:+.2f}" for r, e in zip(done, each))
         out.append(f"| {a} - {b} | {c['n']} | {per} | {100 * c['mean']:+.2f} {ci_text(c) or '-'} | {p_text(c['p_t'])} | "
                    f"{p_text(c['p_wilcoxon'])} | {c['ahead']}/{c['behind']} | {reading(c)} |")
     out += ["", "Degenerate runs per arm over these regimes: " + "; ".join(
         f"{r} {deg[r]} of {n_runs[r]}" for r in ROLES if n_runs[r]) + "."]
+    if plot_dir and rows:
+        os.makedirs(plot_dir, exist_ok=True)
+        png = os.path.join(plot_dir, "pooled.png")
+        forest_plot(rows, done, png)
+        out += ["", f"![per-regime and pooled paired differences]({os.path.relpath(png, os.path.join(ROOT, 'docs'))})"]
     return "\n".join(out) + "\n"
 
 
@@ -530,7 +567,7 @@ def summary(runs_dir: str, results_md: str, plot_dir: str) -> str:
         if not has:
             sec.append("Not run yet.\n")
         parts.append("\n".join(sec))
-    pooled = pooled_section(runs_dir)
+    pooled = pooled_section(runs_dir, plot_dir)
     if pooled:
         parts.append("#### Across regimes\n\n" + pooled)
     block = "\n".join(parts)

@@ -157,6 +157,9 @@ def test_pooled_section_pairs_each_seed_of_each_complete_regime_by_role(study, t
     assert "| 6 | mrpc1k +2.00, sst2-1k +1.00 |" in row and f"| {100 * c['mean']:+.2f} [" in row
     assert f"| {c['p_t']:.3f} | {c['p_wilcoxon']:.3f} | 4/1 |" in row
     assert "| control - vanilla | 6 |" in text and "vanilla 1 of 6; control 0 of 6; LNSR 0 of 6." in text
+    assert "pooled.png" not in text  # no plot folder given, no plot
+    assert "![per-regime and pooled paired differences]" in study.pooled_section(str(runs), str(tmp_path / "p"))
+    assert (tmp_path / "p" / "pooled.png").stat().st_size > 0
     # a regime whose final is not complete is left out; with fewer than two complete, no section
     os.remove(runs / "final" / "sst2-1k" / "sst2" / "vanilla" / "seed3.json")
     assert study.pooled_section(str(runs)) is None
