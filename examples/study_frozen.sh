@@ -78,7 +78,11 @@ case "${1:-}" in
       "$VENV/bin/python" "$HERE/examples/study.py" --runs "$OUT" progress "$r" 2>/dev/null || true
     done
     "$VENV/bin/python" "$HERE/examples/study.py" --runs "$OUT" --jobs "${JOBS:-2}" remaining 2>/dev/null || true
-    pgrep -af "lnsr finetune" | sed 's/.*--method \([^ ]*\) --seeds \([0-9]*\).*/running: \1 seed \2/' || true ;;
+    # one line per run in flight: its stage folder, arm, seed and recipe
+    pgrep -af "lnsr finetune" | while read -r line; do
+      opt() { grep -o -- "--$1 [^ ]*" <<< "$line" | head -1 | cut -d' ' -f2; }
+      echo "running: $(opt output-dir | sed 's|.*/study/||') $(opt method) seed $(opt seeds), lr $(opt lr) x $(opt epochs) epochs"
+    done || true ;;
   stop)
     for p in driver committer; do
       [ -f "$LOGS/$p.pid" ] && kill -- -"$(cat "$LOGS/$p.pid")" 2>/dev/null || true
