@@ -475,19 +475,45 @@ def progress_line(runs_dir: str, regime: str) -> str:
 
 # training examples per run, where a regime differs from the 1000 of the few-sample regimes
 # (rte: the other 80% of its training split in the searches, all of it in the final)
+# training examples per run: the searches train on 80% of the training set (the rest is held out)
 TRAIN_SIZE = {"rte": {"recipe": 1992, "strength": 1992, "final": 2490}}
 
 
 def train_size(regime: str, stage: str) -> int:
-    return TRAIN_SIZE.get(regime, {}).get(stage, 1000)
+    return TRAIN_SIZE.get(regime, {}).get(stage, 1000 if stage == "final" else 800)
+
+
+def epoch_rate(runs_dir: str, regime: str, stage: str) -> tuple[float, int] | None:
+    """(seconds per training example per epoch, finished runs) over a stage's runs, or None."""
+    per_config = ("*",) if stage == "recipe" else ()
+    runs = [r for r in load_runs(os.path.join(runs_dir, stage, regime, *per_config, REGIMES[regime][0], "*",
+                                              "seed*.json")) if "wall_time_s" in r]
+    if not runs:
+        return None
+    n = train_size(regime, stage)
+    return float(np.mean([r["wall_time_s"] / (n * (r["config"].get("epochs") or len(r["epochs"]))) for r in runs])), len(runs)
+
+
+def left_epochs(runs_dir: str, regime: str, stage: str, left: int) -> list[int] | None:
+    """The epochs of each run a stage has left: the recipe grid's own, else the chosen recipe's
+    (None while the recipe search is not complete)."""
+    if stage == "recipe":
+        return [row["epochs"] for row in recipe_rows(runs_dir, regime) for _ in range(3 - row["n"])]
+    try:
+        ep = recipe_choice(runs_dir, regime)["epochs"]
+    except SystemExit:  # recipe search not complete: the epochs are not known yet
+        return None
+    return [ep] * left
 
 
 def remaining(runs_dir: str) -> list[dict]:
     """Runs left per regime and stage, with a rough cost in run-hours (one run's wall time, summed).
 
-    A stage with finished runs is costed at its own mean run time; one without, at the same stage's
-    mean over the regimes that have some, scaled by training-set size (a run's steps). Rough: it
-    knows neither the recipe a regime will choose nor its sequence lengths.
+    Where each left run's epochs are known (the recipe grid's; later stages once the recipe is
+    chosen), a run costs its epochs x training examples x the seconds per example-epoch of the stage's
+    finished runs (its own regime's, else the other regimes', weighted by their runs); otherwise the
+    stage's mean run time (its own, else the others' scaled by training-set size). Rough: arms differ
+    in cost, and so do sequence lengths.
     """
     prog = {r: progress(runs_dir, r) for r in REGIMES}
     rows = []
@@ -497,14 +523,27 @@ def remaining(runs_dir: str) -> list[dict]:
             left = s["total"] - s["done"]
             if left <= 0:
                 continue
-            per_run, basis = s["mean_wall_s"], "its own runs"
-            if per_run is None:
+            per_run, basis = None, None
+            epochs = left_epochs(runs_dir, regime, stage, left)
+            rate = epoch_rate(runs_dir, regime, stage)
+            if rate is not None:
+                basis = "its own runs"
+            else:
+                seen = [x for x in (epoch_rate(runs_dir, r, stage) for r in REGIMES if r != regime) if x]
+                if seen:
+                    rate = (sum(t * n for t, n in seen) / sum(n for _, n in seen), 0)
+                    basis = "other regimes' runs"
+            if epochs is not None and rate is not None:
+                per_run = rate[0] * train_size(regime, stage) * sum(epochs) / left
+                basis += ", per epoch"
+            elif s["mean_wall_s"]:
+                per_run, basis = s["mean_wall_s"], "its own runs"
+            else:
                 # per-example time of the stage's finished runs elsewhere, times this regime's size
                 seen = [(p[stage]["mean_wall_s"] / train_size(r, stage), p[stage]["done"])
                         for r, p in prog.items() if p[stage]["mean_wall_s"]]
                 if seen:
-                    per_example = sum(t * n for t, n in seen) / sum(n for _, n in seen)
-                    per_run = per_example * train_size(regime, stage)
+                    per_run = sum(t * n for t, n in seen) / sum(n for _, n in seen) * train_size(regime, stage)
                     basis = "other regimes' runs"
             rows.append({"regime": regime, "stage": stage, "left": left, "per_run_s": per_run,
                          "run_hours": None if per_run is None else left * per_run / 3600, "basis": basis})

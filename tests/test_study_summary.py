@@ -233,6 +233,26 @@ def test_remaining_costs_each_stage_from_its_own_runs_else_scaled_from_other_reg
     assert study.main(["--runs", str(runs), "--jobs", "3", "remaining"]) == 0
 
 
+def test_remaining_costs_runs_of_known_epochs_per_epoch(study, tmp_path):
+    runs = tmp_path / "runs"
+    # rte recipe: a 3-epoch and a 5-epoch run at the same 100 s per epoch (1992 examples)
+    for ep, wall in ((3, 300.0), (5, 500.0)):
+        _run(str(runs / "recipe" / "rte" / f"lr5e-5_ep{ep}" / "rte" / "vanilla" / "seed1.json"), 1, 0.6, epochs=ep,
+             wall=wall)
+    rows = {(r["regime"], r["stage"]): r for r in study.remaining(str(runs))}
+    rte = rows[("rte", "recipe")]
+    # 2 lrs x 3 seeds x (3 + 5 + 10) epochs = 108, 8 of them run: 100 epochs at 100 s
+    assert rte["left"] == 16 and rte["run_hours"] == pytest.approx(100 * 100.0 / 3600)
+    assert rte["basis"] == "its own runs, per epoch"
+    # rte1k has none: the same rate per example-epoch, at 800 examples
+    assert rows[("rte1k", "recipe")]["run_hours"] == pytest.approx(108 * 100.0 * 800 / 1992 / 3600)
+    # once a regime's recipe is chosen (1e-4 x 5 epochs here), its final runs are costed at 5 epochs
+    _recipe(runs, regime="rte1k", task="rte")
+    _run(str(runs / "final" / "rte1k" / "rte" / "vanilla" / "seed1.json"), 1, 0.6, epochs=10, wall=1000.0)
+    final = next(r for r in study.remaining(str(runs)) if (r["regime"], r["stage"]) == ("rte1k", "final"))
+    assert final["per_run_s"] == pytest.approx(1000.0 / 10 * 5) and final["left"] == 59
+
+
 def test_a_study_that_moves_between_machines_says_so(study, tmp_path):
     runs = tmp_path / "runs"
     for seed in (1, 2):
