@@ -372,12 +372,14 @@ def pooled_section(runs_dir: str, plot_dir: str | None = None) -> str | None:
            "rough bound on an effect common to the regimes, not a test of any one of them.", "",
            "| comparison | pairs | mean diff per regime | pooled mean diff [95% CI] | paired t p | Wilcoxon p | "
            "ahead/behind | reading |", "|---|---|---|---|---|---|---|---|"]
+    def of(arm, regime):  # one regime's pairs of an arm
+        return {k: v for k, v in scores[arm].items() if k[0] == regime}
+
     rows = []
     for a, b in POOLED:
         if a not in scores or b not in scores:
             continue
         c = compare(scores[a], scores[b])
-        of = lambda arm, regime: {k: v for k, v in scores[arm].items() if k[0] == regime}  # noqa: E731
         each = [compare(of(a, r), of(b, r)) for r in done]
         rows.append((f"{a} - {b}", each, c))
         per = ", ".join(f"{r} {100 * e['mean']:+.2f}" for r, e in zip(done, each))
@@ -473,9 +475,8 @@ def progress_line(runs_dir: str, regime: str) -> str:
     return line
 
 
-# training examples per run, where a regime differs from the 1000 of the few-sample regimes
-# (rte: the other 80% of its training split in the searches, all of it in the final)
-# training examples per run: the searches train on 80% of the training set (the rest is held out)
+# training examples per run: the searches train on 80% of the training set (the rest is held out),
+# the final on all of it: 800 / 1000 in the few-sample regimes, 1992 / 2490 for rte
 TRAIN_SIZE = {"rte": {"recipe": 1992, "strength": 1992, "final": 2490}}
 
 
@@ -497,13 +498,12 @@ def epoch_rate(runs_dir: str, regime: str, stage: str) -> tuple[float, int] | No
 def left_epochs(runs_dir: str, regime: str, stage: str, left: int) -> list[int] | None:
     """The epochs of each run a stage has left: the recipe grid's own, else the chosen recipe's
     (None while the recipe search is not complete)."""
+    rows = recipe_rows(runs_dir, regime)
     if stage == "recipe":
-        return [row["epochs"] for row in recipe_rows(runs_dir, regime) for _ in range(3 - row["n"])]
-    try:
-        ep = recipe_choice(runs_dir, regime)["epochs"]
-    except SystemExit:  # recipe search not complete: the epochs are not known yet
+        return [row["epochs"] for row in rows for _ in range(3 - row["n"])]
+    if any(row["n"] < 3 for row in rows):
         return None
-    return [ep] * left
+    return [recipe_choice(runs_dir, regime)["epochs"]] * left
 
 
 def remaining(runs_dir: str) -> list[dict]:
@@ -516,6 +516,11 @@ def remaining(runs_dir: str) -> list[dict]:
     in cost, and so do sequence lengths.
     """
     prog = {r: progress(runs_dir, r) for r in REGIMES}
+    rates = {(r, st): epoch_rate(runs_dir, r, st) for r in REGIMES for st in STAGE_RUNS}
+
+    def weighted(seen):  # (value, runs) pairs -> their mean weighted by runs, or None
+        return sum(t * n for t, n in seen) / sum(n for _, n in seen) if seen else None
+
     rows = []
     for regime in REGIMES:
         for stage in STAGE_RUNS:
@@ -525,26 +530,19 @@ def remaining(runs_dir: str) -> list[dict]:
                 continue
             per_run, basis = None, None
             epochs = left_epochs(runs_dir, regime, stage, left)
-            rate = epoch_rate(runs_dir, regime, stage)
-            if rate is not None:
-                basis = "its own runs"
-            else:
-                seen = [x for x in (epoch_rate(runs_dir, r, stage) for r in REGIMES if r != regime) if x]
-                if seen:
-                    rate = (sum(t * n for t, n in seen) / sum(n for _, n in seen), 0)
-                    basis = "other regimes' runs"
+            own = rates[regime, stage]
+            rate = own[0] if own else weighted([x for (r, st), x in rates.items() if st == stage and x])
             if epochs is not None and rate is not None:
-                per_run = rate[0] * train_size(regime, stage) * sum(epochs) / left
-                basis += ", per epoch"
+                per_run = rate * train_size(regime, stage) * sum(epochs) / left
+                basis = ("its own runs" if own else "other regimes' runs") + ", per epoch"
             elif s["mean_wall_s"]:
                 per_run, basis = s["mean_wall_s"], "its own runs"
             else:
                 # per-example time of the stage's finished runs elsewhere, times this regime's size
-                seen = [(p[stage]["mean_wall_s"] / train_size(r, stage), p[stage]["done"])
-                        for r, p in prog.items() if p[stage]["mean_wall_s"]]
-                if seen:
-                    per_run = sum(t * n for t, n in seen) / sum(n for _, n in seen) * train_size(regime, stage)
-                    basis = "other regimes' runs"
+                per_example = weighted([(p[stage]["mean_wall_s"] / train_size(r, stage), p[stage]["done"])
+                                        for r, p in prog.items() if p[stage]["mean_wall_s"]])
+                if per_example is not None:
+                    per_run, basis = per_example * train_size(regime, stage), "other regimes' runs"
             rows.append({"regime": regime, "stage": stage, "left": left, "per_run_s": per_run,
                          "run_hours": None if per_run is None else left * per_run / 3600, "basis": basis})
     return rows
