@@ -29,6 +29,7 @@ REGIMES = {"mrpc1k": ("mrpc", "MRPC, 1000 training pairs"), "sst2-1k": ("sst2", 
            "rte1k": ("rte", "RTE, 1000 training pairs"), "rte": ("rte", "RTE, full training set (2490 pairs)")}
 METRIC = "accuracy"          # the main metric of every regime (pre-registered)
 LRS, EPOCHS = ("5e-5", "1e-4"), (3, 5, 10)
+SEARCH_SEEDS = 3             # seeds per recipe and per strength in the held-out searches
 FINAL_ARMS, FINAL_SEEDS = 6, 10   # registered: 6 arms x 10 seeds per regime (until then a table is interim)
 # the protocol's allowance "RTE full: 5 seeds if the CPU time is short, said so", taken 2026-12-02 before any
 # rte run (docs/results.md); examples/study.sh runs these seeds (SEEDS_FINAL_RTE to run more)
@@ -67,22 +68,34 @@ def recipe_rows(runs_dir: str, regime: str) -> list[dict]:
     return rows
 
 
-def recipe_choice(runs_dir: str, regime: str, need_complete: bool = True) -> dict:
-    """Highest mean held-out accuracy over the 3 seeds; ties: fewer epochs, then the lower lr."""
-    rows = recipe_rows(runs_dir, regime)
-    if need_complete and any(r["n"] < 3 for r in rows):
-        missing = [f"lr {r['lr']} x {r['epochs']} epochs ({r['n']}/3 seeds)" for r in rows if r["n"] < 3]
-        raise SystemExit(f"recipe search of {regime} is not finished: {', '.join(missing)}")
+def search_complete(rows: list[dict]) -> bool:
+    return all(r["n"] >= SEARCH_SEEDS for r in rows)
+
+
+def best_recipe(rows: list[dict]) -> dict:
+    """Highest mean held-out accuracy over the seeds run so far; ties: fewer epochs, then the lower lr."""
     done = [r for r in rows if r["n"]]
     return max(done, key=lambda r: (round(r["mean"], 10), -r["epochs"], -float(r["lr"])))
 
 
+def recipe_choice(runs_dir: str, regime: str, need_complete: bool = True) -> dict:
+    """The chosen recipe (``best_recipe``); by default only once every recipe has all its seeds."""
+    rows = recipe_rows(runs_dir, regime)
+    if need_complete and not search_complete(rows):
+        missing = [f"lr {r['lr']} x {r['epochs']} epochs ({r['n']}/{SEARCH_SEEDS} seeds)"
+                   for r in rows if r["n"] < SEARCH_SEEDS]
+        raise SystemExit(f"recipe search of {regime} is not finished: {', '.join(missing)}")
+    return best_recipe(rows)
+
+
 def recipe_table(runs_dir: str, regime: str) -> str:
     rows = recipe_rows(runs_dir, regime)
-    complete = all(r["n"] == 3 for r in rows)
-    best = recipe_choice(runs_dir, regime, need_complete=False) if any(r["n"] for r in rows) else None
+    complete = search_complete(rows)
+    best = best_recipe(rows) if any(r["n"] for r in rows) else None
+    total = stage_runs(regime, "recipe")
+    state = "complete" if complete else f"incomplete: {sum(r['n'] for r in rows)}/{total} runs"
     out = [f"Vanilla on the held-out 20% of {REGIMES[regime][1].split(',')[0]} train, {METRIC} x100 at the last "
-           f"epoch ({'complete' if complete else 'incomplete: ' + str(sum(r['n'] for r in rows)) + '/18 runs'}):", "",
+           f"epoch ({state}):", "",
            "| lr | epochs | n | mean | std | per seed | held-out accuracy per epoch (mean over seeds) | "
            "train loss, last epoch |", "|---|---|---|---|---|---|---|---|"]
     for r in rows:
@@ -95,7 +108,7 @@ def recipe_table(runs_dir: str, regime: str) -> str:
         out.append(f"| {r['lr']} | {r['epochs']}{mark} | {r['n']} | {mean} | {100 * r['std']:.2f} | {per} | {curve} | "
                    f"{loss} |")
     if best and not complete:
-        out.append(f"\n(leading so far: lr {best['lr']}, {best['epochs']} epochs; not a choice until all 18 runs "
+        out.append(f"\n(leading so far: lr {best['lr']}, {best['epochs']} epochs; not a choice until all {total} runs "
                    f"are in)")
     return "\n".join(out) + "\n"
 
@@ -433,7 +446,7 @@ STAGE_RUNS = ("recipe", "strength", "final")
 
 def stage_runs(regime: str, stage: str) -> int:
     """The registered number of runs of a stage."""
-    return {"recipe": len(LRS) * len(EPOCHS) * 3, "strength": 9 * 3, "final": FINAL_ARMS * final_seeds(regime)}[stage]
+    return {"recipe": len(LRS) * len(EPOCHS) * SEARCH_SEEDS, "strength": 9 * SEARCH_SEEDS, "final": FINAL_ARMS * final_seeds(regime)}[stage]
 
 
 def progress(runs_dir: str, regime: str) -> dict:
@@ -500,10 +513,8 @@ def left_epochs(runs_dir: str, regime: str, stage: str, left: int) -> list[int] 
     (None while the recipe search is not complete)."""
     rows = recipe_rows(runs_dir, regime)
     if stage == "recipe":
-        return [row["epochs"] for row in rows for _ in range(3 - row["n"])]
-    if any(row["n"] < 3 for row in rows):
-        return None
-    return [recipe_choice(runs_dir, regime)["epochs"]] * left
+        return [row["epochs"] for row in rows for _ in range(SEARCH_SEEDS - row["n"])]
+    return [best_recipe(rows)["epochs"]] * left if search_complete(rows) else None
 
 
 def remaining(runs_dir: str) -> list[dict]:
