@@ -16,11 +16,6 @@ def load(path):
         return json.load(f)
 
 
-def machine(run):
-    d = run["device"]
-    return d.get("cpu", str(d)) if isinstance(d, dict) else str(d)
-
-
 print("| regime | seed | machine (recipe run / strength run) | precision | epochs | identical at every epoch |")
 print("|---|---|---|---|---|---|")
 pairs = same = 0
@@ -36,6 +31,6 @@ for regime in sorted(os.listdir(os.path.join(RUNS, "strength"))):
             x[k] == y[k] for x, y in zip(a["epochs"], b["epochs"]) for k in ("metrics", "train_loss", "predicted_per_class"))
         pairs += 1
         same += equal
-        print(f"| {regime} | {b['config']['seed']} | {machine(a)} / {machine(b)} | {b['config']['precision']} | "
+        print(f"| {regime} | {b['config']['seed']} | {a.get('device', 'unknown machine')} / {b.get('device', 'unknown machine')} | {b['config']['precision']} | "
               f"{len(b['epochs'])} | {'yes' if equal else 'NO'} |")
 print(f"\n{same} of {pairs} twin pairs identical")
