@@ -457,7 +457,8 @@ def progress(runs_dir: str, regime: str) -> dict:
         total = stage_runs(regime, stage)
         per_config = ("*",) if stage == "recipe" else ()  # recipe/<regime>/lr{lr}_ep{ep}/<task>/vanilla/
         runs = load_runs(os.path.join(runs_dir, stage, regime, *per_config, task, "*", "seed*.json"))
-        walls = [r["wall_time_s"] for r in runs if "wall_time_s" in r]
+        from lnsr.finetune.report import run_seconds  # here: the frozen study code lacks it
+        walls = [w for w in map(run_seconds, runs) if w is not None]
         machines = Counter(r.get("device", "unknown machine") for r in runs)
         out[stage] = {"done": len(runs), "total": total, "mean_wall_s": float(np.mean(walls)) if walls else None,
                       "machines": dict(machines), "precisions": dict(Counter(precision_of(r) for r in runs))}
@@ -500,12 +501,14 @@ def train_size(regime: str, stage: str) -> int:
 def epoch_rate(runs_dir: str, regime: str, stage: str) -> tuple[float, int] | None:
     """(seconds per training example per epoch, finished runs) over a stage's runs, or None."""
     per_config = ("*",) if stage == "recipe" else ()
+    from lnsr.finetune.report import run_seconds  # here: the frozen study code lacks it
     runs = [r for r in load_runs(os.path.join(runs_dir, stage, regime, *per_config, REGIMES[regime][0], "*",
-                                              "seed*.json")) if "wall_time_s" in r]
+                                              "seed*.json")) if run_seconds(r) is not None]
     if not runs:
         return None
     n = train_size(regime, stage)
-    return float(np.mean([r["wall_time_s"] / (n * (r["config"].get("epochs") or len(r["epochs"]))) for r in runs])), len(runs)
+    return float(np.mean([run_seconds(r) / (n * (r["config"].get("epochs") or len(r["epochs"])))
+                          for r in runs])), len(runs)
 
 
 def left_epochs(runs_dir: str, regime: str, stage: str, left: int) -> list[int] | None:

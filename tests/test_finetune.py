@@ -281,3 +281,14 @@ def test_method_spec_and_regression_task(tmp_path, capsys):
     assert r["config"]["method_options"]["lam"] == 0.1 and r["config"]["method_options"]["sigma"] == 0.1
     assert r["config"]["eval_split"].startswith("holdout") and set(r["final"]) == {"pearson", "spearman"}
     assert "5 eval (holdout" in capsys.readouterr().err
+
+
+def test_run_seconds_counts_the_epochs_of_a_run_resumed_before_wall_times_spanned_processes():
+    from lnsr.finetune.report import run_seconds, summarize
+    epochs = [{"train_time_s": 100.0, "eval_time_s": 5.0}, {"train_time_s": 90.0, "eval_time_s": 6.0}]
+    whole = {"config": {"label": "a", "seed": 1}, "epochs": epochs, "final": {"accuracy": 0.5}, "wall_time_s": 210.0}
+    resumed = dict(whole, wall_time_s=97.0, config={"label": "a", "seed": 2})  # the last process alone
+    assert run_seconds(whole) == 210.0
+    assert run_seconds(resumed) == 201.0
+    assert run_seconds({k: v for k, v in whole.items() if k != "wall_time_s"}) is None
+    assert summarize([whole, resumed])["a"]["wall"] == [210.0, 201.0]

@@ -392,6 +392,7 @@ def test_interrupted_baselines_resume_exactly(tmp_path, tiny_model, monkeypatch,
         calls.append(1)
         if len(calls) == 2:
             raise KeyboardInterrupt  # as a Ctrl-C in epoch 2
+        time.sleep(1.0)  # a slow first process: its time must count in the resumed run's wall time
         return real(*a, **k)
 
     monkeypatch.setattr(runner, "evaluate", stop_in_epoch_2)
@@ -406,6 +407,9 @@ def test_interrupted_baselines_resume_exactly(tmp_path, tiny_model, monkeypatch,
     cut = json.loads((tmp_path / "cut" / "nli" / label / "seed2.json").read_text())
     assert [(e["train_loss"], e["metrics"]) for e in ref["epochs"]] == [(e["train_loss"], e["metrics"])
                                                                        for e in cut["epochs"]]
+    assert ref["resumed_from"] == [] and cut["resumed_from"] == [[2, 0]]
+    assert cut["epochs"][0]["eval_time_s"] >= 1.0
+    assert cut["wall_time_s"] >= sum(e["train_time_s"] + e["eval_time_s"] for e in cut["epochs"])
     wa = load_file(str(tmp_path / "ref" / "nli" / label / "seed2-model" / "model.safetensors"))
     wb = load_file(str(tmp_path / "cut" / "nli" / label / "seed2-model" / "model.safetensors"))
     assert all(torch.equal(wa[k], wb[k]) for k in wa)

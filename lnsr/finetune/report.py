@@ -6,6 +6,16 @@ import os
 import numpy as np
 
 
+def run_seconds(record: dict) -> float | None:
+    """What a finished run cost in seconds: its ``wall_time_s``. Records written before runs counted
+    the time of the processes they resumed from hold only the last process's wall time; for those
+    the sum of their epochs' train and eval times is the better (lower) bound. None if unrecorded."""
+    if "wall_time_s" not in record:  # absent from hand-made records
+        return None
+    epochs = sum(e.get("train_time_s", 0.0) + e.get("eval_time_s", 0.0) for e in record.get("epochs", []))
+    return max(record["wall_time_s"], epochs)
+
+
 def summarize(results: list[dict]) -> dict:
     """``{label: {"seeds": [...], "metrics": {name: [final values in seed order]}, "wall": [...], ...}}``.
 
@@ -17,8 +27,8 @@ def summarize(results: list[dict]) -> dict:
         s = out.setdefault(cfg["label"], {"seeds": [], "metrics": {}, "wall": [], "ratio": [],
                                           "eval_split": cfg.get("eval_split", "dev")})
         s["seeds"].append(cfg["seed"])
-        if "wall_time_s" in r:  # absent from hand-made records
-            s["wall"].append(r["wall_time_s"])
+        if run_seconds(r) is not None:
+            s["wall"].append(run_seconds(r))
         last = r["epochs"][-1]
         if "penalty_task_ratio" in last:
             s["ratio"].append(last["penalty_task_ratio"])

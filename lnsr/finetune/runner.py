@@ -301,6 +301,7 @@ def run_one(*, prep: Prepared, config: dict, model_path: str, tokenizer, feats: 
     scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
     ckpt_path = os.path.splitext(json_path)[0] + ".ckpt"
     epochs, start_epoch, start_step, perm, sums, n_pen, spent = [], 1, 0, None, None, 0, 0.0
+    resumed_from = []  # [epoch, step] of each resumption, in order
     method.attach(model)  # before any state is loaded: L2-SP/SMART copy the pre-trained weights here
     state = load_checkpoint(ckpt_path, config, log) if checkpoints else None
     if state is not None:
@@ -313,12 +314,20 @@ def run_one(*, prep: Prepared, config: dict, model_path: str, tokenizer, feats: 
         _set_rng_state(state["rng"], device)
         epochs, start_epoch, start_step = state["epochs"], state["epoch"], state["step"]
         perm, sums, n_pen, spent = state["perm"], state["sums"], state["n_pen"], state["train_time_s"]
+        # the record's wall time is the whole run's, not this process's: count the earlier processes'
+        # time (checkpoints of older versions lack it: their epochs' train and eval times stand in)
+        earlier = state.get("wall_time_s")
+        if earlier is None:
+            earlier = spent + sum(e["train_time_s"] + e.get("eval_time_s", 0.0) for e in state["epochs"])
+        t_start -= earlier
+        resumed_from = state.get("resumed_from", []) + [[start_epoch, start_step]]
         log(f"{tag} resuming from {ckpt_path}: epoch {start_epoch}, step {start_step}/{steps_per_epoch}")
 
     def checkpoint(epoch, step, perm, sums, n_pen, spent):
         save_checkpoint(ckpt_path, {
             "config": config, "epoch": epoch, "step": step, "perm": perm, "sums": sums, "n_pen": n_pen,
-            "train_time_s": spent, "epochs": epochs, "model": model.state_dict(), "optimizer": opt.state_dict(),
+            "train_time_s": spent, "wall_time_s": time.time() - t_start, "resumed_from": resumed_from,
+            "epochs": epochs, "model": model.state_dict(), "optimizer": opt.state_dict(),
             "scheduler": sched.state_dict(), "scaler": scaler.state_dict(), "method": method.state_dict(),
             "data_generator": gen.get_state(), "rng": _rng_state(device)})
 
@@ -419,6 +428,7 @@ def run_one(*, prep: Prepared, config: dict, model_path: str, tokenizer, feats: 
         "main_metric": spec.metrics[0],
         "wall_time_s": time.time() - t_start,
         "train_time_s": sum(e["train_time_s"] for e in epochs),
+        "resumed_from": resumed_from,
         "finished": datetime.datetime.now().isoformat(timespec="seconds"),
         "device": device_name(device),
         "versions": {"lnsr": lnsr.__version__, "torch": torch.__version__, "transformers": transformers.__version__,
