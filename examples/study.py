@@ -451,13 +451,13 @@ def stage_runs(regime: str, stage: str) -> int:
 
 def progress(runs_dir: str, regime: str) -> dict:
     """Per stage: finished runs, the registered number, and the mean wall time of a finished run (s)."""
+    from lnsr.finetune.report import run_seconds  # here: the frozen study code lacks it
     task = REGIMES[regime][0]
     out = {}
     for stage in STAGE_RUNS:
         total = stage_runs(regime, stage)
         per_config = ("*",) if stage == "recipe" else ()  # recipe/<regime>/lr{lr}_ep{ep}/<task>/vanilla/
         runs = load_runs(os.path.join(runs_dir, stage, regime, *per_config, task, "*", "seed*.json"))
-        from lnsr.finetune.report import run_seconds  # here: the frozen study code lacks it
         walls = [w for w in map(run_seconds, runs) if w is not None]
         machines = Counter(r.get("device", "unknown machine") for r in runs)
         out[stage] = {"done": len(runs), "total": total, "mean_wall_s": float(np.mean(walls)) if walls else None,

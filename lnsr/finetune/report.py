@@ -27,8 +27,9 @@ def summarize(results: list[dict]) -> dict:
         s = out.setdefault(cfg["label"], {"seeds": [], "metrics": {}, "wall": [], "ratio": [],
                                           "eval_split": cfg.get("eval_split", "dev")})
         s["seeds"].append(cfg["seed"])
-        if run_seconds(r) is not None:
-            s["wall"].append(run_seconds(r))
+        wall = run_seconds(r)
+        if wall is not None:
+            s["wall"].append(wall)
         last = r["epochs"][-1]
         if "penalty_task_ratio" in last:
             s["ratio"].append(last["penalty_task_ratio"])
