@@ -502,13 +502,11 @@ def epoch_rate(runs_dir: str, regime: str, stage: str) -> tuple[float, int] | No
     """(seconds per training example per epoch, finished runs) over a stage's runs, or None."""
     per_config = ("*",) if stage == "recipe" else ()
     from lnsr.finetune.report import run_seconds  # here: the frozen study code lacks it
-    runs = [r for r in load_runs(os.path.join(runs_dir, stage, regime, *per_config, REGIMES[regime][0], "*",
-                                              "seed*.json")) if run_seconds(r) is not None]
-    if not runs:
-        return None
     n = train_size(regime, stage)
-    return float(np.mean([run_seconds(r) / (n * (r["config"].get("epochs") or len(r["epochs"])))
-                          for r in runs])), len(runs)
+    rates = [secs / (n * (r["config"].get("epochs") or len(r["epochs"])))
+             for r in load_runs(os.path.join(runs_dir, stage, regime, *per_config, REGIMES[regime][0], "*",
+                                             "seed*.json")) if (secs := run_seconds(r)) is not None]
+    return (float(np.mean(rates)), len(rates)) if rates else None
 
 
 def left_epochs(runs_dir: str, regime: str, stage: str, left: int) -> list[int] | None:

@@ -6,14 +6,18 @@ import os
 import numpy as np
 
 
+def epochs_seconds(epochs: list[dict]) -> float:
+    """The train and eval seconds of a run's finished epochs (a lower bound of what they cost)."""
+    return sum(e.get("train_time_s", 0.0) + e.get("eval_time_s", 0.0) for e in epochs)
+
+
 def run_seconds(record: dict) -> float | None:
     """What a finished run cost in seconds: its ``wall_time_s``. Records written before runs counted
     the time of the processes they resumed from hold only the last process's wall time; for those
-    the sum of their epochs' train and eval times is the better (lower) bound. None if unrecorded."""
+    ``epochs_seconds`` is the better (lower) bound. None if unrecorded."""
     if "wall_time_s" not in record:  # absent from hand-made records
         return None
-    epochs = sum(e.get("train_time_s", 0.0) + e.get("eval_time_s", 0.0) for e in record.get("epochs", []))
-    return max(record["wall_time_s"], epochs)
+    return max(record["wall_time_s"], epochs_seconds(record.get("epochs", [])))
 
 
 def summarize(results: list[dict]) -> dict:

@@ -18,6 +18,7 @@ from ..utils.machine import cpu_has_bf16, cpu_name, source_commit
 from .files import load_file_task, parse_eval_files
 from .glue import TaskSpec, get_task, load_task, read_tsv, split_holdout
 from .methods import METHODS
+from .report import epochs_seconds
 from .metrics import compute_metrics
 
 
@@ -318,7 +319,7 @@ def run_one(*, prep: Prepared, config: dict, model_path: str, tokenizer, feats: 
         # time (checkpoints of older versions lack it: their epochs' train and eval times stand in)
         earlier = state.get("wall_time_s")
         if earlier is None:
-            earlier = spent + sum(e["train_time_s"] + e.get("eval_time_s", 0.0) for e in state["epochs"])
+            earlier = spent + epochs_seconds(state["epochs"])
         t_start -= earlier
         resumed_from = state.get("resumed_from", []) + [[start_epoch, start_step]]
         log(f"{tag} resuming from {ckpt_path}: epoch {start_epoch}, step {start_step}/{steps_per_epoch}")
