@@ -449,15 +449,25 @@ def stage_runs(regime: str, stage: str) -> int:
     return {"recipe": len(LRS) * len(EPOCHS) * SEARCH_SEEDS, "strength": 9 * SEARCH_SEEDS, "final": FINAL_ARMS * final_seeds(regime)}[stage]
 
 
+def stage_records(runs_dir: str, regime: str, stage: str) -> list[dict]:
+    """The finished run records of one stage of one regime."""
+    per_config = ("*",) if stage == "recipe" else ()  # recipe/<regime>/lr{lr}_ep{ep}/<task>/vanilla/
+    return load_runs(os.path.join(runs_dir, stage, regime, *per_config, REGIMES[regime][0], "*", "seed*.json"))
+
+
+def stage_done(runs_dir: str, regime: str, stage: str) -> bool:
+    """Has every registered run of the stage finished? The driver asks this of the frozen study code,
+    so it reads the records only (no newer lnsr function)."""
+    return len(stage_records(runs_dir, regime, stage)) >= stage_runs(regime, stage)
+
+
 def progress(runs_dir: str, regime: str) -> dict:
     """Per stage: finished runs, the registered number, and the mean wall time of a finished run (s)."""
     from lnsr.finetune.report import run_seconds  # here: the frozen study code lacks it
-    task = REGIMES[regime][0]
     out = {}
     for stage in STAGE_RUNS:
         total = stage_runs(regime, stage)
-        per_config = ("*",) if stage == "recipe" else ()  # recipe/<regime>/lr{lr}_ep{ep}/<task>/vanilla/
-        runs = load_runs(os.path.join(runs_dir, stage, regime, *per_config, task, "*", "seed*.json"))
+        runs = stage_records(runs_dir, regime, stage)
         walls = [w for w in map(run_seconds, runs) if w is not None]
         machines = Counter(r.get("device", "unknown machine") for r in runs)
         out[stage] = {"done": len(runs), "total": total, "mean_wall_s": float(np.mean(walls)) if walls else None,
@@ -500,12 +510,10 @@ def train_size(regime: str, stage: str) -> int:
 
 def epoch_rate(runs_dir: str, regime: str, stage: str) -> tuple[float, int] | None:
     """(seconds per training example per epoch, finished runs) over a stage's runs, or None."""
-    per_config = ("*",) if stage == "recipe" else ()
     from lnsr.finetune.report import run_seconds  # here: the frozen study code lacks it
     n = train_size(regime, stage)
     rates = [secs / (n * (r["config"].get("epochs") or len(r["epochs"])))
-             for r in load_runs(os.path.join(runs_dir, stage, regime, *per_config, REGIMES[regime][0], "*",
-                                             "seed*.json")) if (secs := run_seconds(r)) is not None]
+             for r in stage_records(runs_dir, regime, stage) if (secs := run_seconds(r)) is not None]
     return (float(np.mean(rates)), len(rates)) if rates else None
 
 
@@ -659,8 +667,7 @@ def main(argv=None) -> int:
     elif a.command == "stage-done":  # exit status 0 when every registered run of the stage has finished
         if not a.stage:
             ap.error("stage-done needs a regime and a stage")
-        p = progress(a.runs, a.regime)[a.stage]
-        return 0 if p["done"] >= p["total"] else 1
+        return 0 if stage_done(a.runs, a.regime, a.stage) else 1
     elif a.command == "remaining":
         print(remaining_text(a.runs, a.jobs), end="")
     else:

@@ -413,3 +413,51 @@ def test_summary_rewrites_each_run_directory_summary_from_all_its_runs(study, tm
     assert rows[2].startswith("| lnsr_lam0_inject_at0 | accuracy | 2 | 71.50 |")
     assert "| vanilla | accuracy | 1 | 50.00 |" in (recipe_dir / "summary.md").read_text()
     assert "| - | - |" in (recipe_dir / "summary.md").read_text()
+
+
+# What lnsr.finetune's modules define at the study's frozen commit (examples/study_frozen.sh,
+# STUDY_COMMIT a7c2d42), whose code runs the study's driver with this checkout's study.py.
+FROZEN_NAMES = {
+    "report": {"summarize", "metric_names_of", "stats", "markdown_table", "plot", "write_summary"},
+    "stats": {"_betacf", "betainc", "t_cdf", "t_ppf", "paired_t", "mean_ci", "wilcoxon_exact", "sign_test",
+              "compare"},
+    "tune": {"DEFAULT_GRID", "parse_grid", "grid_specs", "paired", "rank", "table", "add_tune_args", "tune_main"},
+}
+
+
+def test_frozen_names_match_the_study_commit():
+    """FROZEN_NAMES is read off the frozen commit where git has it (a shallow clone may not)."""
+    import ast
+    import subprocess
+    for mod, names in FROZEN_NAMES.items():
+        try:
+            src = subprocess.run(["git", "show", f"a7c2d42:lnsr/finetune/{mod}.py"], cwd=os.path.join(HERE, ".."),
+                                 capture_output=True, text=True, check=True).stdout
+        except (OSError, subprocess.CalledProcessError):
+            pytest.skip("the frozen commit is not in this checkout's git history")
+        body = ast.parse(src).body
+        defined = {n.name for n in body if isinstance(n, (ast.FunctionDef, ast.ClassDef))}
+        defined |= {t.id for n in body if isinstance(n, ast.Assign) for t in n.targets if isinstance(t, ast.Name)}
+        assert names <= defined, (mod, names - defined)
+
+
+def test_driver_commands_run_on_the_frozen_study_code(study, tmp_path, monkeypatch):
+    """The driver (examples/study_frozen.sh) calls task-of, stage-done, recipe-choice and recipe-table
+    with the frozen commit's lnsr on the path: none may need a function added since (stage-done once
+    did, through progress's run_seconds, and the driver then walked every finished stage again)."""
+    import importlib
+    for mod, names in FROZEN_NAMES.items():
+        m = importlib.import_module(f"lnsr.finetune.{mod}")
+        for name in [n for n, v in vars(m).items() if callable(v) and getattr(v, "__module__", None) == m.__name__]:
+            if name not in names:
+                monkeypatch.delattr(m, name)
+    runs = tmp_path / "runs"
+    _recipe(runs)
+    assert study.main(["--runs", str(runs), "task-of", "mrpc1k"]) == 0
+    assert study.main(["--runs", str(runs), "stage-done", "mrpc1k", "recipe"]) == 0
+    assert study.main(["--runs", str(runs), "stage-done", "mrpc1k", "final"]) == 1
+    assert study.main(["--runs", str(runs), "recipe-choice", "mrpc1k"]) == 0
+    assert study.main(["--runs", str(runs), "recipe-table", "mrpc1k"]) == 0
+    # the check has teeth: the newer progress (the status command's, not the driver's) needs run_seconds
+    with pytest.raises(ImportError):
+        study.progress(str(runs), "mrpc1k")
