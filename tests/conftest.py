@@ -1,4 +1,11 @@
 import os
+import sys
+
+# `python -m pytest` (README's command) puts the working directory first on sys.path; from the repository
+# root the source folder kernels/ (installed as lnsr.kernels) would then shadow the PyPI package `kernels`,
+# which transformers >= 5.25 imports: keep the root off the path (the tests import lnsr as installed).
+_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != _ROOT]
 
 import pytest
 import torch
