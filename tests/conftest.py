@@ -6,6 +6,7 @@ import sys
 # which transformers >= 5.25 imports: keep the root off the path (the tests import lnsr as installed).
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != _ROOT]
+os.environ["PYTHONSAFEPATH"] = "1"  # and off the path of the tests' `python -m` / `-c` child processes
 
 import pytest
 import torch

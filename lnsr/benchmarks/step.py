@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import importlib.metadata
 import json
+import os
 import resource
 import statistics
 import subprocess
@@ -191,7 +192,10 @@ def default_precision(device_type: str) -> str:
 def _child(spec: dict, timeout: float) -> dict:
     cmd = [sys.executable, "-m", "lnsr.benchmarks.step", "--worker", json.dumps(spec)]
     try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+        # PYTHONSAFEPATH: `-m` would put the working directory first on sys.path; from the repository root its
+        # kernels/ folder then shadows the PyPI package `kernels` that transformers >= 5.25 imports
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout,
+                              env={**os.environ, "PYTHONSAFEPATH": "1"})
     except subprocess.TimeoutExpired:
         return {**spec, "error": f"timed out after {timeout:.0f}s"}
     for line in reversed(proc.stdout.splitlines()):
