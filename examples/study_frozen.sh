@@ -29,12 +29,16 @@ setup() {
     echo "$WORKTREE is not at $STUDY_COMMIT" >&2; exit 2; }
   # the copy's own Triton kernels, not the development tree's (the editable install maps lnsr.kernels there)
   [ -e "$WORKTREE/lnsr/kernels" ] || ln -s "$WORKTREE/kernels" "$WORKTREE/lnsr/kernels"
+  # the import path holds the copy's lnsr package and nothing else: the worktree root itself would put
+  # its top-level kernels/ folder ahead of the PyPI package 'kernels' that transformers >= 5.25 imports
+  mkdir -p "$LOGS/pypath"
+  [ -e "$LOGS/pypath/lnsr" ] || ln -s "$WORKTREE/lnsr" "$LOGS/pypath/lnsr"
   cp "$HERE/examples/study.sh" "$HERE/examples/study.py" "$WORKTREE/examples/"
   mkdir -p "$LOGS"
 }
 
 driver() {
-  export PYTHONPATH=$WORKTREE DATA OUT MODELS=${MODELS:-$LOGS/models} LNSR=$VENV/bin/lnsr PYTHON=$VENV/bin/python
+  export PYTHONPATH=$LOGS/pypath PYTHONSAFEPATH=1 DATA OUT MODELS=${MODELS:-$LOGS/models} LNSR=$VENV/bin/lnsr PYTHON=$VENV/bin/python
   export JOBS=${JOBS:-2} THREADS=${THREADS:-1}
   cd "$WORKTREE"
   echo "start $(date -u)"
