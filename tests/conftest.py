@@ -1,9 +1,9 @@
 import os
 import sys
 
-# `python -m pytest` (README's command) puts the working directory first on sys.path; from the repository
-# root the source folder kernels/ (installed as lnsr.kernels) would then shadow the PyPI package `kernels`,
-# which transformers >= 5.25 imports: keep the root off the path (the tests import lnsr as installed).
+# `python -m pytest` (README's command) puts the working directory first on sys.path: keep the repository
+# root off it, so that the tests import lnsr as installed and nothing from the source folders by accident
+# (kernels/ hands the top-level name over to the PyPI package `kernels`: tests/test_kernels_name.py).
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != _ROOT]
 os.environ["PYTHONSAFEPATH"] = "1"  # and off the path of the tests' `python -m` / `-c` child processes

@@ -192,8 +192,8 @@ def default_precision(device_type: str) -> str:
 def _child(spec: dict, timeout: float) -> dict:
     cmd = [sys.executable, "-m", "lnsr.benchmarks.step", "--worker", json.dumps(spec)]
     try:
-        # PYTHONSAFEPATH: `-m` would put the working directory first on sys.path; from the repository root its
-        # kernels/ folder then shadows the PyPI package `kernels` that transformers >= 5.25 imports
+        # PYTHONSAFEPATH: the worker imports installed packages only; `-m` would put the working directory
+        # first on sys.path, where any folder named like a package shadows it
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout,
                               env={**os.environ, "PYTHONSAFEPATH": "1"})
     except subprocess.TimeoutExpired:
