@@ -1,5 +1,5 @@
 """Triton kernels of the lnsr ops, installed as ``lnsr.kernels`` (``_backend``: the backend object,
-``_triton``: the kernels and their ops; docs/design.md §4)."""
+``_triton``: the kernels and their ops; docs/design.md §4-5)."""
 import os
 import sys
 

@@ -1,4 +1,4 @@
-"""The ``triton`` backend object of ``lnsr.kernels`` (docs/design.md §4, issue 3).
+"""The ``triton`` backend object of ``lnsr.kernels`` (docs/design.md §5, issue 3).
 
 ``backend()`` is what ``lnsr.ops.dispatch`` loads for ``backend="triton"``: a ``TritonBackend``,
 the backend contract of ``lnsr.ops.backend`` on the ops ``torch.ops.lnsr_triton.*`` defined in

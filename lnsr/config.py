@@ -45,7 +45,7 @@ class LNSRConfig:
     dropout: str = "paired"           # paired | independent | off, inside the regularised blocks
     n_anchors: int = ops.DEFAULT_ANCHORS  # manifold noise: tokens spanning the noise subspace
     blocks: Any = None                # None (found per model type), an attribute path, or a list of modules
-    backend: str = "auto"             # auto | torch | triton | cpp ...
+    backend: str = "auto"             # auto | torch | triton | cuda | cpu (lnsr.ops.BACKENDS)
     check_finite: bool = True         # raise on NaN/Inf where the noise goes in (one host sync per step)
     every: int = 1                    # regularise one training forward in `every`
     noisy_fraction: float = 1.0       # share of the batch (its last rows) given a noisy copy

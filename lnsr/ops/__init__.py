@@ -12,7 +12,7 @@ from typing import Sequence
 import torch
 
 from . import dispatch, reference
-from .backend import Backend, weights_tensor
+from .backend import DENSE_KINDS, Backend, weights_tensor
 from .dispatch import BACKENDS, available_backends, register_loader, resolve_backend
 from .reference import DEFAULT_ANCHORS, NOISE_KINDS, SEED_MAX, check_seed, make_eps, noise
 
@@ -72,7 +72,7 @@ def perturb(h: torch.Tensor, seed: int, *, sigma: float, kind: str = "relative",
     _check_mask(mask, h.shape[:-1], "h")
     if traced_seed:  # the seed stays a graph input: a new value each step does not recompile
         return torch.ops.lnsr_seeded.perturb(h, seed, sigma, kind, mask, n_anchors, backend)
-    if backend == "auto" and kind in ("gaussian", "relative") and not Backend.uses_reference(h):
+    if backend == "auto" and kind in DENSE_KINDS and not Backend.uses_reference(h):
         hd = h.detach()
         impl = dispatch.resolve_for(
             "perturb", dispatch.input_class(kind, h.dtype, h.shape[-1], h.numel()), h.device,
