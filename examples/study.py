@@ -526,6 +526,53 @@ def left_epochs(runs_dir: str, regime: str, stage: str, left: int) -> list[int] 
     return [best_recipe(rows)["epochs"]] * left if search_complete(rows) else None
 
 
+def arm_kind(label: str) -> str:
+    """The final's six arms by what they cost: vanilla, control, lnsr, cheap (noisy_fraction), r3f, mixout."""
+    if label == "vanilla":
+        return "vanilla"
+    if label.startswith("lnsr_lam0_") or label == "lnsr_lam0":
+        return "control"
+    if label.startswith("lnsr"):
+        return "cheap" if "noisy_fraction" in label else "lnsr"
+    return label.split("_")[0]
+
+
+def _arm_rates(runs_dir: str, regime: str) -> dict:
+    """Seconds per training example per epoch of each finished final run of a regime, by arm kind."""
+    from lnsr.finetune.report import run_seconds  # here: the frozen study code lacks it
+    n = train_size(regime, "final")
+    out = {}
+    for r in stage_records(runs_dir, regime, "final"):
+        secs = run_seconds(r)
+        if secs is not None:
+            label = r["config"].get("label") or os.path.basename(os.path.dirname(r["_path"]))
+            out.setdefault(arm_kind(label), []).append(secs / (n * (r["config"].get("epochs") or len(r["epochs"]))))
+    return out
+
+
+def arm_cost_factors(runs_dir: str) -> dict:
+    """Each arm kind's cost relative to vanilla, from the finals that ran both: per regime the ratio
+    of the kinds' mean rates (one machine mix per regime, roughly), then the mean over regimes."""
+    ratios = {}
+    for regime in REGIMES:
+        rates = _arm_rates(runs_dir, regime)
+        if "vanilla" not in rates:
+            continue
+        base = float(np.mean(rates["vanilla"]))
+        for kind, rs in rates.items():
+            ratios.setdefault(kind, []).append(float(np.mean(rs)) / base)
+    return {kind: float(np.mean(rs)) for kind, rs in ratios.items()}
+
+
+def final_left_by_kind(runs_dir: str, regime: str) -> dict:
+    """Runs a final has left per arm kind (each arm runs every seed)."""
+    done = Counter(arm_kind(r["config"].get("label") or os.path.basename(os.path.dirname(r["_path"])))
+                   for r in stage_records(runs_dir, regime, "final"))
+    seeds = final_seeds(regime)
+    return {k: seeds - done.get(k, 0) for k in ("vanilla", "control", "lnsr", "cheap", "r3f", "mixout")
+            if seeds - done.get(k, 0) > 0}
+
+
 def remaining(runs_dir: str) -> list[dict]:
     """Runs left per regime and stage, with a rough cost in run-hours (one run's wall time, summed).
 
@@ -552,7 +599,17 @@ def remaining(runs_dir: str) -> list[dict]:
             epochs = left_epochs(runs_dir, regime, stage, left)
             own = rates[regime, stage]
             rate = own[0] if own else weighted([x for (r, st), x in rates.items() if st == stage and x])
-            if epochs is not None and rate is not None:
+            factors = arm_cost_factors(runs_dir) if stage == "final" and own and epochs is not None else {}
+            by_kind = final_left_by_kind(runs_dir, regime) if factors else {}
+            if by_kind and all(k in factors for k in by_kind) and sum(by_kind.values()) == left:
+                # the final's arms differ in cost (LNSR's doubled forward, R3F's second pass): the regime's
+                # own runs give its vanilla-equivalent rate, the other finals each left arm's cost factor
+                own_rates = _arm_rates(runs_dir, regime)
+                base = float(np.mean([x / factors[k] for k, xs in own_rates.items() for x in xs]))
+                per_run = base * train_size(regime, stage) * epochs[0] * sum(
+                    factors[k] * n for k, n in by_kind.items()) / left
+                basis = "its own runs, per epoch and arm"
+            elif epochs is not None and rate is not None:
                 per_run = rate * train_size(regime, stage) * sum(epochs) / left
                 basis = ("its own runs" if own else "other regimes' runs") + ", per epoch"
             elif s["mean_wall_s"]:

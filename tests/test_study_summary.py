@@ -253,6 +253,30 @@ def test_remaining_costs_runs_of_known_epochs_per_epoch(study, tmp_path):
     assert final["per_run_s"] == pytest.approx(1000.0 / 10 * 5) and final["left"] == 59
 
 
+def test_remaining_costs_a_final_per_arm_from_the_other_finals_cost_factors(study, tmp_path):
+    runs = tmp_path / "runs"
+    _recipe(runs, regime="rte", task="rte")  # chosen: 5 epochs
+    # mrpc1k's final: the control costs 1.5x vanilla, R3F 2x (1 epoch, 1000 examples)
+    for arm, wall in (("vanilla", 100.0), ("lnsr_lam0_inject_at0", 150.0), ("r3f", 200.0)):
+        _run(str(runs / "final" / "mrpc1k" / "mrpc" / arm / "seed1.json"), 1, 0.7, wall=wall)
+    assert study.arm_cost_factors(str(runs)) == pytest.approx({"vanilla": 1.0, "control": 1.5, "r3f": 2.0})
+    # rte: one vanilla run (5 epochs x 2490 examples, 1000 s): 29 left, but the factors of lnsr, cheap and
+    # mixout are unknown, so the stage's own mean stands
+    _run(str(runs / "final" / "rte" / "rte" / "vanilla" / "seed1.json"), 1, 0.6, epochs=5, wall=1000.0)
+    rte = next(r for r in study.remaining(str(runs)) if (r["regime"], r["stage"]) == ("rte", "final"))
+    assert rte["basis"] == "its own runs, per epoch" and rte["per_run_s"] == pytest.approx(1000.0)
+    for arm in ("lnsr_lam0.003_inject_at0", "lnsr_lam0.003_inject_at0_noisy_fraction0.25", "mixout"):
+        _run(str(runs / "final" / "mrpc1k" / "mrpc" / arm / "seed1.json"), 1, 0.7, wall=100.0)
+    # and a control run of rte at 1.5x: its vanilla-equivalent rate is unchanged
+    _run(str(runs / "final" / "rte" / "rte" / "lnsr_lam0_inject_at0" / "seed1.json"), 1, 0.6, epochs=5, wall=1500.0)
+    assert study.final_left_by_kind(str(runs), "rte") == {k: 4 for k in ("vanilla", "control")} | {
+        k: 5 for k in ("lnsr", "cheap", "r3f", "mixout")}
+    rte = next(r for r in study.remaining(str(runs)) if (r["regime"], r["stage"]) == ("rte", "final"))
+    # left: 4 vanilla (1x), 4 control (1.5x), 5 r3f (2x), 5 each of lnsr, cheap, mixout (1x) at 1000 s per 1x
+    assert rte["basis"] == "its own runs, per epoch and arm" and rte["left"] == 28
+    assert rte["run_hours"] == pytest.approx((4 + 6 + 10 + 15) * 1000.0 / 3600)
+
+
 def test_a_study_that_moves_between_machines_says_so(study, tmp_path):
     runs = tmp_path / "runs"
     for seed in (1, 2):
