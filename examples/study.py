@@ -219,8 +219,8 @@ def final_section(runs_dir: str, regime: str, plot_dir: str) -> str | None:
     interim = n_runs < FINAL_ARMS * n_seeds
     head = (f"**Interim: {n_runs} of {FINAL_ARMS * n_seeds} runs finished** (seeds run in order, every arm of a "
             f"seed before the next seed); no reading is made before all {n_seeds} seeds are in. ") if interim else ""
-    out = [f"{head}Dev {METRIC} x100 at the last epoch, seeds {min(min(s) for s in scores.values())}-"
-           f"{max(max(s) for s in scores.values())}:", "",
+    lo, hi = min(min(s) for s in scores.values()), max(max(s) for s in scores.values())
+    out = [f"{head}Dev {METRIC} x100 at the last epoch, " + (f"seed {lo}:" if lo == hi else f"seeds {lo}-{hi}:"), "",
            "| arm | n | mean | std | min | max | degenerate runs | per seed |", "|---|---|---|---|---|---|---|---|"]
     for a in labels:
         v = np.array([scores[a][s] for s in sorted(scores[a])])

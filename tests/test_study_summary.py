@@ -104,9 +104,15 @@ def test_final_tables_paired_statistics_and_block_rewrite(study, tmp_path, monke
     # one run fewer: the table is interim, with no reading
     os.remove(runs / "final" / "mrpc1k" / "mrpc" / "vanilla" / "seed5.json")
     text = study.final_section(str(runs), "mrpc1k", str(tmp_path / "plots"))
-    assert "**Interim: 14 of 15 runs finished**" in text
+    assert "**Interim: 14 of 15 runs finished**" in text and "at the last epoch, seeds 1-5:" in text
     ahead = next(x for x in text.splitlines() if x.startswith("| lnsr_lam0.01_inject_at0_noiserelative - vanilla"))
     assert "4/0" in ahead and ahead.endswith("interim (4 seeds) |")
+    for arm in arms:  # seed 1 alone: "seed 1", not "seeds 1-1"
+        for seed in range(2, 6):
+            path = runs / "final" / "mrpc1k" / "mrpc" / arm / f"seed{seed}.json"
+            if path.exists():
+                os.remove(path)
+    assert "at the last epoch, seed 1:" in study.final_section(str(runs), "mrpc1k", str(tmp_path / "plots"))
 
     results = tmp_path / "results.md"
     results.write_text("# head\n<!-- study:begin -->\nold\n<!-- study:end -->\n# tail\n")
