@@ -179,18 +179,25 @@ def final_arms(runs_dir: str, regime: str) -> dict:
     return arms
 
 
+def arm_kind(label: str) -> str:
+    """The final's six arms by what they cost: vanilla, control, lnsr, cheap (noisy_fraction), r3f, mixout."""
+    if label == "vanilla":
+        return "vanilla"
+    if label.startswith("lnsr_lam0_") or label == "lnsr_lam0":
+        return "control"
+    if label.startswith("lnsr"):
+        return "cheap" if "noisy_fraction" in label else "lnsr"
+    return label.split("_")[0]
+
+
+def run_label(r: dict) -> str:
+    """A run record's arm label (its folder's name in older records)."""
+    return r["config"].get("label") or os.path.basename(os.path.dirname(r["_path"]))
+
+
 def arm_order(labels) -> list:
-    def key(label):
-        if label == "vanilla":
-            return (0, label)
-        if label.startswith("lnsr_lam0_") or label == "lnsr_lam0":
-            return (1, label)
-        if label.startswith("lnsr") and "noisy_fraction" not in label:
-            return (2, label)
-        if label.startswith("lnsr"):
-            return (3, label)
-        return (4, label)
-    return sorted(labels, key=key)
+    rank = {"vanilla": 0, "control": 1, "lnsr": 2, "cheap": 3}  # then the baselines, by label
+    return sorted(labels, key=lambda label: (rank.get(arm_kind(label), 4), label))
 
 
 def fmt_cmp(c: dict, interim: bool = False) -> str:
@@ -526,17 +533,6 @@ def left_epochs(runs_dir: str, regime: str, stage: str, left: int) -> list[int] 
     return [best_recipe(rows)["epochs"]] * left if search_complete(rows) else None
 
 
-def arm_kind(label: str) -> str:
-    """The final's six arms by what they cost: vanilla, control, lnsr, cheap (noisy_fraction), r3f, mixout."""
-    if label == "vanilla":
-        return "vanilla"
-    if label.startswith("lnsr_lam0_") or label == "lnsr_lam0":
-        return "control"
-    if label.startswith("lnsr"):
-        return "cheap" if "noisy_fraction" in label else "lnsr"
-    return label.split("_")[0]
-
-
 def _arm_rates(runs_dir: str, regime: str) -> dict:
     """Seconds per training example per epoch of each finished final run of a regime, by arm kind."""
     from lnsr.finetune.report import run_seconds  # here: the frozen study code lacks it
@@ -545,8 +541,7 @@ def _arm_rates(runs_dir: str, regime: str) -> dict:
     for r in stage_records(runs_dir, regime, "final"):
         secs = run_seconds(r)
         if secs is not None:
-            label = r["config"].get("label") or os.path.basename(os.path.dirname(r["_path"]))
-            out.setdefault(arm_kind(label), []).append(secs / (n * (r["config"].get("epochs") or len(r["epochs"]))))
+            out.setdefault(arm_kind(run_label(r)), []).append(secs / (n * (r["config"].get("epochs") or len(r["epochs"]))))
     return out
 
 
@@ -566,8 +561,7 @@ def arm_cost_factors(runs_dir: str) -> dict:
 
 def final_left_by_kind(runs_dir: str, regime: str) -> dict:
     """Runs a final has left per arm kind (each arm runs every seed)."""
-    done = Counter(arm_kind(r["config"].get("label") or os.path.basename(os.path.dirname(r["_path"])))
-                   for r in stage_records(runs_dir, regime, "final"))
+    done = Counter(arm_kind(run_label(r)) for r in stage_records(runs_dir, regime, "final"))
     seeds = final_seeds(regime)
     return {k: seeds - done.get(k, 0) for k in ("vanilla", "control", "lnsr", "cheap", "r3f", "mixout")
             if seeds - done.get(k, 0) > 0}
@@ -584,6 +578,7 @@ def remaining(runs_dir: str) -> list[dict]:
     """
     prog = {r: progress(runs_dir, r) for r in REGIMES}
     rates = {(r, st): epoch_rate(runs_dir, r, st) for r in REGIMES for st in STAGE_RUNS}
+    all_factors = arm_cost_factors(runs_dir)  # read once: every final's runs
 
     def weighted(seen):  # (value, runs) pairs -> their mean weighted by runs, or None
         return sum(t * n for t, n in seen) / sum(n for _, n in seen) if seen else None
@@ -599,7 +594,7 @@ def remaining(runs_dir: str) -> list[dict]:
             epochs = left_epochs(runs_dir, regime, stage, left)
             own = rates[regime, stage]
             rate = own[0] if own else weighted([x for (r, st), x in rates.items() if st == stage and x])
-            factors = arm_cost_factors(runs_dir) if stage == "final" and own and epochs is not None else {}
+            factors = all_factors if stage == "final" and own and epochs is not None else {}
             by_kind = final_left_by_kind(runs_dir, regime) if factors else {}
             if by_kind and all(k in factors for k in by_kind) and sum(by_kind.values()) == left:
                 # the final's arms differ in cost (LNSR's doubled forward, R3F's second pass): the regime's
