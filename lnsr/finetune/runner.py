@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from ..packaged import MODELS as PACKAGED_MODELS, resolve_model
+from ..packaged import SHORT_NAMES, resolve_model
 from ..utils.machine import cpu_has_bf16, cpu_name, source_commit
 from .files import load_file_task, parse_eval_files
 from .glue import TaskSpec, get_task, load_task, read_tsv, split_holdout
@@ -502,11 +502,12 @@ def run_task(prep: Prepared, args, methods: list[tuple[str, str, dict]], log=pri
     from transformers import AutoTokenizer
 
     spec = prep.spec
-    model_path = resolve_model(args.model) or default_model_path()
+    model_name = args.model or "minilm"   # the packaged all-MiniLM-L6-v2 by default
+    model_path = resolve_model(model_name)
     if os.path.isdir(model_path):
-        model_path = os.path.realpath(model_path)  # recorded in the config: one spelling per folder
-    # a packaged model is recorded by its short name (its fetch checked the weights' sha256)
-    recorded_model = args.model if args.model in PACKAGED_MODELS else model_path
+        model_path = os.path.realpath(model_path)
+    # a packaged model is recorded by its short name (no machine path; a fetch checks the weights' sha256)
+    recorded_model = model_name if model_name in SHORT_NAMES else model_path
     dev = prep.evaluation
     if args.max_eval_samples and args.max_eval_samples < len(dev):
         dev = dev[:args.max_eval_samples]
