@@ -28,7 +28,7 @@ LNSR=${LNSR:-lnsr}
 PY=${PYTHON:-python}
 # the commit whose code runs every run of the study (set when the protocol was registered); `start`
 # checks a git worktree of it out beside this checkout
-STABILITY_COMMIT=${STABILITY_COMMIT:-8cdca2f}
+STABILITY_COMMIT=${STABILITY_COMMIT:-bab2745}
 WORKTREE=${WORKTREE:-$HERE/../stability}
 LOGS=${LOGS:-$HERE/../stability_logs}
 VENV=${VENV:-$HERE/.venv}
