@@ -3,14 +3,18 @@
 A backend is a ``lnsr.ops.backend.Backend`` (the contract, docs/design.md §5).  ``torch`` (the
 reference) is always present; ``triton`` (``lnsr.kernels``) and ``cpu``/``cuda`` (``lnsr._C``) are
 loaded by the loaders below, which import lazily so that a missing optional dependency costs
-nothing until asked for.
+nothing until asked for.  On the device types of ``SELFCHECK_DEVICES`` (CUDA) ``auto`` takes a
+backend other than ``torch`` only once it has passed its self-check against the reference
+(``lnsr.ops.selfcheck``; ``LNSR_SELFCHECK=0`` skips it).
 """
 from __future__ import annotations
 
 import math
 import os
 import statistics
+import threading
 import time
+import warnings
 from typing import Callable
 
 import torch
@@ -60,6 +64,8 @@ def register_loader(name: str, loader: Callable[[], object]) -> None:
     _LOADERS[name] = loader
     _CACHE.pop(name, None)
     _ERRORS.pop(name, None)
+    for key in [k for k in _SELFCHECKS if k[0] == name]:  # a new implementation is checked anew
+        del _SELFCHECKS[key]
 
 
 def _load(name: str):
@@ -78,6 +84,80 @@ def _load(name: str):
         return None
     _CACHE[name] = impl
     return impl
+
+
+# ---------------------------------------------------------------------------------------------
+# The self-check (issue #35): kernels that compile may still never have run on the GPU at hand.
+# Before ``auto`` first takes a backend other than ``torch`` on a device type of SELFCHECK_DEVICES,
+# ``lnsr.ops.selfcheck.selfcheck`` compares it with the reference on small inputs, once per process
+# per (backend, device); a failure (a mismatch or any exception) makes ``auto`` pass over it, with
+# one warning per backend.  Explicitly named backends are not checked (the caller's choice).
+# ---------------------------------------------------------------------------------------------
+SELFCHECK_DEVICES = {"cuda"}       # device types where ``auto`` self-checks (the CPU kernels are tested here)
+_SELFCHECKS: dict[tuple, object] = {}  # (backend, device type, index) -> selfcheck.SelfCheckResult
+_SELFCHECK_WARNED: set[str] = set()    # backends whose failure was reported (once per process)
+_SELFCHECK_LOCK = threading.RLock()
+
+
+def _selfcheck_enabled() -> bool:
+    return os.environ.get("LNSR_SELFCHECK", "1").strip().lower() not in ("0", "false", "no", "off")
+
+
+def _selfcheck_passed(name: str, device_type: str, index) -> bool:
+    """The cached result of backend ``name``'s self-check on the device, running it on first use."""
+    if device_type == "cuda" and index is None:
+        index = torch.cuda.current_device()  # "cuda" and "cuda:0" are one device, one check
+    elif device_type == "cpu":
+        index = None
+    key = (name, device_type, index)
+    with _SELFCHECK_LOCK:
+        result = _SELFCHECKS.get(key)
+        if result is None:
+            if device_type == "cuda" and torch.cuda.is_current_stream_capturing():
+                return False  # a capture forbids the check's host syncs: pass over it for this call, uncached
+            from . import selfcheck  # lazily: selfcheck imports lnsr.ops, which imports this module
+
+            impl = _load(name)
+            device = torch.device(device_type) if index is None else torch.device(device_type, index)
+            try:
+                result = selfcheck.selfcheck(impl, device)
+            except Exception as exc:  # the check's own setup failed: the backend is not vouched for either
+                result = selfcheck.SelfCheckResult(name, str(device), [selfcheck.Failure(
+                    "selfcheck", f"raised {type(exc).__name__}: {exc}")])
+            _SELFCHECKS[key] = result
+            if not result.ok and name not in _SELFCHECK_WARNED:
+                _SELFCHECK_WARNED.add(name)
+                order = AUTO_ORDER.get(device_type, ("torch",))
+                rest = ", ".join(order[order.index(name) + 1:] if name in order else ("torch",))
+                warnings.warn(
+                    f"lnsr: backend {name!r} failed its self-check against the torch reference on {device} "
+                    f"({result.describe()}), so backend='auto' does not use it and takes the next of {rest}. "
+                    f"Set LNSR_BACKEND=torch (or another backend) to silence this, and please report it with "
+                    f"the output of `bash bench/gpu_check.sh` (`python -m lnsr.ops.selfcheck` prints every "
+                    f"failed comparison)", RuntimeWarning, stacklevel=2)
+    return result.ok
+
+
+# While torch.compile traces, Dynamo calls this function eagerly (real tensors, outside the graph)
+# instead of tracing it, and bakes the answer into the graph: the check runs before a backend's
+# first traced use too.  The mark is what torch.compiler.assume_constant_result sets, set here
+# without it because that imports Dynamo (seconds) at `import lnsr` (test_backend_selfcheck.py
+# checks the mechanism under torch.compile).
+_selfcheck_passed._dynamo_marked_constant = True
+
+
+def passes_selfcheck(name: str, device: torch.device | str) -> bool:
+    """Whether ``auto`` may use backend ``name`` (loaded, supporting ``device``) on ``device``."""
+    device = torch.device(device)
+    if name == "torch" or device.type not in SELFCHECK_DEVICES or not _selfcheck_enabled():
+        return True
+    return _selfcheck_passed(name, device.type, device.index)
+
+
+def selfcheck_results() -> list[dict]:
+    """The self-checks run in this process: one dict per (backend, device)."""
+    return [{"backend": r.backend, "device": r.device, "ok": r.ok, "failures": [str(f) for f in r.failures],
+             "seconds": r.seconds} for r in _SELFCHECKS.values()]
 
 
 def available_backends(device: torch.device | str | None = None) -> list[str]:
@@ -114,7 +194,7 @@ def resolve_backend(backend: str, device: torch.device | str):
             return resolve_backend(forced, device)
         for name in AUTO_ORDER.get(device.type, ("torch",)):
             impl = _load(name)
-            if impl is not None and impl.supports(device):
+            if impl is not None and impl.supports(device) and passes_selfcheck(name, device):
                 return impl
         return _load("torch")
     impl = load_backend(backend)
@@ -151,7 +231,7 @@ def candidates(device: torch.device) -> list:
     out = []
     for name in AUTO_ORDER.get(device.type, ()):
         impl = _load(name) if name != "torch" else None
-        if impl is not None and impl.supports(device):
+        if impl is not None and impl.supports(device) and passes_selfcheck(name, device):
             out.append(impl)
     return out
 
