@@ -20,6 +20,23 @@ def _bench(argv) -> int:
     return mod.main(list(argv)) or 0
 
 
+class DefaultsHelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Each flag's help ends with its real default, as typed (``(default: 1 2 3)``), except where
+    that would mislead: a None default (the help says in words what happens, e.g. "default: the
+    packaged all-MiniLM-L6-v2"), a switch (``--no-progress`` would read "default: True"; its help
+    says what the default is), and help that already names its default."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        default = action.default
+        if (default is None or default is argparse.SUPPRESS or action.nargs == 0 or not action.option_strings
+                or "default" in text.lower()):
+            return text
+        shown = " ".join(map(str, default)) if isinstance(default, (list, tuple)) else str(default)
+        shown = shown.replace("%", "%%")  # the help text is %-formatted
+        return f"{text} (default: {shown})" if text else f"(default: {shown})"
+
+
 def build_parser() -> argparse.ArgumentParser:
     from .finetune import add_finetune_args
     from .finetune.tune import add_tune_args
@@ -30,14 +47,14 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
     ft = sub.add_parser("finetune", help="fine-tune a GLUE task or your own CSV/TSV/JSON data over methods and seeds; "
                                          "results table and plot",
-                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                        formatter_class=DefaultsHelpFormatter)
     add_finetune_args(ft)
     tu = sub.add_parser("tune", help="choose LNSR's options on held-out training data (grid x seeds, with vanilla "
                                      "and the lam=0 control); writes best.json",
-                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                        formatter_class=DefaultsHelpFormatter)
     add_tune_args(tu)
     pr = sub.add_parser("profile", help="noise-stability profile: per-block output change for noise at each block",
-                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                        formatter_class=DefaultsHelpFormatter)
     add_profile_args(pr)
     sub.add_parser("bench", help="benchmarks (arguments are passed to lnsr.benchmarks)", add_help=False)
     mo = sub.add_parser("models", help="pretrained models packaged on PyPI: `lnsr models list`, `lnsr models fetch NAME`")

@@ -145,19 +145,22 @@ def add_profile_args(p) -> None:
                    help="one or more models side by side (e.g. a vanilla and an LNSR checkpoint saved by "
                         "`lnsr finetune --save-model`); default: the packaged all-MiniLM-L6-v2")
     p.add_argument("--compare", nargs=2, default=None, metavar=("A", "B"), help="same as --model A B")
-    p.add_argument("--label", nargs="+", default=None, help="names for the models in the plot and CSV")
+    p.add_argument("--label", nargs="+", default=None,
+                   help="names for the models in the plot and CSV (default: each model's folder name)")
     p.add_argument("--task", default="mrpc", help=f"GLUE task whose inputs are used: {', '.join(TASKS)}")
     p.add_argument("--data-dir", default=None, help="local GLUE-format folder (default: the hub via `datasets`)")
-    p.add_argument("--split", choices=("dev", "train"), default="dev")
-    p.add_argument("--max-samples", type=int, default=256)
-    p.add_argument("--max-length", type=int, default=128)
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--sigma", type=float, default=0.05)
-    p.add_argument("--noise", choices=ops.NOISE_KINDS, default="relative")
+    p.add_argument("--split", choices=("dev", "train"), default="dev", help="the task's split whose inputs are used")
+    p.add_argument("--max-samples", type=int, default=256, metavar="N", help="the first N examples of the split")
+    p.add_argument("--max-length", type=int, default=128, help="truncation length")
+    p.add_argument("--batch-size", type=int, default=32, help="examples per forward pass")
+    p.add_argument("--sigma", type=float, default=0.05,
+                   help="noise scale (relative noise: a fraction of each token's rms)")
+    p.add_argument("--noise", choices=ops.NOISE_KINDS, default="relative",
+                   help="noise kind, as lnsr finetune's --noise")
     p.add_argument("--inject-at", type=int, nargs="+", default=None, help="injection blocks (default: all)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="noise seed")
     p.add_argument("--output-dir", default="runs/profile", help="writes profile.csv and profile.png here")
-    p.add_argument("--device", default=None)
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda when available)")
 
 
 def profile_main(args) -> dict:

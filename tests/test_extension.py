@@ -300,6 +300,7 @@ def test_auto_falls_back_to_triton_on_a_gpu_the_build_lacks(monkeypatch):
     monkeypatch.setattr(dispatch, "_CACHE", {"cpu": be, "cuda": extension.ExtensionBackend("cuda")})
     monkeypatch.setattr(dispatch, "_ERRORS", {})
     monkeypatch.delenv("LNSR_BACKEND", raising=False)
+    monkeypatch.setenv("LNSR_SELFCHECK", "0")  # no GPU to run the first-use check on: this is about the arch rule
     cap = [(7, 5)]
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: cap[0])
     with warnings.catch_warnings(record=True) as caught:
@@ -317,6 +318,42 @@ def test_auto_falls_back_to_triton_on_a_gpu_the_build_lacks(monkeypatch):
 
 
 
+def _in_lnsr(module: str, filename: str) -> bool:
+    """A frame of the installed lnsr package: by its module name, or by a file inside the package's
+    own folder. Never by "lnsr" somewhere in the path: a checkout (and its venv) in a folder named
+    lnsr would make every torch frame match."""
+    import lnsr
+
+    package = os.path.dirname(os.path.realpath(lnsr.__file__))
+    return (module == "lnsr" or module.startswith("lnsr.")
+            or os.path.realpath(filename).startswith(package + os.sep))
+
+
+def _python_in_backward(module: str, filename: str) -> bool:
+    """Python that a compiled op's backward must not run: lnsr's own code, torch.library's Python
+    autograd glue, or a Python ``autograd.Function``."""
+    return (_in_lnsr(module, filename) or module == "torch._library" or module.startswith("torch._library.")
+            or module == "torch.autograd.function")
+
+
+def test_frames_are_classified_by_package_not_by_the_checkout_folder_name():
+    """The backward check below holds in a clone named lnsr: torch frames of a venv under
+    /tmp/lnsr/.venv are not lnsr's; lnsr's own modules are, wherever they are installed."""
+    import lnsr.ops.reference
+
+    venv = "/tmp/lnsr/.venv/lib/python3.11/site-packages/torch"
+    assert not _in_lnsr("torch.autograd.function", f"{venv}/autograd/function.py")
+    assert not _in_lnsr("torch._tensor", f"{venv}/_tensor.py")
+    assert not _python_in_backward("torch._tensor", f"{venv}/_tensor.py")
+    assert not _python_in_backward("torch.autograd.graph", f"{venv}/autograd/graph.py")
+    assert not _in_lnsr("lnsrx.tools", "/tmp/lnsr/lnsrx/tools.py")  # a prefix of the name is not the package
+    assert _python_in_backward("torch.autograd.function", f"{venv}/autograd/function.py")
+    assert _python_in_backward("torch._library.autograd", f"{venv}/_library/autograd.py")
+    assert _in_lnsr("lnsr.ops.reference", R.__file__)
+    assert _in_lnsr("__main__", lnsr.ops.reference.__file__)  # run as a script: found by its folder
+    assert _in_lnsr("lnsr", lnsr.__file__)
+
+
 def test_autograd_of_the_compiled_ops_is_cpp(cpu, gen):
     """perturb and layer_penalty differentiate in C++ (csrc/binding.cpp's Autograd kernels): their
     backward runs no Python function, and torch's dispatcher lists an Autograd kernel for both."""
@@ -331,12 +368,13 @@ def test_autograd_of_the_compiled_ops_is_cpp(cpu, gen):
     out = torch.ops.lnsr.perturb(h, 5, 0.1, "relative")
     total = loss + out.sum()
     calls = []
-    sys.setprofile(lambda frame, event, arg: calls.append(frame.f_code.co_filename) if event == "call" else None)
+    sys.setprofile(lambda frame, event, arg: calls.append((frame.f_globals.get("__name__", ""),
+                                                           frame.f_code.co_filename)) if event == "call" else None)
     try:
         total.backward()
     finally:
         sys.setprofile(None)
-    python_in_backward = [f for f in calls if "lnsr" in f or "torch/_library" in f or "autograd/function.py" in f]
+    python_in_backward = [f for m, f in calls if _python_in_backward(m, f)]
     assert python_in_backward == [], python_in_backward
     assert all(y.grad is not None for y in ys) and h.grad is not None
 

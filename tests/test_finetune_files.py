@@ -211,11 +211,11 @@ def test_tune_never_reads_validation_and_best_json_is_reused(tmp_path, tiny_mode
     opened = []
     real = files.read_table
 
-    def spy(path):
+    def spy(path, *args, **kwargs):  # read_table(path, encoding)
         opened.append(os.path.realpath(path))
         if os.path.realpath(path) != os.path.realpath(train):
             raise AssertionError(f"lnsr tune read {path}")
-        return real(path)
+        return real(path, *args, **kwargs)
 
     monkeypatch.setattr(files, "read_table", spy)
     out = tmp_path / "tune"

@@ -8,10 +8,12 @@ Columns are guessed the way Hugging Face's ``run_glue.py`` does (``sentence1``/`
 else the first one or two non-label string columns; the label column ``label``). Integer, boolean
 and string labels make a classification task, their values mapped to ids in sorted order (saved as
 the model's ``id2label``); float labels make a regression task. Every bad file gives a clear error
-before any training.
+before any training, in one line naming the file and the line (or byte offset). Files are UTF-8
+unless ``encoding`` says otherwise; a UTF-16/32 byte-order mark is honoured.
 """
 from __future__ import annotations
 
+import codecs
 import csv
 import json
 import math
@@ -25,6 +27,62 @@ FORMATS = {".csv": "csv", ".tsv": "tsv", ".tab": "tsv", ".json": "json", ".jsonl
 CLASSIFICATION_METRICS = ("accuracy", "f1_macro")
 REGRESSION_METRICS = ("pearson", "spearman")
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+DEFAULT_ENCODING = "utf-8"
+# UTF-32 before UTF-16: the UTF-32 LE mark FF FE 00 00 starts with the UTF-16 LE one
+_BOMS = ((codecs.BOM_UTF32_LE, "utf-32"), (codecs.BOM_UTF32_BE, "utf-32"),
+         (codecs.BOM_UTF16_LE, "utf-16"), (codecs.BOM_UTF16_BE, "utf-16"))
+_ENCODING_FIX = ("pass the file's encoding with --encoding (e.g. --encoding latin-1 or cp1252 for Western "
+                 "European text, --encoding utf-16), or re-save the file as UTF-8")
+
+
+def check_encoding(encoding: str) -> str:
+    """Python's name of ``encoding``; a SystemExit for a name Python does not know."""
+    try:
+        return codecs.lookup(encoding).name
+    except (LookupError, TypeError):
+        raise SystemExit(f"--encoding {encoding!r}: unknown encoding; use a Python codec name such as utf-8, "
+                         f"latin-1, cp1252 or utf-16") from None
+
+
+def _binary(path: str, at: int | None, line: int | None) -> SystemExit:
+    where = f"{path}:{line}" if line is not None else path
+    offset = f" at byte offset {at}" if at is not None else ""
+    return SystemExit(f"{where}: NUL byte{offset}: this is not a text file (a spreadsheet, archive or "
+                      f"other binary file? save it as .csv/.tsv/.json/.jsonl text); UTF-16 text without a "
+                      f"byte-order mark? pass --encoding utf-16")
+
+
+def decode_file(path: str, encoding: str = DEFAULT_ENCODING) -> tuple[str, str]:
+    """The text of a data file and the codec that read it: ``encoding``, except that UTF-8 (the
+    default) gives way to a UTF-16/32 byte-order mark and skips a UTF-8 one. Undecodable bytes and
+    binary content are a one-line SystemExit naming the file, the line and the byte offset."""
+    codec = check_encoding(encoding)
+    with open(path, "rb") as f:
+        data = f.read()
+    if codec == "utf-8":
+        codec = next((name for bom, name in _BOMS if data.startswith(bom)), "utf-8-sig")
+    # line numbers by counting b"\n" hold only where "\n" is that byte (ASCII-compatible codecs, not
+    # UTF-16/32 or EBCDIC); utf-8-sig would prefix a BOM to the probe
+    lines = "a\n".encode("utf-8" if codec == "utf-8-sig" else codec) == b"a\n"
+
+    def line_of(offset):
+        return data[:offset].count(b"\n") + 1 if lines else None
+
+    try:
+        text = data.decode(codec)
+    except UnicodeDecodeError as exc:
+        nul = data.find(b"\x00")
+        if nul >= 0 and lines:  # NUL bytes in an ASCII-compatible codec: binary, not mis-encoded text
+            raise _binary(path, nul, line_of(nul)) from None
+        line = line_of(exc.start)
+        where = f"{path}:{line}" if line is not None else path
+        bad = data[exc.start:exc.start + 1].hex()
+        raise SystemExit(f"{where}: not valid {encoding} text (byte 0x{bad} at byte offset {exc.start}); "
+                         f"{_ENCODING_FIX}") from None
+    nul = text.find("\x00")
+    if nul >= 0:  # in an ASCII-compatible codec the byte 0x00 is only ever U+0000
+        raise _binary(path, data.find(b"\x00") if lines else None, text[:nul].count("\n") + 1)
+    return text, codec
 
 
 def file_format(path: str) -> str:
@@ -42,6 +100,7 @@ class Table:
     rows: list                       # dicts
     string_columns: set = field(default_factory=set)
     first_line: int = 2              # file line of rows[0] (CSV/TSV with a header: 2; JSON Lines: 1)
+    encoding: str = DEFAULT_ENCODING
 
     def where(self, i: int) -> str:
         fmt = file_format(self.path)
@@ -50,15 +109,12 @@ class Table:
         return f"{self.path}:{i + self.first_line}"
 
     def _is_array(self) -> bool:
-        with open(self.path, encoding="utf-8-sig") as f:
-            return f.read(4096).lstrip().startswith("[")
+        return decode_file(self.path, self.encoding)[0].lstrip().startswith("[")
 
 
-def _locate_bad_row(path: str, fmt: str) -> str | None:
-    """File and line of the first row that cannot be read, by a plain re-read (datasets/pandas/arrow
-    errors rarely say where)."""
-    with open(path, encoding="utf-8-sig", newline="") as f:
-        text = f.read()
+def _locate_bad_row(path: str, fmt: str, text: str) -> str | None:
+    """File and line of the first row that cannot be read, from the file's decoded ``text``
+    (datasets/pandas/arrow errors rarely say where)."""
     if fmt == "json":
         if text.lstrip().startswith("["):
             try:
@@ -88,21 +144,27 @@ def _locate_bad_row(path: str, fmt: str) -> str | None:
     return None
 
 
-def _has_no_records(path: str, fmt: str) -> bool:
-    with open(path, encoding="utf-8-sig") as f:
-        lines = [ln for ln in f.read().splitlines() if ln.strip()]
+def _has_no_records(fmt: str, text: str) -> bool:
+    lines = [ln for ln in text.splitlines() if ln.strip()]
     if fmt == "json":
         return not lines or "".join(lines).replace(" ", "") == "[]"
     return len(lines) <= 1  # a header alone
 
 
-def read_table(path: str) -> Table:
-    """All rows of one data file via ``datasets.load_dataset`` (``csv`` or ``json``)."""
+def read_table(path: str, encoding: str = DEFAULT_ENCODING) -> Table:
+    """All rows of one data file via ``datasets.load_dataset`` (``csv`` or ``json``).
+
+    The file is decoded here first (``decode_file``): a wrong encoding or a binary file stops with
+    one line naming where. A file that is not UTF-8 is handed to ``datasets`` as a UTF-8 copy in a
+    temporary folder (its JSON reader mishandles UTF-16), with its cache there too."""
     if not os.path.isfile(path):
         raise SystemExit(f"{path}: no such file")
     fmt = file_format(path)
     if os.path.getsize(path) == 0:
         raise SystemExit(f"{path} is empty: a data file needs a header (CSV/TSV) or records (JSON)")
+    text, codec = decode_file(path, encoding)
+    if not text.strip():
+        raise SystemExit(f"{path} holds only white space: a data file needs a header (CSV/TSV) or records (JSON)")
     try:
         import datasets
     except ImportError:
@@ -114,23 +176,36 @@ def read_table(path: str) -> Table:
     level = datasets.logging.get_verbosity()
     datasets.logging.set_verbosity_error()
     datasets.logging.disable_propagation()  # its parse-error log lines repeat what our error says better
+    tmp = None
     try:
-        ds = datasets.load_dataset(builder, data_files={"data": os.path.realpath(path)}, split="data", **kwargs)
+        source, extra = os.path.realpath(path), {}
+        if codec not in ("utf-8", "utf-8-sig"):
+            import tempfile
+            tmp = tempfile.TemporaryDirectory(prefix="lnsr-data-")
+            source = os.path.join(tmp.name, "data" + os.path.splitext(path)[1].lower())
+            with open(source, "w", encoding="utf-8", newline="") as f:
+                f.write(text)
+            extra = {"cache_dir": os.path.join(tmp.name, "cache")}
+        ds = datasets.load_dataset(builder, data_files={"data": source}, split="data", **kwargs, **extra)
+        rows = ds.to_list()  # read before a temporary copy goes
     except Exception as exc:  # pandas / arrow parse errors: find the row ourselves
-        if _has_no_records(path, fmt):
+        if _has_no_records(fmt, text):
             raise SystemExit(f"{path} holds no rows (a header alone, or an empty JSON list)") from None
-        where = _locate_bad_row(path, fmt)
+        where = _locate_bad_row(path, fmt, text)
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise SystemExit(f"{where or path}: unreadable ({reason}); check the file's format "
                          f"({'tab-separated, no quoting' if fmt == 'tsv' else fmt.upper()})") from None
     finally:
         datasets.logging.set_verbosity(level)
         datasets.logging.enable_propagation()
-    if len(ds) == 0:
+        if tmp is not None:
+            tmp.cleanup()
+    if len(rows) == 0:
         raise SystemExit(f"{path} holds no rows (a header alone, or an empty JSON list)")
     strings = {name for name, feat in ds.features.items()
                if getattr(feat, "dtype", None) in ("string", "large_string")}
-    return Table(path, list(ds.column_names), ds.to_list(), strings, first_line=1 if fmt == "json" else 2)
+    return Table(path, list(ds.column_names), rows, strings, first_line=1 if fmt == "json" else 2,
+                 encoding=encoding)
 
 
 def guess_text_columns(table: Table, label_column: str) -> list:
@@ -253,14 +328,16 @@ def default_task_name(train_file: str) -> str:
 def load_file_task(*, train_file: str, validation_file: str | None = None, test_file: str | None = None,
                    eval_files: dict | None = None, text_columns=None, label_column: str | None = None,
                    problem: str = "auto", metrics=None, name: str | None = None,
-                   read_validation: bool = True, read_extra: bool = True) -> FileTask:
+                   read_validation: bool = True, read_extra: bool = True,
+                   encoding: str = DEFAULT_ENCODING) -> FileTask:
     """Read and check every file; raise SystemExit with the file (and line) at the first problem.
 
     ``read_validation=False`` / ``read_extra=False`` leave those files unopened (``lnsr tune`` never
-    looks at validation, evaluation or test data)."""
+    looks at validation, evaluation or test data). ``encoding`` (``--encoding``) reads every file."""
     if problem not in ("auto", "classification", "regression"):
         raise SystemExit(f"--problem must be auto, classification or regression, got {problem!r}")
-    train = read_table(train_file)
+    check_encoding(encoding)  # an unknown name fails before any file is opened
+    train = read_table(train_file, encoding)
     label_column = label_column or "label"
     if label_column not in train.columns:
         raise SystemExit(f"{train_file}: no label column {label_column!r}; columns found: {train.columns}; "
@@ -319,19 +396,23 @@ def load_file_task(*, train_file: str, validation_file: str | None = None, test_
     train_ex = _examples(train, text_columns, label_column, need_label=True, **ex)
     validation = None
     if validation_file and read_validation:
-        validation = _examples(read_table(validation_file), text_columns, label_column, need_label=True, **ex)
+        validation = _examples(read_table(validation_file, encoding), text_columns, label_column, need_label=True,
+                               **ex)
     eval_sets, test, test_unlabelled = {}, None, None
     if read_extra:
         for set_name, path in (eval_files or {}).items():
-            eval_sets[set_name] = _examples(read_table(path), text_columns, label_column, need_label=True, **ex)
+            eval_sets[set_name] = _examples(read_table(path, encoding), text_columns, label_column, need_label=True,
+                                            **ex)
         if test_file:
-            table = read_table(test_file)
+            table = read_table(test_file, encoding)
             if label_column in table.columns:
                 test = _examples(table, text_columns, label_column, need_label=True, **ex)
             else:  # unlabelled (run_glue's test split): predictions only
                 test_unlabelled = _examples(table, text_columns, label_column, need_label=False, **ex)
     source = {"train_file": os.path.realpath(train_file), "text_columns": list(text_columns),
               "label_column": label_column, "problem": "regression" if regression else "classification"}
+    if check_encoding(encoding) != "utf-8":  # recorded only when not the default: UTF-8 runs keep their configs
+        source["encoding"] = encoding
     return FileTask(spec, train_ex, validation, eval_sets, test, test_unlabelled, list(text_columns),
                     label_column, source)
 
