@@ -248,13 +248,16 @@ def test_finetune_end_to_end_and_resume(tmp_path, capsys):
     png = (out_dir / "summary.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5000
 
-    # re-run: every run is skipped (JSON untouched), the table is rebuilt from the stored results
+    # re-run: every run is reused (JSON untouched), the table is rebuilt from the stored results and says so
     main(args)
     cap = capsys.readouterr()
-    assert len(re.findall(r"skipping: finished run with the same config", cap.err)) == 4
+    assert len(re.findall(r"reused: finished run with the same config and inputs", cap.err)) == 4
     for key, (r, mtime) in records.items():
         assert (out_dir / key[0] / f"seed{key[1]}.json").stat().st_mtime_ns == mtime
     assert _table_rows(cap.out) == rows
+    assert "[mrpc] reused 4 finished runs (same config and inputs; not re-run): vanilla seeds 1, 2; lnsr seeds 1, 2" \
+        in cap.out
+    assert "[run " not in cap.err  # nothing trained: no progress lines
 
     # --summary-only trains nothing and leaves out what has not run
     main(args + ["--summary-only", "--seeds", "1", "2", "3"])
@@ -262,12 +265,21 @@ def test_finetune_end_to_end_and_resume(tmp_path, capsys):
     assert "[mrpc lnsr seed 3] not finished" in cap.err and _table_rows(cap.out) == rows
     assert not (out_dir / "lnsr" / "seed3.json").exists()
 
-    # a changed LNSR option re-runs lnsr only
-    main([a if a != "0.5" else "0.25" for a in args][:] + ["--seeds", "1"])
+    # a changed LNSR option into the same folder stops before training, naming what differs
+    changed = [a if a != "0.5" else "0.25" for a in args] + ["--seeds", "1"]
+    with pytest.raises(SystemExit, match=r"(?s)1 run of this command already has a record.*lnsr/seed1\.json: "
+                                         r"method_options\.lam: 0\.5 -> 0\.25.*another --output-dir.*--overwrite"):
+        main(changed)
+    assert json.loads((out_dir / "lnsr" / "seed1.json").read_text())["config"]["method_options"]["lam"] == 0.5
+    # with --overwrite it re-runs lnsr only, and the earlier record is kept aside, out of seed*.json
+    main(changed + ["--overwrite"])
     cap = capsys.readouterr()
-    assert "[mrpc vanilla seed 1] skipping" in cap.err and "re-running" in cap.err
+    assert "[mrpc vanilla seed 1] reused" in cap.err and "[mrpc lnsr seed 1] re-running" in cap.err
     assert json.loads((out_dir / "lnsr" / "seed1.json").read_text())["config"]["method_options"]["lam"] == 0.25
     assert (out_dir / "vanilla" / "seed1.json").stat().st_mtime_ns == records["vanilla", 1][1]
+    kept = list((out_dir / "lnsr").glob("superseded-seed1.*.json"))
+    assert len(kept) == 1 and json.loads(kept[0].read_text())["final"] == records["lnsr", 1][0]["final"]
+    assert sorted(p.name for p in (out_dir / "lnsr").glob("seed*.json")) == ["seed1.json", "seed2.json"]
 
 
 def test_method_spec_and_regression_task(tmp_path, capsys):

@@ -19,7 +19,7 @@ def add_finetune_args(p, tune: bool = False) -> None:
 
     g = p.add_argument_group("task and data (a GLUE task, or your own files)")
     g.add_argument("--task", nargs="+", default=None, metavar="TASK",
-                   help=f"GLUE task(s): {', '.join(TASKS)}")
+                   help=f"GLUE task(s): {', '.join(TASKS)}; give --task or --train-file")
     g.add_argument("--data-dir", default=None,
                    help="local GLUE-format folder (the GLUE root or the task's folder, original TSV layout); "
                         "default: the Hugging Face hub via `datasets`")
@@ -32,12 +32,16 @@ def add_finetune_args(p, tune: bool = False) -> None:
     g.add_argument("--eval-file", action="append", default=None, metavar="NAME=PATH",
                    help="an extra evaluation set (repeatable; same columns as the validation file), scored at the "
                         "end of every run: in-domain test sets, shifted data, ...")
+    g.add_argument("--encoding", default="utf-8", metavar="CODEC",
+                   help="text encoding of the --train-file, --validation-file, --test-file and --eval-file files, "
+                        "for files not in UTF-8: a Python codec name (latin-1, cp1252, utf-16, ...); a UTF-16/32 "
+                        "byte-order mark is honoured")
     g.add_argument("--eval-sets-each-epoch", action="store_true",
                    help="score the --eval-file / --test-file sets after every epoch, not only the last")
     g.add_argument("--text-columns", default=None, metavar="A[,B]",
                    help="one or two text columns (default: sentence1,sentence2, else the first one or two "
                         "non-label string columns)")
-    g.add_argument("--label-column", default=None, help="default: label")
+    g.add_argument("--label-column", default=None, help="the label column (default: label)")
     g.add_argument("--problem", choices=("auto", "classification", "regression"), default="auto",
                    help="auto: float labels are regression, int/bool/string labels classification")
     g.add_argument("--metrics", default=None, metavar="M1[,M2...]",
@@ -45,11 +49,16 @@ def add_finetune_args(p, tune: bool = False) -> None:
                         "[,f1 for two labels] or pearson,spearman; mcc on request)")
     g.add_argument("--task-name", default=None, help="name of a --train-file task in outputs (default: the file's "
                                                       "stem, or its folder's name for train.csv)")
-    g.add_argument("--max-train-samples", type=int, default=None, help="a fixed random subset of train (quick runs)")
-    g.add_argument("--max-eval-samples", type=int, default=None, help="the first N evaluation examples")
+    g.add_argument("--max-train-samples", type=int, default=None, metavar="N",
+                   help="a fixed random subset of N training examples, the same for every method and seed (quick "
+                        "runs; default: all of train)")
+    g.add_argument("--max-eval-samples", type=int, default=None, metavar="N",
+                   help="the first N evaluation examples (default: all)")
+    holdout = ("hold out FRAC of train (fixed split) and evaluate on it instead of dev: for choosing "
+               "hyper-parameters without touching dev (validation/eval/test files are then not read)")
+    # lnsr tune sets a holdout default (0.2) that the formatter shows; finetune's None needs words
     g.add_argument("--holdout", type=float, default=None, metavar="FRAC",
-                   help="hold out FRAC of train (fixed split) and evaluate on it instead of dev: for choosing "
-                        "hyper-parameters without touching dev (validation/eval/test files are then not read)")
+                   help=holdout if tune else holdout + "; default: none, evaluate on dev (GLUE) or --validation-file")
     g = p.add_argument_group("model and methods")
     g.add_argument("--model", default=None,
                    help="Hugging Face encoder: hub name, local path, or a packaged model's short name (`lnsr models "
@@ -59,33 +68,48 @@ def add_finetune_args(p, tune: bool = False) -> None:
                        help=f"methods ({', '.join(METHODS)}); NAME or NAME:key=value,... overrides an option for "
                             f"that method only (e.g. lnsr:lam=0.003); lnsr:@best.json takes the options `lnsr tune` "
                             f"chose")
-    g.add_argument("--seeds", nargs="+", type=int, default=[1, 2, 3])
+    g.add_argument("--seeds", nargs="+", type=int, default=[1, 2, 3],
+                   help="one run of every method per seed; a seed gives every method the same head "
+                        "initialisation and data order")
     g = p.add_argument_group("LNSR options (method lnsr)")
-    g.add_argument("--sigma", type=float, default=0.05)
-    g.add_argument("--noise", choices=CHOICES["noise"], default="relative")
-    g.add_argument("--inject-at", type=int, default=0)
-    g.add_argument("--lam", type=float, default=0.01)
-    g.add_argument("--normalize", choices=CHOICES["normalize"], default="token")
-    g.add_argument("--dropout", choices=CHOICES["dropout"], default="paired")
-    g.add_argument("--detach-clean", action="store_true")
-    g.add_argument("--backend", choices=CHOICES["backend"], default="auto")
+    g.add_argument("--sigma", type=float, default=0.05,
+                   help="noise scale (relative noise: a fraction of each token's rms)")
+    g.add_argument("--noise", choices=CHOICES["noise"], default="relative",
+                   help="gaussian: sigma*z; relative: sigma*rms(token)*z; manifold: Gaussian in the span of the "
+                        "batch's tokens")
+    g.add_argument("--inject-at", type=int, default=0,
+                   help="block whose input gets the noise: 0 is the embeddings' output; negative counts from the top")
+    g.add_argument("--lam", type=float, default=0.01, help="weight of the noise-stability penalty")
+    g.add_argument("--normalize", choices=CHOICES["normalize"], default="token",
+                   help="token: squared L2 per token; element: also divided by the hidden size; gain: each layer's "
+                        "term scale- and sigma-free")
+    g.add_argument("--dropout", choices=CHOICES["dropout"], default="paired",
+                   help="dropout in the regularised blocks: paired (clean and noisy halves share masks), "
+                        "independent (masks per half), off (none during regularised forwards)")
+    g.add_argument("--detach-clean", action="store_true",
+                   help="no gradient through the clean half of the penalty (default: through both halves)")
+    g.add_argument("--backend", choices=CHOICES["backend"], default="auto",
+                   help="implementation of LNSR's ops: torch (reference), triton, cpu/cuda (the compiled "
+                        "extension); auto picks per device (LNSR_BACKEND overrides it)")
     g = p.add_argument_group("optimisation")
-    g.add_argument("--epochs", type=int, default=3)
-    g.add_argument("--lr", type=float, default=2e-5)
-    g.add_argument("--batch-size", type=int, default=16)
-    g.add_argument("--eval-batch-size", type=int, default=64)
+    g.add_argument("--epochs", type=int, default=3, help="training epochs")
+    g.add_argument("--lr", type=float, default=2e-5, help="peak learning rate (AdamW, after warm-up)")
+    g.add_argument("--batch-size", type=int, default=16, help="training batch size")
+    g.add_argument("--eval-batch-size", type=int, default=64, help="evaluation batch size")
     g.add_argument("--max-length", type=int, default=128, help="truncation length; batches are padded dynamically")
     g.add_argument("--schedule", default="linear",
                    help="transformers.get_scheduler name: linear, cosine, constant_with_warmup, ...")
-    g.add_argument("--warmup-ratio", type=float, default=0.1)
-    g.add_argument("--weight-decay", type=float, default=0.01)
+    g.add_argument("--warmup-ratio", type=float, default=0.1, help="share of the training steps spent warming up")
+    g.add_argument("--weight-decay", type=float, default=0.01,
+                   help="AdamW weight decay (not on biases and LayerNorm weights)")
     g.add_argument("--max-grad-norm", type=float, default=1.0, help="gradient clipping; 0 turns it off")
     prec = g.add_mutually_exclusive_group()
     prec.add_argument("--bf16", dest="precision", action="store_const", const="bf16",
                       help="bf16 autocast (CPU with AVX-512 BF16/AMX, or CUDA; it warns on a CPU without "
-                           "them, where bf16 is ~15x slower than fp32); the LNSR penalty stays fp32")
+                           "them, where bf16 is ~15x slower than fp32); the LNSR penalty stays fp32 "
+                           "(default: neither, fp32 throughout)")
     prec.add_argument("--fp16", dest="precision", action="store_const", const="fp16",
-                      help="fp16 autocast with a GradScaler (CUDA only)")
+                      help="fp16 autocast with a GradScaler (CUDA only; default: fp32)")
     p.set_defaults(precision="fp32")
     g = p.add_argument_group("output")
     g.add_argument("--output-dir", default="runs/finetune",
@@ -93,15 +117,20 @@ def add_finetune_args(p, tune: bool = False) -> None:
     g.add_argument("--save-model", action="store_true",
                    help="save each final model to OUTPUT_DIR/<task>/<method>/seed<k>-model (for lnsr profile)")
     g.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda when available)")
-    g.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    g.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's own choice)")
     g.add_argument("--checkpoint-every", type=int, default=500, metavar="N",
                    help="also checkpoint every N training steps (0: at epoch ends only); a killed run restarts "
                         "from its last checkpoint when the same command is run again")
     g.add_argument("--no-checkpoints", dest="checkpoints", action="store_false",
-                   help="write no checkpoints (a killed run starts over)")
+                   help="write no checkpoints, a killed run starts over (default: checkpoints are written)")
+    g.add_argument("--overwrite", action="store_true",
+                   help="re-run runs whose record in OUTPUT_DIR is from other options or other data (changed file "
+                        "content included); each earlier record is kept as superseded-seed<k>.<time>.json beside it. "
+                        "Without it such a command stops before training and names what differs")
     g.add_argument("--summary-only", action="store_true",
                    help="train nothing: summarise the finished runs of these methods and seeds")
-    g.add_argument("--no-progress", dest="progress", action="store_false", help="no tqdm progress bars")
+    g.add_argument("--no-progress", dest="progress", action="store_false",
+                   help="do not show tqdm progress bars (default: shown)")
 
 
 def method_defaults(args) -> dict:
@@ -148,7 +177,7 @@ def finetune_main(args) -> dict:
     import os
     import sys
 
-    from .runner import prepare_tasks, run_task
+    from .runner import plan_job, prepare_tasks, run_task
 
     check_common_args(args)
     methods = parse_methods(args.method, args)
@@ -157,11 +186,16 @@ def finetune_main(args) -> dict:
         print(msg, file=sys.stderr, flush=True)
 
     out = {}
-    for prep in prepare_tasks(args, log):  # every file is read and checked before the first run trains
-        results = run_task(prep, args, methods, log=log)
+    preps = prepare_tasks(args, log)  # every file is read and checked before the first run trains
+    job = plan_job(preps, args, methods, log)  # and every record in the way found (SystemExit)
+    for prep in preps:
+        results = run_task(prep, args, methods, log=log, job=job)
         if not results:
             log(f"[{prep.spec.name}] no finished runs to summarise")
             continue
         out[prep.spec.name] = write_summary(prep.spec.name, results, prep.spec.metrics,
                                             os.path.join(args.output_dir, prep.spec.name), log=log)
+        reused = job.reused_text(prep.spec.name)
+        if reused:
+            print(reused)  # with the table: which of its rows come from earlier commands
     return out

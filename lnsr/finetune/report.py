@@ -122,7 +122,8 @@ def paired_table(summary: dict, results: list[dict], metric: str) -> str | None:
     if not rows:
         return None
     return "\n".join([f"Paired by seed ({metric} x100): mean difference with its 95% t-interval; where the "
-                      "interval includes 0 the reading is \"no measurable effect\":", "",
+                      "interval includes 0 the reading is \"no measurable effect\", and with fewer than 3 paired "
+                      "seeds it is \"cannot tell\":", "",
                       "| comparison | seeds | mean diff [95% CI] | paired t p | ahead/behind | reading |",
                       "|---|---|---|---|---|---|", *rows]) + "\n"
 

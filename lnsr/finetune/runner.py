@@ -6,10 +6,11 @@ import json
 import math
 import os
 import random
+import re
 import sys
 import time
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -92,6 +93,7 @@ class Prepared:
     test_unlabelled: list | None     # rows without labels: predictions only
     source: object                   # recorded in each run's config
     id2label: dict | None = None
+    files: dict = field(default_factory=dict)  # name -> path of each data file read: hashed into the runs' configs
 
 
 def subset_train(train: list, n: int | None) -> list:
@@ -121,7 +123,8 @@ def prepare_tasks(args, log=print, *, search: bool = False) -> list[Prepared]:
                             text_columns=args.text_columns.split(",") if args.text_columns else None,
                             label_column=args.label_column, problem=args.problem,
                             metrics=args.metrics.split(",") if args.metrics else None, name=args.task_name,
-                            read_validation=not holdout, read_extra=not skip_extra)
+                            read_validation=not holdout, read_extra=not skip_extra,
+                            encoding=getattr(args, "encoding", "utf-8"))
         train, evaluation, split = ft.train, ft.validation, "validation"
         if holdout:
             train, evaluation = split_holdout(train, holdout)
@@ -134,8 +137,16 @@ def prepare_tasks(args, log=print, *, search: bool = False) -> list[Prepared]:
         source = dict(ft.source)
         if not holdout:
             source["validation_file"] = os.path.realpath(args.validation_file)
+        # exactly the files read above (lnsr tune reads train only)
+        read = {"train": args.train_file}
+        if not holdout:
+            read["validation"] = args.validation_file
+        if not skip_extra:
+            read.update({f"eval:{name}": path for name, path in eval_files.items()})
+            if getattr(args, "test_file", None):
+                read["test"] = args.test_file
         out.append(Prepared(ft.spec, subset_train(train, args.max_train_samples), evaluation, split, sets,
-                            ft.test_unlabelled, source, ft.id2label))
+                            ft.test_unlabelled, source, ft.id2label, files=read))
         return out
     if not args.task:
         raise SystemExit("give --task (GLUE) or --train-file (your own CSV/TSV/JSON/JSONL data)")
@@ -147,8 +158,14 @@ def prepare_tasks(args, log=print, *, search: bool = False) -> list[Prepared]:
             train, dev = split_holdout(train, holdout)
             split = f"holdout{holdout:g} of train"
         sets = {} if skip_extra else {n: read_tsv(spec, path) for n, path in eval_files.items()}
+        read = {}
+        if args.data_dir:  # a local folder (source: the task's folder); the hub's files are not ours to hash
+            read["train"] = os.path.join(source, "train.tsv")
+            if not holdout:
+                read["dev"] = os.path.join(source, spec.dev_file)
+        read.update({f"eval:{n}": path for n, path in eval_files.items()} if not skip_extra else {})
         out.append(Prepared(spec, subset_train(train, args.max_train_samples), dev, split, sets, None, source,
-                            None if spec.labels is None else dict(enumerate(spec.labels))))
+                            None if spec.labels is None else dict(enumerate(spec.labels)), files=read))
     return out
 
 
@@ -463,20 +480,106 @@ def write_json(path: str, obj) -> None:
     os.replace(tmp, path)  # atomic: a JSON on disk is always a finished run
 
 
-def finished(json_path: str, config: dict, need_model: str | None):
-    """The stored result when ``json_path`` holds a finished run with this exact config, else None."""
+# -- which runs to train: reuse a finished one, train, or stop before anything trains -----------------
+ASIDE_PREFIX = "superseded-"  # a record moved aside: summaries glob seed*.json, which this never matches
+_MISSING = object()
+
+
+def _short(v) -> str:
+    text = json.dumps(v) if v is not _MISSING else "(absent)"
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def config_differences(old, new: dict, paths: dict | None = None) -> list[str]:
+    """What differs between a stored run's config and this run's, input files first (their paths
+    from ``paths``, name -> path), then the options: ``["inputs.dev (glue/MRPC/dev.tsv): content
+    changed", "method_options.lam: 0.5 -> 0.25"]``."""
+    if not isinstance(old, dict):
+        return ["the record holds no config"]
+    paths = paths or {}
+    out = []
+    oi, ni = old.get("inputs"), new.get("inputs") or {}
+    if oi is None:
+        out.append("inputs: no content hashes (a record of an lnsr older than runs identified by the content "
+                   "of their data and model)")
+    elif oi != ni:
+        for k in list(ni) + [k for k in oi if k not in ni]:
+            if oi.get(k) == ni.get(k):
+                continue
+            where = f"inputs.{k}" + (f" ({paths[k]})" if k in paths else "")
+            out.append(f"{where}: " + ("content changed" if k in oi and k in ni else
+                                       "read now, not then" if k in ni else "read then, not now"))
+    for k in list(new) + [k for k in old if k not in new]:
+        a, b = old.get(k, _MISSING), new.get(k, _MISSING)
+        if k == "inputs" or a == b:
+            continue
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += [f"{k}.{kk}: {_short(a.get(kk, _MISSING))} -> {_short(b.get(kk, _MISSING))}"
+                    for kk in list(b) + [kk for kk in a if kk not in b] if a.get(kk, _MISSING) != b.get(kk, _MISSING)]
+        else:
+            out.append(f"{k}: {_short(a)} -> {_short(b)}")
+    return out
+
+
+def record_status(json_path: str, config: dict, need_model: str | None = None,
+                  paths: dict | None = None) -> tuple[dict | None, list | None]:
+    """``(record, None)``: a finished run with exactly this config (inputs included) to reuse;
+    ``(None, None)``: no record; ``(None, differences)``: a record that is not this run (``[]``: the
+    same config, but its saved model is missing)."""
     if not os.path.isfile(json_path):
-        return None
+        return None, None
     try:
         with open(json_path) as f:
             old = json.load(f)
     except (OSError, ValueError):
-        return None
-    if old.get("config") != config:
-        return None
+        return None, ["the record is not readable JSON"]
+    cfg = old.get("config") if isinstance(old, dict) else None
+    if cfg != config:
+        return None, config_differences(cfg, config, paths) or ["config"]
     if need_model and not os.path.isfile(os.path.join(need_model, "config.json")):
-        return None
-    return old
+        return None, []
+    return old, None
+
+
+def finished(json_path: str, config: dict, need_model: str | None):
+    """The stored result when ``json_path`` holds a finished run with this exact config, else None."""
+    return record_status(json_path, config, need_model)[0]
+
+
+def keep_aside(json_path: str) -> str:
+    """Move a run's record, with its test predictions and saved model, to
+    ``superseded-seed<k>.<its finish time>.json`` (``-test_predictions.tsv``, ``-model``) in the same
+    folder, and return the new path: kept, never overwritten, and out of every ``seed*.json`` glob."""
+    folder, base = os.path.split(json_path)
+    stem = os.path.splitext(base)[0]
+    try:
+        with open(json_path) as f:
+            old = json.load(f)
+    except (OSError, ValueError):
+        old = None
+    when = old.get("finished") if isinstance(old, dict) else None
+    stamp = re.sub(r"[^0-9T]", "", str(when)) if when else \
+        time.strftime("%Y%m%dT%H%M%S", time.localtime(os.path.getmtime(json_path)))
+    companions = ("-test_predictions.tsv", "-model")
+    name, k = f"{ASIDE_PREFIX}{stem}.{stamp}", 1
+    while any(os.path.exists(os.path.join(folder, name + s)) for s in (".json", *companions)):
+        k += 1
+        name = f"{ASIDE_PREFIX}{stem}.{stamp}-{k}"
+    dest = os.path.join(folder, name + ".json")
+    os.replace(json_path, dest)
+    moved = {}
+    for suffix in companions:
+        src = os.path.join(folder, stem + suffix)
+        if os.path.exists(src):
+            os.replace(src, os.path.join(folder, name + suffix))
+            moved[os.path.normpath(src)] = os.path.join(folder, name + suffix)
+    if isinstance(old, dict):  # the kept record points at its own (moved) files and says it was replaced
+        for key in ("test_predictions", "saved_model"):
+            if isinstance(old.get(key), str) and os.path.normpath(old[key]) in moved:
+                old[key] = moved[os.path.normpath(old[key])]
+        old["superseded"] = {"at": datetime.datetime.now().isoformat(timespec="seconds"), "was": json_path}
+        write_json(dest, old)
+    return dest
 
 
 # -- the loop over tasks, methods, seeds --------------------------------------------------------------
@@ -484,11 +587,15 @@ HP_KEYS = ("epochs", "lr", "batch_size", "eval_batch_size", "max_length", "sched
            "weight_decay", "max_grad_norm", "max_train_samples", "max_eval_samples", "holdout", "precision")
 
 
-def run_config(prep: Prepared, args, label: str, name: str, options: dict, seed: int, model_path: str) -> dict:
-    """What makes a run: equal configs give equal results, so a finished run with it is skipped."""
+def run_config(prep: Prepared, args, label: str, name: str, options: dict, seed: int, model_path: str,
+               inputs: dict | None = None) -> dict:
+    """What makes a run: equal configs give equal results, so a finished run with it is reused.
+
+    ``inputs``: the content hashes of the data and model files the run reads (:mod:`.inputs`); paths
+    alone would let a changed file pass for the old one."""
     config = {"task": prep.spec.name, "label": label, "method": name, "method_options": options, "seed": seed,
               "model": model_path, "data": prep.source, "eval_split": prep.eval_split,
-              **{k: getattr(args, k) for k in HP_KEYS}}
+              **{k: getattr(args, k) for k in HP_KEYS}, "inputs": dict(inputs or {})}
     # keys added after the first runs appear only when used, so older finished runs still match
     if prep.eval_sets:
         config["eval_sets"] = sorted(prep.eval_sets)
@@ -497,17 +604,137 @@ def run_config(prep: Prepared, args, label: str, name: str, options: dict, seed:
     return json.loads(json.dumps(config))  # JSON-native, so it compares equal after a reload
 
 
-def run_task(prep: Prepared, args, methods: list[tuple[str, str, dict]], log=print) -> list[dict]:
-    """Run every (seed, method) of one task (seeds outer: partial results stay paired); return records."""
-    from transformers import AutoTokenizer
+@dataclass
+class Planned:
+    """One (task, method, seed) run of a job, and what is on disk for it."""
+    label: str
+    name: str
+    options: dict
+    seed: int
+    config: dict
+    json_path: str
+    model_dir: str | None
+    old: dict | None = None          # a finished run with this exact config: reused, not trained
+    differs: list | None = None      # a record of another run at json_path: what differs ([]: no saved model)
 
-    spec = prep.spec
+
+@dataclass
+class TaskPlan:
+    prep: Prepared
+    model_path: str
+    device: torch.device
+    runs: list
+
+
+def plan_task(prep: Prepared, args, methods: list[tuple[str, str, dict]], log=print) -> TaskPlan:
+    """Every run of one task with its config (content hashes included) and what is on disk for it."""
+    from .inputs import input_hashes
+
     model_name = args.model or "minilm"   # the packaged all-MiniLM-L6-v2 by default
     model_path = resolve_model(model_name)
     if os.path.isdir(model_path):
         model_path = os.path.realpath(model_path)
-    # a packaged model is recorded by its short name (no machine path; a fetch checks the weights' sha256)
+    # a packaged model is recorded by its short name (no machine path); its folder's files are hashed
     recorded_model = model_name if model_name in SHORT_NAMES else model_path
+    device = torch.device(args.device if args.device else ("cuda" if torch.cuda.is_available() else "cpu"))
+    check_precision(args.precision, device)
+    t0 = time.time()
+    inputs = input_hashes(prep.files, model_path)
+    if time.time() - t0 > 5:
+        log(f"[{prep.spec.name}] hashed the data and model files in {time.time() - t0:.0f}s (a finished run is "
+            f"reused only when they are unchanged)")
+    paths = dict(prep.files, model=model_path)
+    runs = []
+    for seed in args.seeds:
+        for label, name, options in methods:
+            config = run_config(prep, args, label, name, options, seed, recorded_model, inputs)
+            run_dir = os.path.join(args.output_dir, prep.spec.name, label)
+            json_path = os.path.join(run_dir, f"seed{seed}.json")
+            model_dir = os.path.join(run_dir, f"seed{seed}-model") if args.save_model else None
+            old, differs = record_status(json_path, config, model_dir, paths)
+            runs.append(Planned(label, name, options, seed, config, json_path, model_dir, old, differs))
+    return TaskPlan(prep, model_path, device, runs)
+
+
+def conflict_message(conflicts: list[Planned], output_dir: str, shown: int = 6, keys: int = 4) -> str:
+    n = len(conflicts)
+    lines = [f"{n} run{'s' if n != 1 else ''} of this command already ha{'ve' if n != 1 else 's'} a record in "
+             f"{output_dir} from another config or other data; nothing was trained or changed:"]
+    for r in conflicts[:shown]:
+        what = r.differs[:keys] + ([f"(+{len(r.differs) - keys} more)"] if len(r.differs) > keys else [])
+        lines.append(f"  {os.path.relpath(r.json_path, output_dir)}: " + "; ".join(what))
+    if n > shown:
+        lines.append(f"  ... and {n - shown} more")
+    lines.append("Use another --output-dir, or pass --overwrite to re-run them (each earlier record is then kept "
+                 f"beside it as {ASIDE_PREFIX}seed<k>.<its finish time>.json, not deleted).")
+    return "\n".join(lines)
+
+
+class Job:
+    """The runs of one ``lnsr finetune`` / ``lnsr tune`` command, planned before the first one trains:
+    the progress line at each run's start and the runs reused."""
+
+    def __init__(self, tasks: list[TaskPlan], log=print, train: bool = True):
+        self.tasks, self.log = tasks, log
+        self.total = sum(r.old is None for t in tasks for r in t.runs) if train else 0
+        self.started, self.walls = 0, []
+        self.reused = {}  # task name -> [(label, seed)]
+
+    def plan_of(self, prep: Prepared) -> TaskPlan:
+        return next(t for t in self.tasks if t.prep is prep)
+
+    def start(self, what: str) -> None:
+        from .progress import eta_line
+
+        self.started += 1
+        if self.total > 1:
+            self.log(eta_line(self.started, self.total, what, self.walls))
+
+    def reused_text(self, task: str, shown: int = 12) -> str | None:
+        """``reused 3 finished runs (same config and inputs; not re-run): vanilla seeds 1, 2; lnsr seed 1``."""
+        runs = self.reused.get(task)
+        if not runs:
+            return None
+        by_label = {}
+        for label, seed in runs:
+            by_label.setdefault(label, []).append(seed)
+        parts = [f"{label} seed{'s' if len(s) > 1 else ''} {', '.join(map(str, s))}" for label, s in by_label.items()]
+        more = f"; and {len(parts) - shown} more arms" if len(parts) > shown else ""
+        return (f"[{task}] reused {len(runs)} finished run{'s' if len(runs) != 1 else ''} (same config and inputs; "
+                f"not re-run): " + "; ".join(parts[:shown]) + more)
+
+
+def plan_job(preps: list[Prepared], args, methods: list[tuple[str, str, dict]], log=print) -> Job:
+    """Plan every run of every task; stop (SystemExit, nothing trained) where a record of another
+    config or other data is in the way and ``--overwrite`` was not given; say what slows the job."""
+    from .progress import bf16_hint, threads_warning
+    from ..utils.machine import cpu_load
+
+    tasks = [plan_task(prep, args, methods, log) for prep in preps]
+    summary_only = getattr(args, "summary_only", False)
+    conflicts = [r for t in tasks for r in t.runs if r.differs]
+    if conflicts and not summary_only and not getattr(args, "overwrite", False):
+        raise SystemExit(conflict_message(conflicts, args.output_dir))
+    job = Job(tasks, log, train=not summary_only)
+    if job.total and any(t.device.type == "cpu" for t in tasks):  # once per job, before the first run
+        for kind, msg in (("warning", threads_warning(torch.get_num_threads(), *cpu_load())),
+                          ("note", bf16_hint(args.precision, "cpu", cpu_has_bf16(), cpu_name()))):
+            if msg:
+                log(f"{kind}: {msg}")
+    return job
+
+
+def run_task(prep: Prepared, args, methods: list[tuple[str, str, dict]], log=print,
+             job: Job | None = None) -> list[dict]:
+    """Run every (seed, method) of one task (seeds outer: partial results stay paired); return records.
+
+    ``job``: the plan of the whole command (:func:`plan_job`); without it this task is planned alone."""
+    from transformers import AutoTokenizer
+
+    if job is None:
+        job = plan_job([prep], args, methods, log)
+    plan = job.plan_of(prep)
+    spec, model_path, device = prep.spec, plan.model_path, plan.device
     dev = prep.evaluation
     if args.max_eval_samples and args.max_eval_samples < len(dev):
         dev = dev[:args.max_eval_samples]
@@ -525,33 +752,33 @@ def run_task(prep: Prepared, args, methods: list[tuple[str, str, dict]], log=pri
                 "test_unlabelled": enc(prep.test_unlabelled or [])})
         return cache
 
-    device = torch.device(args.device if args.device else ("cuda" if torch.cuda.is_available() else "cpu"))
-    check_precision(args.precision, device)
     src = prep.source if isinstance(prep.source, str) else prep.source["train_file"]
     sets = "".join(f", {name} {len(ex)}" for name, ex in prep.eval_sets.items())
     log(f"[{spec.name}] {len(prep.train)} train / {len(dev)} eval ({prep.eval_split}{sets}) examples from {src}; "
         f"model {model_path}; device {device_name(device)}; {args.precision}")
     results = []
-    for seed in args.seeds:
-        for label, name, options in methods:
-            config = run_config(prep, args, label, name, options, seed, recorded_model)
-            run_dir = os.path.join(args.output_dir, spec.name, label)
-            json_path = os.path.join(run_dir, f"seed{seed}.json")
-            model_dir = os.path.join(run_dir, f"seed{seed}-model") if args.save_model else None
-            old = finished(json_path, config, model_dir)
-            if old is not None:
-                log(f"[{spec.name} {label} seed {seed}] skipping: finished run with the same config in {json_path}")
-                results.append(old)
-                continue
-            if getattr(args, "summary_only", False):
-                log(f"[{spec.name} {label} seed {seed}] not finished (no {json_path} with this config): "
-                    f"left out of the summary (--summary-only)")
-                continue
-            if os.path.isfile(json_path):
-                log(f"[{spec.name} {label} seed {seed}] {json_path} exists with another config (or without the "
-                    f"saved model): re-running and overwriting it")
-            results.append(run_one(prep=prep, config=config, model_path=model_path, json_path=json_path,
-                                   save_model_dir=model_dir, progress=args.progress, device=device, log=log,
-                                   checkpoint_every=getattr(args, "checkpoint_every", 0),
-                                   checkpoints=getattr(args, "checkpoints", True), **prepared()))
+    for run in plan.runs:
+        label, seed, json_path = run.label, run.seed, run.json_path
+        tag = f"[{spec.name} {label} seed {seed}]"
+        if run.old is not None:
+            log(f"{tag} reused: finished run with the same config and inputs in {json_path}")
+            job.reused.setdefault(spec.name, []).append((label, seed))
+            results.append(run.old)
+            continue
+        if getattr(args, "summary_only", False):
+            why = (f"{json_path} is another run's ({'; '.join(run.differs[:4])})" if run.differs else
+                   f"{json_path} has no saved model" if run.differs is not None else
+                   f"no {json_path} with this config and inputs")
+            log(f"{tag} not finished ({why}): left out of the summary (--summary-only)")
+            continue
+        if os.path.isfile(json_path):  # never overwritten: kept aside (with --overwrite, or a missing saved model)
+            why = "; ".join(run.differs[:4]) if run.differs else "its saved model is missing"
+            log(f"{tag} re-running; the earlier record ({why}) is kept as {keep_aside(json_path)}")
+        job.start(f"{spec.name} {label} seed {seed}")
+        t0 = time.time()
+        results.append(run_one(prep=prep, config=run.config, model_path=model_path, json_path=json_path,
+                               save_model_dir=run.model_dir, progress=args.progress, device=device, log=log,
+                               checkpoint_every=getattr(args, "checkpoint_every", 0),
+                               checkpoints=getattr(args, "checkpoints", True), **prepared()))
+        job.walls.append(time.time() - t0)
     return results

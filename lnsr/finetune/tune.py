@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import datetime
 import itertools
+import math
 import os
 import sys
 
@@ -91,6 +92,11 @@ def rank(results: list[dict], metric: str, specs: dict, controls: dict) -> list[
     return rows
 
 
+def all_tie(rows: list[dict]) -> bool:
+    """Every arm has the same mean (e.g. all at 100%): the order is then the grid's, not a result."""
+    return len(rows) > 1 and all(math.isclose(r["mean"], rows[0]["mean"], rel_tol=0.0, abs_tol=1e-12) for r in rows)
+
+
 def _finite(c: dict) -> dict:
     """A ``stats.compare`` result that JSON can carry (NaN -> None)."""
     def clean(v):
@@ -110,7 +116,7 @@ def recommend(rows: list[dict], best: dict | None) -> dict | None:
     e.g. ahead on average but within the seed-to-seed spread. The best arm is the best of several on
     these same runs, so its lead is optimistic: ``use`` needs the interval, not only the mean.
     """
-    from .stats import ci_text, compare, reading
+    from .stats import MIN_SEEDS_FOR_READING, ci_text, compare, reading
 
     if best is None:
         return None
@@ -135,8 +141,9 @@ def recommend(rows: list[dict], best: dict | None) -> dict | None:
         decision, why = "undecided", "its lam=0 control has no finished run on the same seeds"
     elif vc["mean"] <= 0:
         decision, why = "leave off", "the penalty did not help on the held-out split (not ahead of its control)"
-    elif vc["n"] < 2:
-        decision, why = "undecided", "one seed gives no interval: run --seeds 1 2 3 (or more)"
+    elif vc["n"] < MIN_SEEDS_FOR_READING:  # one seed has no interval, two no usable one (stats.reading)
+        decision, why = "undecided", (f"{'one seed gives no interval' if vc['n'] == 1 else 'two seeds cannot tell'}: "
+                                      f"run --seeds 1 2 3 (or more)")
     elif ahead(vc) and (vv is None or ahead(vv)):
         decision, why = "use", "ahead of its control" + (" and of vanilla" if vv else "") + " beyond the seed spread"
     elif ahead(vc):
@@ -184,7 +191,7 @@ def tune_main(args) -> dict:
     """Run ``lnsr tune``; returns ``{task: best.json content}``."""
     from . import check_common_args, parse_methods
     from .report import write_summary
-    from .runner import prepare_tasks, run_task, write_json
+    from .runner import plan_job, prepare_tasks, run_task, write_json
 
     def log(msg):
         print(msg, file=sys.stderr, flush=True)
@@ -204,11 +211,15 @@ def tune_main(args) -> dict:
         log("lnsr tune: one seed ranks nothing reliably (seed-to-seed spread is often larger than the effect); "
             "use --seeds 1 2 3")
     out = {}
-    for prep in prepare_tasks(args, log, search=True):
+    preps = prepare_tasks(args, log, search=True)
+    for prep in preps:
         metric = args.rank_by or prep.spec.metrics[0]
         if metric not in prep.spec.metrics:
             raise SystemExit(f"--rank-by {metric!r}: {prep.spec.name} has metrics {list(prep.spec.metrics)}")
-        results = run_task(prep, args, methods, log=log)
+    job = plan_job(preps, args, methods, log)  # a record of other options or data in the way stops it here
+    for prep in preps:
+        metric = args.rank_by or prep.spec.metrics[0]
+        results = run_task(prep, args, methods, log=log, job=job)
         task_dir = os.path.join(args.output_dir, prep.spec.name)
         if not results:
             log(f"[{prep.spec.name}] no finished runs to rank")
@@ -217,9 +228,15 @@ def tune_main(args) -> dict:
         rows = rank(results, metric, spec_of, control_of)
         text = table(rows, metric, prep.eval_split)
         lnsr_rows = [r for r in rows if r["method"] == "lnsr" and r["label"] not in control_of.values()]
-        best = lnsr_rows[0] if lnsr_rows else None
+        tied = all_tie(rows)
+        # a tie has no best arm: naming the first in grid order would recommend options the data did not choose
+        best = lnsr_rows[0] if lnsr_rows and not tied else None
         complete = all(len(r["per_seed"]) == len(args.seeds) for r in rows) and len(rows) == len(methods)
         verdict = ""
+        if tied:
+            verdict = (f"no ranking: the arms tie ({metric} {100 * rows[0]['mean']:.2f} for each of the {len(rows)} "
+                       f"arms on {prep.eval_split}); no LNSR options are chosen or recommended. More held-out data "
+                       f"(a larger --holdout) or a harder task could separate them")
         if best is not None:
             vv, vc = best.get("vs_vanilla"), best.get("vs_control")
             verdict = (f"best LNSR arm: {best['label']} ({metric} {100 * best['mean']:.2f}); "
@@ -229,10 +246,13 @@ def tune_main(args) -> dict:
                 verdict += f", vs its lam=0 control {100 * vc[0]:+.2f}"
             if rows[0]["label"] != best["label"]:
                 verdict += f"; note: {rows[0]['label']} ranks first overall"
+            peers = [r["label"] for r in lnsr_rows[1:] if all_tie([best, r])]
+            if peers:
+                verdict += f"; tied with {', '.join(peers)} (the grid order put it first, not the scores)"
         advice = recommend(rows, best)
         record = {
             "task": prep.spec.name, "metric": metric, "split": prep.eval_split, "seeds": list(args.seeds),
-            "grid": grid, "complete": complete, "data": prep.source,
+            "grid": grid, "complete": complete, "tie": tied, "data": prep.source,
             "best": None if best is None else {k: best[k] for k in ("method", "label", "options", "mean", "std",
                                                                    "per_seed")},
             "ranking": [{k: v for k, v in r.items() if k != "order"} for r in rows],
@@ -249,8 +269,12 @@ def tune_main(args) -> dict:
         print(text)
         print(verdict)
         print(advice_text)
+        reused = job.reused_text(prep.spec.name)
+        if reused:
+            print(reused)
         if not complete:
             print("(incomplete: some arms or seeds have not finished; the ranking covers what has)")
-        print(f"-> {path}  (reuse: lnsr finetune ... --method vanilla lnsr:@{path})")
+        print(f"-> {path}  (reuse: lnsr finetune ... --method vanilla lnsr:@{path})" if best is not None else
+              f"-> {path}  (no 'best' entry: nothing to reuse)")
         out[prep.spec.name] = record
     return out

@@ -50,6 +50,19 @@ def cpu_has_bf16(flags: set[str] | None = None) -> bool | None:
     return bool(flags & {"avx512_bf16", "amx_bf16"})
 
 
+def cpu_load() -> tuple[int, float | None]:
+    """``(cores this process may run on, 1-minute load average)``; the load is None where unknown."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        cores = os.cpu_count() or 1
+    try:
+        load = os.getloadavg()[0]
+    except (AttributeError, OSError):
+        load = None
+    return cores, load
+
+
 def device_name(device) -> str:
     """The GPU's name for a CUDA device, else the CPU's model name and core count."""
     if str(device).startswith("cuda") and torch.cuda.is_available():
