@@ -87,8 +87,12 @@ def test_reading_follows_the_interval():
     assert stats.reading(stats.compare({1: 0.8, 2: 0.81, 3: 0.82}, {1: 0.7, 2: 0.7, 3: 0.71})) == "ahead"
     assert stats.reading(stats.compare({1: 0.7, 2: 0.7, 3: 0.71}, {1: 0.8, 2: 0.81, 3: 0.82})) == "behind"
     assert stats.reading(stats.compare({1: 0.75, 2: 0.69, 3: 0.72}, {1: 0.7, 2: 0.7, 3: 0.7})) == "no measurable effect"
-    assert stats.reading(stats.compare({1: 0.9}, {1: 0.7})) == "no measurable effect"  # one seed: no interval
-    assert stats.reading(stats.compare({1: 0.9}, {2: 0.7})) == "no measurable effect"  # no common seed
+    # below 3 paired seeds nothing is read: one seed has no interval, two give no usable one
+    assert stats.reading(stats.compare({1: 0.9}, {1: 0.7})) == "cannot tell (1 seed)"
+    assert stats.reading(stats.compare({1: 0.9}, {2: 0.7})) == "cannot tell (0 seeds)"  # no common seed
+    # two seeds a constant +0.1 apart: a zero-width interval above 0, still no reading
+    two = stats.compare({1: 0.8, 2: 0.9}, {1: 0.7, 2: 0.8})
+    assert two["ci95"][0] > 0 and stats.reading(two) == "cannot tell (2 seeds)"
 
 
 def test_paired_table_pairs_with_vanilla_and_each_arm_with_its_own_control():
@@ -131,3 +135,33 @@ def test_plot_labels_wrap_at_underscores_and_keep_every_character():
     assert wrapped.replace("\n", "") == label and wrapped.count("\n") == 2
     assert all(len(line) <= 22 for line in wrapped.splitlines())
     assert _wrap("vanilla") == "vanilla" and _wrap("a_" + "b" * 30, width=10) == "a_\n" + "b" * 30
+
+
+def test_wilcoxon_ties_are_decided_on_exact_differences_not_float_equality():
+    """Paired differences of accuracies on 277 examples: equal as rationals (k/277), a few ulps apart
+    as floats. Ranked by float equality (as scipy does) they are not tied and the p-value changes."""
+    import itertools
+    from fractions import Fraction
+
+    pairs = [(171, 170), (162, 161), (165, 166), (150, 149), (158, 156), (149, 150), (170, 167)]  # correct of 277
+    d = [a / 277 - b / 277 for a, b in pairs]
+    exact = [Fraction(a - b, 277) for a, b in pairs]
+    mags = [abs(x) for x in d]
+    assert len(set(mags)) > len({abs(x) for x in exact})   # the floats really do break the ties
+    # reference: average ranks of the exact magnitudes, enumerated over all sign patterns
+    order = sorted({abs(x) for x in exact})
+    rank_of = {}
+    pos = 1
+    for m in order:
+        k = sum(abs(x) == m for x in exact)
+        rank_of[m] = Fraction(2 * pos + k - 1, 2)
+        pos += k
+    ranks = [rank_of[abs(x)] for x in exact]
+    w_ref = sum(r for r, x in zip(ranks, exact) if x > 0)
+    sums = [sum(r for r, s in zip(ranks, signs) if s) for signs in itertools.product((0, 1), repeat=len(ranks))]
+    p_ref = min(1.0, 2 * min(sum(s <= w_ref for s in sums), sum(s >= w_ref for s in sums)) / len(sums))
+    w, p = stats.wilcoxon_exact(d)
+    assert w == float(w_ref) and p == pytest.approx(p_ref, rel=1e-12)
+    # ranking the raw floats gives another W+ (the old behaviour), so this test can fail
+    raw = stats.rankdata(np.abs(np.array(d)))
+    assert float(raw[np.array(d) > 0].sum()) != float(w_ref)

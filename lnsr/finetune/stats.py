@@ -97,6 +97,13 @@ def mean_ci(d, conf: float = 0.95) -> tuple[float, float, float]:
     return m, m - half, m + half
 
 
+def exact_differences(d, digits: int = 10) -> np.ndarray:
+    """``d`` rounded to ``digits`` significant digits: what float noise separates, this joins again.
+    Scores of ratios k/N with N below 10^4 or so stay distinct; ulps of error are gone."""
+    d = np.asarray(d, dtype=np.float64)
+    return np.array([float(f"{x:.{digits}g}") for x in d], dtype=np.float64)
+
+
 def wilcoxon_exact(d) -> tuple[float, float]:
     """``(W+, two-sided p)`` of the exact Wilcoxon signed-rank test; zero differences are dropped
     (scipy's ``zero_method="wilcox"``), tied magnitudes get average ranks and the null distribution
@@ -104,8 +111,13 @@ def wilcoxon_exact(d) -> tuple[float, float]:
 
     The patterns are counted, not listed: average ranks are multiples of 1/2, so the doubled ranks
     are integers and the number of patterns per doubled rank sum is a subset-sum count (exact in
-    Python integers), which keeps the test exact for any ``n`` -- a pooled analysis has dozens."""
-    d = np.asarray(d, dtype=np.float64)
+    Python integers), which keeps the test exact for any ``n`` -- a pooled analysis has dozens.
+
+    Ties and zeros are decided on the differences rounded to 10 significant digits: paired
+    differences of scores are differences of count ratios (k/N), equal in exact arithmetic but not
+    always in floating point (0.6173 - 0.6137 and 0.5848 - 0.5812 are both 1/277, a few ulps apart);
+    float equality would rank them apart (so does scipy)."""
+    d = exact_differences(d)
     d = d[d != 0]
     n = len(d)
     if n == 0:
@@ -163,11 +175,20 @@ def p_text(p: float) -> str:
     return f"{p:.3f}" if np.isfinite(p) else "-"
 
 
+MIN_SEEDS_FOR_READING = 3
+
+
 def reading(c: dict) -> str:
-    """What a ``compare`` result supports: "ahead" / "behind" when the 95% interval excludes 0,
-    else "no measurable effect" (also with one seed, where there is no interval)."""
+    """What a ``compare`` result supports: "cannot tell (n seeds)" below 3 paired seeds, else "ahead" /
+    "behind" when the 95% interval excludes 0, else "no measurable effect".
+
+    One seed has no interval, and two seeds' interval (t quantile 12.7) is too wide or, on a chance
+    near-constant difference, falsely narrow: "no measurable effect" from them would read as evidence."""
+    n = c.get("n") or 0
+    if n < MIN_SEEDS_FOR_READING:
+        return f"cannot tell ({n} seed{'' if n == 1 else 's'})"
     lo, hi = c.get("ci95", (math.nan, math.nan))
-    if c.get("n") and np.isfinite(lo) and (lo > 0 or hi < 0):
+    if np.isfinite(lo) and (lo > 0 or hi < 0):
         return "ahead" if lo > 0 else "behind"
     return "no measurable effect"
 
