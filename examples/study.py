@@ -652,6 +652,53 @@ def run_dir_summaries(runs_dir: str) -> list[str]:
     return task_dirs
 
 
+# -- the answer, in one table (README.md and the top of docs/results.md) ------------------------------
+ANSWER = ("<!-- answer:begin -->", "<!-- answer:end -->")
+SHORT = {"mrpc1k": "MRPC, 1000 pairs", "sst2-1k": "SST-2, 1000 sentences", "rte1k": "RTE, 1000 pairs",
+         "rte": "RTE, full (2490 pairs)"}
+
+
+def answer_table(runs_dir: str) -> str:
+    """Per complete regime (all-MiniLM-L6-v2, dev accuracy x100, paired by seed): LNSR at the held-out
+    choice against the lam = 0 control (the penalty's own effect) and against vanilla, and the reading
+    of the first; then the pooled pairs. Written from the run files alone."""
+    from lnsr.finetune.stats import ci_text, reading  # lazy, as in fmt_cmp
+
+    def cell(c):
+        return f"{100 * c['mean']:+.2f} {ci_text(c)}"
+
+    rows = ["| regime (all-MiniLM-L6-v2) | seeds | LNSR - control | LNSR - vanilla | reading |", "|---|---|---|---|---|"]
+    pooled = {}
+    for regime in REGIMES:
+        arms = final_arms(runs_dir, regime)
+        if sum(len(v) for v in arms.values()) < FINAL_ARMS * final_seeds(regime):
+            continue
+        scores = {}
+        for label, runs in arms.items():
+            for r in runs:
+                scores.setdefault(role(label), {})[r["config"]["seed"]] = r["final"][METRIC]
+                pooled.setdefault(role(label), {})[(regime, r["config"]["seed"])] = r["final"][METRIC]
+        pc, pv = compare(scores["LNSR"], scores["control"]), compare(scores["LNSR"], scores["vanilla"])
+        rows.append(f"| {SHORT[regime]} | {pc['n']} | {cell(pc)} | {cell(pv)} | {reading(pc)} |")
+    if len(rows) > 3:
+        pc, pv = compare(pooled["LNSR"], pooled["control"]), compare(pooled["LNSR"], pooled["vanilla"])
+        rows.append(f"| pooled (exploratory) | {pc['n']} pairs | {cell(pc)} | {cell(pv)} | {reading(pc)} |")
+    return "\n".join(rows)
+
+
+def write_answer(path: str, table: str) -> None:
+    """Replace the answer block of ``path`` (README.md or docs/results.md) by ``table``."""
+    with open(path) as f:
+        text = f.read()
+    begin, end = ANSWER
+    if begin not in text or end not in text:
+        raise SystemExit(f"{path} has no {begin} ... {end} block to fill")
+    head, rest = text.split(begin, 1)
+    _, tail = rest.split(end, 1)
+    with open(path, "w") as f:
+        f.write(head + begin + "\n" + table + "\n" + end + tail)
+
+
 def summary(runs_dir: str, results_md: str, plot_dir: str) -> str:
     run_dir_summaries(runs_dir)
     parts = []
@@ -690,6 +737,10 @@ def summary(runs_dir: str, results_md: str, plot_dir: str) -> str:
     with open(results_md, "w") as f:
         f.write(head + begin + "\n<!-- written by `examples/study.sh summary` from the run files; do not edit -->\n\n"
                 + block + "\n" + end + tail)
+    table = answer_table(runs_dir)
+    for path in (results_md, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(results_md))), "README.md")):
+        if os.path.isfile(path) and ANSWER[0] in open(path).read():
+            write_answer(path, table)
     return block
 
 
