@@ -1,5 +1,5 @@
 #!/bin/bash
-# README's `lnsr tune` figure: lam in {0.003, 0.01, 0.03} beside vanilla and the lam = 0 control on a
+# docs/guide.md's `lnsr tune` figure: lam in {0.003, 0.01, 0.03} beside vanilla and the lam = 0 control on a
 # held-out 20% of MRPC train (1000 training pairs, 3 seeds, README's main-job recipe, bf16).
 #
 #   examples/tune_mrpc.sh            # JOBS runs at a time (default 1), then the ranking and best.json
