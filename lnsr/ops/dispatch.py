@@ -1,14 +1,18 @@
 """Backend selection for the ops (docs/design.md §4).
 
-A backend is a ``lnsr.ops.backend.Backend`` (the contract, docs/design.md §5).  ``torch`` (the
-reference) is always present; ``triton`` (``lnsr.kernels``) and ``cpu``/``cuda`` (``lnsr._C``) are
-loaded by the loaders below, which import lazily so that a missing optional dependency costs
-nothing until asked for.  On the device types of ``SELFCHECK_DEVICES`` (CUDA) ``auto`` takes a
-backend other than ``torch`` only once it has passed its self-check against the reference
-(``lnsr.ops.selfcheck``; ``LNSR_SELFCHECK=0`` skips it).
+A backend is a ``lnsr.ops.backend.Backend`` (the contract, docs/design.md §5) declared in one module
+of ``lnsr/ops/backends/`` by one ``register_backend`` call (its name, loader, install hint and
+``auto`` preference per device type; ``lnsr.ops.backends``, the registry).  The tables here are
+derived from the registry and follow it: ``BACKENDS`` (``auto`` and every registered name),
+``AUTO_ORDER`` (per device type, highest preference first), ``INSTALL_HINT`` and the loaders
+(``_LOADERS``), which import lazily so that a missing optional dependency costs nothing until asked
+for.  On the device types of ``SELFCHECK_DEVICES`` (CUDA) ``auto`` takes a backend other than
+``torch`` only once it has passed its self-check against the reference (``lnsr.ops.selfcheck``;
+``LNSR_SELFCHECK=0`` skips it).
 """
 from __future__ import annotations
 
+import collections.abc
 import math
 import os
 import statistics
@@ -19,53 +23,91 @@ from typing import Callable
 
 import torch
 
-from .backend import TorchBackend
+from . import backends
+from .backends import register_backend, unregister_backend  # noqa: F401  (public here too)
 
-BACKENDS = ("auto", "torch", "triton", "cuda", "cpu")
-# Preference order of ``auto`` per device type, fastest first.  A backend is taken only if its
-# loader succeeds and it supports the device; ``torch`` always does.
-AUTO_ORDER = {"cuda": ("cuda", "triton", "torch"), "cpu": ("cpu", "torch")}
+
+class _BackendNames(collections.abc.Sequence):
+    """``BACKENDS``: ``"auto"`` then every registered backend, a read-only sequence (compares equal
+    to the tuple) that follows the registry.  One object, updated in place, because code binds it
+    at import: ``lnsr.ops.BACKENDS``, ``LNSRConfig``'s choices, argparse ``choices=``; a backend
+    registered later must be accepted there too."""
+
+    __slots__ = ("_names",)
+
+    def __init__(self):
+        self._names: tuple[str, ...] = ("auto",)
+
+    def __getitem__(self, i):
+        return self._names[i]  # a slice is a tuple
+
+    def __len__(self) -> int:
+        return len(self._names)
+
+    def __contains__(self, name) -> bool:
+        return name in self._names
+
+    def __iter__(self):
+        return iter(self._names)
+
+    def __eq__(self, other) -> bool:
+        return self._names == (tuple(other) if isinstance(other, (tuple, _BackendNames)) else other)
+
+    __hash__ = None
+
+    def __repr__(self) -> str:
+        return repr(self._names)
+
+
+_NAMES = _BackendNames()
+BACKENDS = _NAMES
+# ``auto``'s order per device type, highest preference first (the ``auto=`` of each registration,
+# backends.auto_order()).  A backend is taken only if its loader succeeds and it supports the device
+# (and, on SELFCHECK_DEVICES, passes its self-check); ``torch`` always does.
+AUTO_ORDER: dict[str, tuple[str, ...]] = {}
 # What to install when a requested backend is missing.
-INSTALL_HINT = {
-    "triton": "install Triton (`pip install triton`, bundled with CUDA builds of torch) and use CUDA tensors",
-    "cuda": "build the extension with a CUDA toolkit: `CUDA_HOME=/path/to/cuda pip install --no-build-isolation -e .`",
-    "cpu": "build the extension: `pip install --no-build-isolation -e .` (needs a C++ compiler and ninja)",
-}
-
-
-def _torch_backend():
-    return TorchBackend()
-
-
-def _triton_backend():
-    from .. import kernels  # lnsr.kernels (kernels/ in the source tree)
-
-    return kernels.backend()
-
-
-def _extension_backend(kind: str):
-    from . import extension  # wraps the compiled lnsr._C
-
-    return extension.backend(kind)
-
-
-_LOADERS: dict[str, Callable[[], object]] = {
-    "torch": _torch_backend,
-    "triton": _triton_backend,
-    "cpu": lambda: _extension_backend("cpu"),
-    "cuda": lambda: _extension_backend("cuda"),
-}
+INSTALL_HINT: dict[str, str] = {}
+_LOADERS: dict[str, Callable[[], object]] = {}
 _CACHE: dict[str, object] = {}
 _ERRORS: dict[str, str] = {}
 
 
-def register_loader(name: str, loader: Callable[[], object]) -> None:
-    """Register (or replace) the loader of a backend; the loader raises ImportError when absent."""
-    _LOADERS[name] = loader
+def _forget(name: str) -> None:
+    """Drop what was loaded, failed or checked for backend ``name``: a new implementation starts anew."""
     _CACHE.pop(name, None)
     _ERRORS.pop(name, None)
-    for key in [k for k in _SELFCHECKS if k[0] == name]:  # a new implementation is checked anew
+    for key in [k for k in _SELFCHECKS if k[0] == name]:
         del _SELFCHECKS[key]
+    _SELFCHECK_WARNED.discard(name)
+
+
+def _registry_changed(name: str) -> None:
+    """Follow a change of the registry (backend ``name`` registered, replaced or removed)."""
+    global AUTO_ORDER, INSTALL_HINT
+    spec = backends.get(name)
+    _NAMES._names = ("auto", *(s.name for s in backends.specs()))
+    AUTO_ORDER = backends.auto_order()
+    INSTALL_HINT = backends.install_hints()
+    if spec is not None:
+        _LOADERS[name] = spec.load
+    else:
+        _LOADERS.pop(name, None)
+    _forget(name)
+    _CHOICES.clear()  # measured choices may hold the old object, or miss a new candidate
+    _TIMINGS.clear()
+
+
+def register_loader(name: str, loader: Callable[[], object]) -> None:
+    """Replace the loader of backend ``name``; the loader raises ImportError when absent.  (From
+    before the registry: ``register_backend`` declares a backend, with its hint and ``auto``
+    preference.)  A name the registry does not hold gets a loader only, outside ``BACKENDS`` and
+    ``AUTO_ORDER``."""
+    spec = backends.get(name)
+    if spec is not None:
+        register_backend(name, loader, hint=spec.hint, auto=spec.auto, replace=True)
+    else:
+        _LOADERS[name] = loader
+        _forget(name)
 
 
 def _load(name: str):
@@ -295,3 +337,11 @@ def auto_choices() -> list[dict]:
     """What ``auto`` measured and chose so far: one dict per (device, op, input class)."""
     return [{"device": f"{k[0]}" + (f":{k[1]}" if k[1] is not None else ""), "op": k[2], "key": k[3],
              "backend": impl.name, "seconds": _TIMINGS.get(k, {})} for k, impl in _CHOICES.items()]
+
+
+# Follow the registry: every change from here on, the built-in backends' registrations included
+# (discover imports lnsr/ops/backends/*), and whatever was registered before (nothing, normally).
+backends._subscribe(_registry_changed)
+backends.discover()
+for _name in [spec.name for spec in backends.specs()]:
+    _registry_changed(_name)

@@ -1,14 +1,16 @@
-"""The ``cpu`` and ``cuda`` backends: the compiled kernels of ``lnsr._C`` (``csrc/``).
+"""Loading ``lnsr._C``, the compiled kernels (``csrc/``) of the ``cpu`` and ``cuda`` backends.
 
 Importing ``lnsr._C`` registers the ops ``torch.ops.lnsr.{noise, perturb, perturb_backward,
 layer_penalty, layer_penalty_backward}`` (C++ ``TORCH_LIBRARY``: CPU and CUDA kernels, and the
 autograd of ``perturb`` and ``layer_penalty``).  This module adds the fake implementations that
 ``torch.compile`` and ``opcheck`` need, shared with the Triton ops
-(``lnsr.ops.backend.register_op_extras``: one schema).
+(``lnsr.ops.backend.register_op_extras``: one schema), and knows which GPUs the build runs on.
 
-``backend(kind)`` raises ImportError when the extension is not built, fails to load, or (for
-``kind='cuda'``) was built without CUDA kernels; ``lnsr.ops.dispatch`` then falls back and keeps the
-reason.  A build that exists but does not load (e.g. compiled against another torch) also warns once.
+The backends themselves (``ExtensionBackend``, ``backend(kind)``, still importable from here) are in
+``lnsr/ops/backends/extension.py``.  ``backend(kind)`` raises ImportError when the extension is not
+built, fails to load, or (for ``kind='cuda'``) was built without CUDA kernels; ``lnsr.ops.dispatch``
+then falls back and keeps the reason.  A build that exists but does not load (e.g. compiled against
+another torch) also warns once.
 """
 from __future__ import annotations
 
@@ -18,7 +20,7 @@ import warnings
 
 import torch
 
-from .backend import OpsBackend, register_op_extras
+from .backend import register_op_extras
 
 _C = None
 _LOAD_ERROR: str | None = None
@@ -138,8 +140,8 @@ def capability_reason(cap) -> str:
 
 
 # ---------------------------------------------------------------------------------------------
-# The backend (the contract of lnsr.ops.backend; the ops' fake implementations and autograd are
-# registered there, shared with the Triton ops of the same schema)
+# The ops' Python parts (their fake implementations are registered in lnsr.ops.backend, shared with
+# the Triton ops of the same schema)
 # ---------------------------------------------------------------------------------------------
 
 def _register_python_parts() -> None:
@@ -147,34 +149,11 @@ def _register_python_parts() -> None:
     register_op_extras("lnsr", autograd=False)
 
 
-class ExtensionBackend(OpsBackend):
-    """The ``cpu`` or ``cuda`` backend: the ops ``torch.ops.lnsr.*`` of lnsr._C."""
+# ``ExtensionBackend`` and ``backend(kind)`` are in lnsr/ops/backends/extension.py (one file per
+# backend, issue #34); still importable from here.
+def __getattr__(name):
+    if name in ("ExtensionBackend", "backend"):
+        from .backends import extension as _backend_module
 
-    namespace = "lnsr"
-
-    def __init__(self, name: str):
-        self.name = name
-
-    def supports(self, device) -> bool:
-        device = torch.device(device)
-        if device.type != self.name:
-            return False
-        return self.name == "cpu" or (with_cuda() and _capability_ok(device))
-
-    def unsupported_reason(self, device) -> str | None:
-        """Why ``supports(device)`` is False when the device type is right (for an explicit request)."""
-        device = torch.device(device)
-        if device.type == "cuda" == self.name and with_cuda() and not _capability_ok(device):
-            return capability_reason(tuple(torch.cuda.get_device_capability(device)))
-        return None
-
-
-def backend(kind: str) -> ExtensionBackend:
-    """The ``cpu`` or ``cuda`` backend; ImportError when lnsr._C (or its CUDA part) is missing."""
-    if kind not in ("cpu", "cuda"):
-        raise ValueError(f"extension backends are 'cpu' and 'cuda', got {kind!r}")
-    mod = load()
-    if kind == "cuda" and not mod.WITH_CUDA:
-        raise ImportError("lnsr._C was built without CUDA kernels (no CUDA toolkit at build time, or LNSR_NO_CUDA=1); rebuild "
-                          "with `CUDA_HOME=/path/to/cuda pip install --no-build-isolation -e .`")
-    return ExtensionBackend(kind)
+        return getattr(_backend_module, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
