@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from . import ops
+from .config import LNSRConfig, add_lnsr_flags, flag_values
 from .models import find_blocks, replace_block_input, unwrap
 
 
@@ -24,8 +25,8 @@ def _first(output):
 
 
 @torch.no_grad()
-def noise_profile(model, batches, *, sigma: float = 0.05, noise: str = "relative", seed: int = 0,
-                  inject_at=None, blocks=None, backend: str = "auto") -> dict:
+def noise_profile(model, batches, config: LNSRConfig | None = None, *, seed: int = 0, inject_at=None,
+                  **options) -> dict:
     """``{"change": [K, L+1] array, "inject_at": [...], "n_tokens": int}``.
 
     ``change[i, j + 1]`` is the mean relative change of block ``j``'s output for noise entering
@@ -33,8 +34,12 @@ def noise_profile(model, batches, *, sigma: float = 0.05, noise: str = "relative
     except column ``k`` (the hidden state entering block ``k``, i.e. the output of block ``k - 1``),
     which holds the relative size of the injected noise itself (about sigma for relative noise).
     ``batches``: an iterable of model keyword-argument dicts (``attention_mask`` masks the mean).
+    The noise is ``lnsr.LNSR``'s: ``sigma``, ``noise``, ``n_anchors``, ``blocks`` and ``backend``
+    from an ``lnsr.LNSRConfig`` and/or keywords (``LNSRConfig.make``; its other options do not enter
+    an eval-mode profile); ``inject_at`` here is a list of blocks to scan (default: all).
     """
-    ops.check_sigma(sigma)
+    cfg = LNSRConfig.make(config, **options)
+    sigma, noise, blocks, backend = cfg.sigma, cfg.noise, cfg.blocks, cfg.backend
     _, inner = unwrap(model)
     block_list, _ = find_blocks(inner, blocks)
     n = len(block_list)
@@ -51,7 +56,7 @@ def noise_profile(model, batches, *, sigma: float = 0.05, noise: str = "relative
                 return None
             def noisy(h):
                 out = ops.perturb(h, state["seed"], sigma=sigma, kind=noise, mask=state["mask_bt"],
-                                  backend=backend)[h.shape[0]:]
+                                  n_anchors=cfg.n_anchors, backend=backend)[h.shape[0]:]
                 state["in_change"] = _rel(out, h)
                 return out
             return replace_block_input(args, kwargs, noisy, who=f"block {j} ({type(module).__name__})")
@@ -153,10 +158,7 @@ def add_profile_args(p) -> None:
     p.add_argument("--max-samples", type=int, default=256, metavar="N", help="the first N examples of the split")
     p.add_argument("--max-length", type=int, default=128, help="truncation length")
     p.add_argument("--batch-size", type=int, default=32, help="examples per forward pass")
-    p.add_argument("--sigma", type=float, default=0.05,
-                   help="noise scale (relative noise: a fraction of each token's rms)")
-    p.add_argument("--noise", choices=ops.NOISE_KINDS, default="relative",
-                   help="noise kind, as lnsr finetune's --noise")
+    add_lnsr_flags(p, ("sigma", "noise"))  # as lnsr finetune's: from LNSRConfig's schema
     p.add_argument("--inject-at", type=int, nargs="+", default=None, help="injection blocks (default: all)")
     p.add_argument("--seed", type=int, default=0, help="noise seed")
     p.add_argument("--output-dir", default="runs/profile", help="writes profile.csv and profile.png here")
@@ -187,8 +189,10 @@ def profile_main(args) -> dict:
         raise SystemExit(f"--label gives {len(labels)} names for {len(models)} models")
     if len(set(labels)) != len(labels):  # e.g. two runs' seed1-model folders: use the parent folder too
         labels = [os.path.join(*os.path.normpath(m).split(os.sep)[-2:]) for m in models]
-    if args.sigma < 0:
-        raise SystemExit(f"--sigma must be >= 0, got {args.sigma}")
+    try:  # checked before any model or data is loaded
+        config = LNSRConfig.make(flag_values(args, ("sigma", "noise")))
+    except (TypeError, ValueError) as exc:
+        raise SystemExit(f"lnsr profile: {exc}") from None
     spec = get_task(args.task)
     train, dev, source = load_task(spec, args.data_dir)
     examples = (dev if args.split == "dev" else train)[:args.max_samples]
@@ -206,8 +210,7 @@ def profile_main(args) -> dict:
             b = collate(feats[s:s + args.batch_size], tok.pad_token_id or 0, spec.is_regression, side)
             b.pop("labels")
             batches.append({k: v.to(device) for k, v in b.items()})
-        profiles[label] = noise_profile(model, batches, sigma=args.sigma, noise=args.noise, seed=args.seed,
-                                        inject_at=args.inject_at)
+        profiles[label] = noise_profile(model, batches, config, seed=args.seed, inject_at=args.inject_at)
         profiles[label]["path"] = path
     os.makedirs(args.output_dir, exist_ok=True)
     csv_path = os.path.join(args.output_dir, "profile.csv")

@@ -16,15 +16,20 @@ import torch
 from torch import nn
 
 from . import ops
+from .config import LNSRConfig
 from .models import block_batch_arg, find_blocks, replace_block_input, unwrap
+
+_DEFAULTS = LNSRConfig()  # the options' defaults come from the one schema
+# Without a config the definition is a plain two-pass loop: each pass draws its own dropout.
+_DEFINITION = {"dropout": "independent"}
 
 
 def _first_tensor(output):
     return output if isinstance(output, torch.Tensor) else output[0]
 
 
-def definition_eps(h: torch.Tensor, seed: int, *, sigma: float, noise: str = "relative",
-                   mask: torch.Tensor | None = None, n_anchors: int = 64) -> torch.Tensor:
+def definition_eps(h: torch.Tensor, seed: int, *, sigma: float, noise: str = _DEFAULTS.noise,
+                   mask: torch.Tensor | None = None, n_anchors: int = _DEFAULTS.n_anchors) -> torch.Tensor:
     """The noise ``eps`` (fp32, shape of ``h`` ``[B, ..., H]``) of each kind, from ``lnsr.ops.noise``.
 
     gaussian: ``sigma * z``; relative: ``sigma * rms(h_t) * z`` per token; manifold: ``sigma /
@@ -99,10 +104,15 @@ class _Dropouts:
         return forward
 
 
-def two_pass(model: nn.Module, inputs: dict, *, seed: int, sigma: float = 0.05, noise: str = "relative",
-             inject_at: int = 0, layer_weights=None, detach_clean: bool = False, n_anchors: int = 64,
-             blocks=None, dropout: str = "independent"):
+def two_pass(model: nn.Module, inputs: dict, config: LNSRConfig | None = None, *, seed: int, **options):
     """``(clean_output, penalty)``: the clean pass's model output and ``P`` (unscaled by lam).
+
+    Options as ``lnsr.LNSR``'s (an ``lnsr.LNSRConfig`` and/or keywords, resolved by
+    ``LNSRConfig.make``): ``sigma``, ``noise``, ``inject_at``, ``layer_weights``,
+    ``detach_clean``, ``n_anchors``, ``blocks`` and ``dropout`` shape the penalty; ``lam``,
+    ``backend``, ``every``, ``rank``, ``check_finite`` and ``add_to_loss`` do not enter it; the
+    definition is the ``token`` normalisation over the whole batch (other ``normalize`` or
+    ``noisy_fraction`` raise).  Without a config, ``dropout`` defaults to ``independent``.
 
     ``inputs`` are the model's keyword arguments; ``attention_mask`` (2-D) masks the penalty.
     Blocks below ``k`` run twice, as a two-pass implementation does; the noisy pass restarts at
@@ -111,9 +121,15 @@ def two_pass(model: nn.Module, inputs: dict, *, seed: int, sigma: float = 0.05, 
     ``paired``, ``off``), as ``lnsr.LNSR``'s option of the same name.  Call it on a model without
     gradient checkpointing: its hooks are gone by the time a backward would recompute the blocks.
     """
+    cfg = LNSRConfig.make(_DEFINITION if config is None else config, **options)
+    if cfg.normalize != "token" or cfg.noisy_fraction != 1.0:
+        raise ValueError(f"two_pass is the definition with normalize='token' over the whole batch; got "
+                         f"normalize={cfg.normalize!r}, noisy_fraction={cfg.noisy_fraction}: compare those against "
+                         f"their formulas from the per-layer penalties (layer_weights)")
+    sigma, noise, detach_clean, dropout = cfg.sigma, cfg.noise, cfg.detach_clean, cfg.dropout
     _, inner = unwrap(model)
-    block_list, _ = find_blocks(inner, blocks)
-    k = inject_at % len(block_list)
+    block_list, _ = find_blocks(inner, cfg.blocks)
+    k, layer_weights = cfg.resolve(len(block_list))
     mask = inputs.get("attention_mask")
     mask = mask if isinstance(mask, torch.Tensor) and mask.dim() == 2 else None
     record: dict[str, list] = {"clean": [], "noisy": []}
@@ -126,7 +142,7 @@ def two_pass(model: nn.Module, inputs: dict, *, seed: int, sigma: float = 0.05, 
             return None
         h = entering["h"]
         noisy = (h.float() + definition_eps(h, seed, sigma=sigma, noise=noise, mask=mask,
-                                            n_anchors=n_anchors)).to(h.dtype)
+                                            n_anchors=cfg.n_anchors)).to(h.dtype)
         return replace_block_input(args, kwargs, lambda _: noisy, who=f"block {k}")
 
     def post(module, args, output):
@@ -150,5 +166,5 @@ def two_pass(model: nn.Module, inputs: dict, *, seed: int, sigma: float = 0.05, 
             a = a.detach()
         d = ((b.float() - a.float()) ** 2).sum(-1)
         term = d.mean() if m is None else (d * m).sum() / m.sum().clamp_min(1.0)
-        penalty = penalty + (1.0 if layer_weights is None else float(layer_weights[j])) * term
+        penalty = penalty + layer_weights[j] * term
     return clean_out, penalty

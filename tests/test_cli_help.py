@@ -57,7 +57,7 @@ def test_every_flag_has_help(command):
     ("profile", "--model", "default: the packaged all-MiniLM-L6-v2"),
     ("finetune", "--holdout", "default: none, evaluate on dev"), ("tune", "--holdout", "(default: 0.2)"),
     ("finetune", "--output-dir", "(default: runs/finetune)"), ("tune", "--output-dir", "(default: runs/tune)"),
-    ("tune", "--grid", "(default: lam=0.003,0.01,0.03)"),
+    ("tune", "--grid", "(default: lam=0.001,0.003,0.01)"),
     ("finetune", "--no-progress", "(default: shown)"), ("finetune", "--no-checkpoints", "(default: checkpoints are"),
     ("profile", "--device", "(default: cuda when available)"),
 ])
@@ -73,7 +73,7 @@ def test_the_defaults_shown_are_the_parsed_ones():
     assert (ft.seeds, ft.epochs, ft.lr, ft.batch_size, ft.encoding) == ([1, 2, 3], 3, 2e-5, 16, "utf-8")
     assert ft.progress is True and ft.checkpoints is True and ft.holdout is None and ft.model is None
     tu = build_parser().parse_args(["tune", "--task", "mrpc"])
-    assert (tu.holdout, tu.output_dir, tu.grid) == (0.2, "runs/tune", ["lam=0.003,0.01,0.03"])
+    assert (tu.holdout, tu.output_dir, tu.grid) == (0.2, "runs/tune", ["lam=0.001,0.003,0.01"])
 
 
 def test_formatter_rules():

@@ -15,7 +15,7 @@ __all__ = ["TASKS", "TaskSpec", "get_task", "load_task", "read_tsv", "METHODS", 
 
 def add_finetune_args(p, tune: bool = False) -> None:
     """The arguments of ``lnsr finetune`` (``tune=True``: those of ``lnsr tune``, which has no --method)."""
-    from ..config import CHOICES
+    from ..config import add_lnsr_flags
 
     g = p.add_argument_group("task and data (a GLUE task, or your own files)")
     g.add_argument("--task", nargs="+", default=None, metavar="TASK",
@@ -72,25 +72,7 @@ def add_finetune_args(p, tune: bool = False) -> None:
                    help="one run of every method per seed; a seed gives every method the same head "
                         "initialisation and data order")
     g = p.add_argument_group("LNSR options (method lnsr)")
-    g.add_argument("--sigma", type=float, default=0.05,
-                   help="noise scale (relative noise: a fraction of each token's rms)")
-    g.add_argument("--noise", choices=CHOICES["noise"], default="relative",
-                   help="gaussian: sigma*z; relative: sigma*rms(token)*z; manifold: Gaussian in the span of the "
-                        "batch's tokens")
-    g.add_argument("--inject-at", type=int, default=0,
-                   help="block whose input gets the noise: 0 is the embeddings' output; negative counts from the top")
-    g.add_argument("--lam", type=float, default=0.01, help="weight of the noise-stability penalty")
-    g.add_argument("--normalize", choices=CHOICES["normalize"], default="token",
-                   help="token: squared L2 per token; element: also divided by the hidden size; gain: each layer's "
-                        "term scale- and sigma-free")
-    g.add_argument("--dropout", choices=CHOICES["dropout"], default="paired",
-                   help="dropout in the regularised blocks: paired (clean and noisy halves share masks), "
-                        "independent (masks per half), off (none during regularised forwards)")
-    g.add_argument("--detach-clean", action="store_true",
-                   help="no gradient through the clean half of the penalty (default: through both halves)")
-    g.add_argument("--backend", choices=CHOICES["backend"], default="auto",
-                   help="implementation of LNSR's ops: torch (reference), triton, cpu/cuda (the compiled "
-                        "extension); auto picks per device (LNSR_BACKEND overrides it)")
+    add_lnsr_flags(g)  # --sigma --noise --inject-at --lam ...: names, types, defaults and help from LNSRConfig
     g = p.add_argument_group("optimisation")
     g.add_argument("--epochs", type=int, default=3, help="training epochs")
     g.add_argument("--lr", type=float, default=2e-5, help="peak learning rate (AdamW, after warm-up)")
@@ -135,9 +117,9 @@ def add_finetune_args(p, tune: bool = False) -> None:
 
 def method_defaults(args) -> dict:
     """The shared LNSR flags (``--lam``, ``--sigma``, ...) as method options."""
-    return {"sigma": args.sigma, "noise": args.noise, "inject_at": args.inject_at, "lam": args.lam,
-            "normalize": args.normalize, "dropout": args.dropout, "detach_clean": args.detach_clean,
-            "backend": args.backend}
+    from ..config import flag_values
+
+    return flag_values(args)
 
 
 def check_common_args(args) -> None:

@@ -1,7 +1,8 @@
 """Fine-tuning methods: a registry; vanilla and lnsr here, the papers' baselines in ``baselines.py``.
 
 A method is a class registered under a name.  ``OPTIONS`` lists the command-line options it reads
-(their values go into the run's config, so a changed option re-runs and an unrelated one does not).
+(their values go into the run's config, so a changed option re-runs and an unrelated one does not;
+``lnsr``'s are read off ``lnsr.LNSRConfig``'s schema).
 Per run the runner calls ``attach(model)`` once before training, ``extra_loss(model, batch,
 outputs)`` after each training forward (return a tensor added to the task loss, or None) and
 ``detach()`` at the end; ``stats()`` gives the numbers of the latest step to log.
@@ -13,6 +14,8 @@ after the spec (``lnsr_lam0.003``).
 from __future__ import annotations
 
 import torch
+
+from ..config import _FALSE, _TRUE, LNSRConfig
 
 METHODS: dict[str, type] = {}
 
@@ -33,6 +36,28 @@ class Method:
 
     def __init__(self, **options):
         self.options = options
+
+    @classmethod
+    def spec_keys(cls) -> tuple:
+        """The options settable as ``name:key=value``."""
+        return tuple(cls.OPTIONS)
+
+    @classmethod
+    def parse_option(cls, key: str, raw: str):
+        """The typed value of option ``key`` from spec text; ValueError (one line) if it is not one."""
+        typ = cls.OPTIONS[key]
+        try:
+            return _convert(typ, raw)
+        except ValueError:
+            raise ValueError(f"{key}={raw!r} is not a {typ.__name__}") from None
+
+    @classmethod
+    def options_from_json(cls, options: dict) -> dict:
+        """The options a best.json stored (JSON values), typed; ValueError (one line) if one is bad."""
+        unknown = [k for k in options if k not in cls.OPTIONS]
+        if unknown:
+            raise ValueError(f"unknown {cls.name} option(s) {unknown}; the options are {', '.join(cls.OPTIONS)}")
+        return {k: v if isinstance(v, cls.OPTIONS[k]) else cls.parse_option(k, str(v)) for k, v in options.items()}
 
     @classmethod
     def validate(cls, label: str, options: dict) -> None:
@@ -65,16 +90,30 @@ class Vanilla(Method):
 
 @register_method("lnsr")
 class LNSRMethod(Method):
-    """Layerwise Noise Stability Regularization (``lnsr.LNSR``) on the model's blocks."""
-    OPTIONS = {"sigma": float, "noise": str, "inject_at": int, "lam": float, "normalize": str,
-               "dropout": str, "detach_clean": bool, "backend": str, "noisy_fraction": float, "every": int}
-    # the schedules (noisy_fraction, every) have no shared flag: set per spec, absent = lnsr.LNSR's default
-    FROM_CLI = ("sigma", "noise", "inject_at", "lam", "normalize", "dropout", "detach_clean", "backend")
+    """Layerwise Noise Stability Regularization (``lnsr.LNSR``) on the model's blocks.
+
+    Its options, their types and checks are ``lnsr.LNSRConfig``'s schema: the spec keys are its
+    ``spec`` options, the shared flags its ``cli`` ones (the schedules ``every`` and
+    ``noisy_fraction`` have no flag: set per spec, absent = lnsr.LNSR's default)."""
+    # read off the schema (kept as attributes for code that reads them)
+    OPTIONS = {o.name: o.type for o in LNSRConfig.schema().values() if o.spec}
+    FROM_CLI = LNSRConfig.cli_names()
+
+    @classmethod
+    def parse_option(cls, key, raw):
+        return LNSRConfig.parse_value(key, raw)
+
+    @classmethod
+    def options_from_json(cls, options):
+        unknown = [k for k in options if k not in cls.OPTIONS]
+        if unknown:
+            raise ValueError(f"unknown lnsr option(s) {unknown}; the options are {', '.join(cls.OPTIONS)}")
+        config = LNSRConfig.from_json(options)
+        return {k: getattr(config, k) for k in options}  # only those it stored: the run's config is the same
 
     @classmethod
     def validate(cls, label, options):
-        from ..config import LNSRConfig  # the one place LNSR's options are checked
-        try:
+        try:  # LNSRConfig: the one place LNSR's options are checked
             LNSRConfig(**options)
         except (TypeError, ValueError) as exc:
             raise SystemExit(f"method {label}: {exc}") from None
@@ -108,11 +147,9 @@ class LNSRMethod(Method):
 
 
 def _convert(typ, raw: str):
-    if typ is bool:
-        if raw.lower() in ("1", "true", "yes", "on"):
-            return True
-        if raw.lower() in ("0", "false", "no", "off"):
-            return False
+    if typ is bool:  # the words LNSRConfig.parse_value takes, for every method alike
+        if raw.lower() in _TRUE + _FALSE:
+            return raw.lower() in _TRUE
         raise ValueError(raw)
     return typ(raw)
 
@@ -137,11 +174,12 @@ def _options_from_file(name: str, path: str, spec: str) -> tuple[str, dict]:
     if best.get("method") != name:
         raise SystemExit(f"bad method spec {spec!r}: {path} holds options of method {best.get('method')!r}, "
                          f"not {name!r}")
-    unknown = [k for k in best["options"] if k not in METHODS[name].OPTIONS]
-    if unknown:
-        raise SystemExit(f"bad method spec {spec!r}: {path} has unknown {name} option(s) {unknown}")
+    try:
+        options = METHODS[name].options_from_json(best["options"])
+    except ValueError as exc:
+        raise SystemExit(f"bad method spec {spec!r}: {path}: {exc}") from None
     label = best.get("label") or f"{name}_{os.path.splitext(os.path.basename(path))[0]}"
-    return str(label), dict(best["options"])
+    return str(label), options
 
 
 def parse_method_spec(spec: str, defaults: dict) -> tuple[str, str, dict]:
@@ -159,11 +197,7 @@ def parse_method_spec(spec: str, defaults: dict) -> tuple[str, str, dict]:
     if rest.startswith("@"):  # name:@best.json[,key=value,...]: the tuned options, then overrides
         path, _, rest = rest[1:].partition(",")
         label, chosen = _options_from_file(name, path, spec)
-        for key, value in chosen.items():
-            try:
-                options[key] = value if isinstance(value, cls.OPTIONS[key]) else _convert(cls.OPTIONS[key], str(value))
-            except ValueError:
-                raise SystemExit(f"{path}: option {key}={value!r} is not a {cls.OPTIONS[key].__name__}") from None
+        options.update(chosen)
         if not rest:
             cls.validate(label, options)
             return label, name, options
@@ -175,14 +209,13 @@ def parse_method_spec(spec: str, defaults: dict) -> tuple[str, str, dict]:
         for item in rest.split(","):
             key, eq, raw = item.partition("=")
             key = key.strip().replace("-", "_")
-            if not eq or key not in cls.OPTIONS:
+            if not eq or key not in cls.spec_keys():
                 raise SystemExit(f"bad method spec {spec!r}: expected {name}:key=value[,key=value] with keys "
-                                 f"from {', '.join(cls.OPTIONS) or '(none)'}")
+                                 f"from {', '.join(cls.spec_keys()) or '(none)'}")
             try:
-                options[key] = _convert(cls.OPTIONS[key], raw.strip())
-            except ValueError:
-                raise SystemExit(f"bad method spec {spec!r}: {key}={raw!r} is not a "
-                                 f"{cls.OPTIONS[key].__name__}") from None
+                options[key] = cls.parse_option(key, raw.strip())
+            except ValueError as exc:
+                raise SystemExit(f"bad method spec {spec!r}: {exc}") from None
             parts.append(f"{key}{raw.strip()}")
         label = label_head + "_" + "_".join(parts)
     cls.validate(label, options)

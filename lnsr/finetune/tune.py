@@ -1,7 +1,7 @@
 """``lnsr tune``: choose LNSR's options on a fixed held-out part of the training data.
 
-A grid over LNSR options (default ``lam`` in {0.003, 0.01, 0.03}) runs over a few seeds beside
-``vanilla`` and the ``lam = 0`` control (the same doubled forward and dropout handling, no
+A grid over LNSR options (default ``lam`` in {0.001, 0.003, 0.01}, centred on LNSR's default)
+runs over a few seeds beside ``vanilla`` and the ``lam = 0`` control (the same doubled forward and dropout handling, no
 penalty; one control per setting of the non-``lam`` axes), so the table shows whether the penalty
 itself helps. The arms are ranked by the mean of one metric on the held-out part; the best LNSR
 options go to ``best.json``, which ``lnsr finetune --method lnsr:@best.json`` reuses, with a
@@ -18,13 +18,18 @@ import sys
 
 import numpy as np
 
-DEFAULT_GRID = ("lam=0.003,0.01,0.03",)
+# Centred on LNSRConfig's default lam (0.003), about half a decade either side (a test checks the centre).
+DEFAULT_GRID = ("lam=0.001,0.003,0.01",)
 
 
 def parse_grid(items) -> dict:
-    """``["lam=0.003,0.01", "inject_at=0,3"]`` -> ``{"lam": ["0.003", "0.01"], "inject_at": ["0", "3"]}``."""
-    from .methods import LNSRMethod
+    """``["lam=0.003,0.01", "inject_at=0,3"]`` -> ``{"lam": ["0.003", "0.01"], "inject_at": ["0", "3"]}``.
 
+    Axis names and values are checked by ``LNSRConfig``'s schema (its ``spec`` options) before
+    anything runs; the values stay text (they name the arms: ``lnsr_lam0.003``)."""
+    from ..config import LNSRConfig
+
+    axes = LNSRConfig.spec_names()
     grid = {}
     for item in items:
         key, eq, values = item.partition("=")
@@ -32,9 +37,13 @@ def parse_grid(items) -> dict:
         vals = [v.strip() for v in values.split(",") if v.strip()]
         if not eq or not vals:
             raise SystemExit(f"--grid {item!r}: expected KEY=V1,V2,... (e.g. lam=0.003,0.01 inject_at=0,3)")
-        if key not in LNSRMethod.OPTIONS:
-            raise SystemExit(f"--grid {item!r}: {key!r} is not an LNSR option; choose from "
-                             f"{', '.join(LNSRMethod.OPTIONS)}")
+        if key not in axes:
+            raise SystemExit(f"--grid {item!r}: {key!r} is not an LNSR option; choose from {', '.join(axes)}")
+        for v in vals:
+            try:
+                LNSRConfig.parse_value(key, v)
+            except ValueError as exc:
+                raise SystemExit(f"--grid {item!r}: {exc}") from None
         if key in grid:
             raise SystemExit(f"--grid names {key!r} twice")
         if len(set(vals)) != len(vals):
@@ -173,13 +182,14 @@ def table(rows: list[dict], metric: str, split: str) -> str:
 
 
 def add_tune_args(p) -> None:
+    from ..config import LNSRConfig
     from . import add_finetune_args
 
     add_finetune_args(p, tune=True)
     g = p.add_argument_group("search")
     g.add_argument("--grid", nargs="+", default=list(DEFAULT_GRID), metavar="KEY=V1,V2",
-                   help="LNSR option axes; every combination is an arm (e.g. lam=0.003,0.01 inject_at=0,3 "
-                        "noise=relative)")
+                   help=f"LNSR option axes ({', '.join(LNSRConfig.spec_names())}); every combination is an arm "
+                        f"(e.g. lam=0.003,0.01 inject_at=0,3 noise=relative)")
     g.add_argument("--rank-by", default=None, metavar="METRIC",
                    help="metric that ranks the arms (default: the task's main metric)")
     g.add_argument("--best-file", default=None,
@@ -189,6 +199,7 @@ def add_tune_args(p) -> None:
 
 def tune_main(args) -> dict:
     """Run ``lnsr tune``; returns ``{task: best.json content}``."""
+    from ..config import LNSRConfig
     from . import check_common_args, parse_methods
     from .report import write_summary
     from .runner import plan_job, prepare_tasks, run_task, write_json
@@ -253,8 +264,10 @@ def tune_main(args) -> dict:
         record = {
             "task": prep.spec.name, "metric": metric, "split": prep.eval_split, "seeds": list(args.seeds),
             "grid": grid, "complete": complete, "tie": tied, "data": prep.source,
-            "best": None if best is None else {k: best[k] for k in ("method", "label", "options", "mean", "std",
-                                                                   "per_seed")},
+            # best.options through LNSRConfig's JSON form: checked, and read back by from_json / lnsr:@best.json
+            "best": None if best is None else {k: LNSRConfig.make(best[k]).to_json(names=best[k]) if k == "options"
+                                               else best[k] for k in ("method", "label", "options", "mean", "std",
+                                                                      "per_seed")},
             "ranking": [{k: v for k, v in r.items() if k != "order"} for r in rows],
             "verdict": verdict,
             "recommendation": advice,
