@@ -36,7 +36,7 @@ def main(argv=None):
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--lr", type=float, default=2e-4)
-    ap.add_argument("--lam", type=float, default=0.01)
+    ap.add_argument("--lam", type=float, default=0.003)  # lnsr.config.DEFAULT_LAM
     ap.add_argument("--inject-at", type=int, default=-4)
     ap.add_argument("--noisy-fraction", type=float, default=1.0)
     ap.add_argument("--every", type=int, default=1)

@@ -78,7 +78,7 @@ def main(argv=None, on_step=None):
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--accumulation", type=int, default=1, help="gradient accumulation steps")
     ap.add_argument("--lr", type=float, default=3e-3)
-    ap.add_argument("--lam", type=float, default=0.01)
+    ap.add_argument("--lam", type=float, default=0.003)  # lnsr.config.DEFAULT_LAM
     ap.add_argument("--sigma", type=float, default=0.05)
     ap.add_argument("--inject-at", type=int, default=0)
     ap.add_argument("--log-every", type=int, default=5)

@@ -24,7 +24,7 @@ def main():
     ap.add_argument("--steps", type=int, default=60)
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--lr", type=float, default=5e-5)
-    ap.add_argument("--lam", type=float, default=0.01)
+    ap.add_argument("--lam", type=float, default=0.003)  # lnsr.config.DEFAULT_LAM
     ap.add_argument("--sigma", type=float, default=0.05)
     ap.add_argument("--inject-at", type=int, default=0)
     ap.add_argument("--seed", type=int, default=1)

@@ -30,7 +30,7 @@ def main():
     ap.add_argument("--data-dir", default=os.environ.get("LNSR_MRPC_DIR", "../shared/data/MRPC"))
     ap.add_argument("--model", default=None)
     ap.add_argument("--max-steps", type=int, default=40)
-    ap.add_argument("--lam", type=float, default=0.01)
+    ap.add_argument("--lam", type=float, default=0.003)  # lnsr.config.DEFAULT_LAM
     ap.add_argument("--sigma", type=float, default=0.05)
     ap.add_argument("--output-dir", default="runs/trainer-example")
     ap.add_argument("--max-eval-samples", type=int, default=200)
