@@ -6,11 +6,14 @@ argument; forward hooks pass each block's ``[2B, ...]`` output through a tap of 
 penalty (``lnsr.ops.PenaltyStream``: its backward adds that layer's penalty gradient into the
 block's own) and the last one hands only the clean half on to the head; when the model's forward
 returns, the penalty's value over all of them is computed in one op.
+
+What the hooks read from the calls and do to them (argument reading, the runtime checks, batch
+doubling) is in ``lnsr.forward``; the penalty's weight in a loss under gradient accumulation
+(``add_to_loss``, shared with ``LNSRTrainer``) in ``lnsr.loss_share``.
 """
 from __future__ import annotations
 
 import functools
-import inspect
 import math
 import weakref
 from dataclasses import dataclass, field
@@ -19,9 +22,11 @@ import torch
 from torch import nn
 
 from . import ops
-from .ops.backend import seed_bits
 from .config import NORMALIZE_MODES, LNSRConfig
 from .dropout import DropoutControl
+from .forward import (CallArgs, check_block_call, check_doubled, check_injected, check_model_call, double_call,
+                      noisy_double, tap_block_output)
+from .loss_share import add_to_output_loss, label_items, loss_shifts_labels
 from .models import find_blocks, replace_block_input, unwrap
 
 __all__ = ["LNSR", "LNSRConfig", "NORMALIZE_MODES", "gain_weights"]
@@ -33,6 +38,8 @@ __all__ = ["LNSR", "LNSRConfig", "NORMALIZE_MODES", "gain_weights"]
 # activation-checkpoint recomputation during backward sees what the forward saw.
 OFF, RUN, REPLAY = "off", "run", "replay"
 
+_OPTIONS = frozenset(LNSRConfig.names())  # read as attributes of an LNSR (reg.lam, reg.sigma, ...)
+
 
 @dataclass
 class _Forward:
@@ -41,15 +48,58 @@ class _Forward:
     depth: int = 0                # nesting of entry modules (wrapper -> model) in the running call
     seed: int = 0
     # the seed as a device seed (its 64 bits in an int64 on the model's device), refilled each step:
-    # traced code passes it to the kernels unread (see _inject)
+    # traced code passes it to the kernels unread (see seed_for)
     seed_tensor: torch.Tensor = field(default_factory=lambda: torch.zeros((), dtype=torch.int64))
     batch: int | None = None      # B, the clean batch, known once block k has run
     noisy: int | None = None      # m, the rows with a noisy copy (the last m of the batch; m = B by default)
     mask: torch.Tensor | None = None
-    loss_share: torch.Tensor | None = None    # add_to_loss: this call's share of num_items_in_batch
+    items: torch.Tensor | None = None         # add_to_loss: this call's label items (loss_share.label_items)
+    num_items: object = None                  # add_to_loss: the caller's num_items_in_batch
     injected: tuple | None = None             # normalize="gain": (h, h + eps) at block k, detached
     stream: ops.PenaltyStream | None = None   # the block outputs met so far (RUN), their taps
     doubled: dict = field(default_factory=dict)  # id(tensor) -> (tensor, cat([tensor, tensor[B-m:]]))
+
+    def reset(self) -> None:
+        """What a new call of the model starts from (not regularised until _begin says so)."""
+        self.phase, self.batch, self.noisy, self.stream, self.doubled, self.injected = OFF, None, None, None, {}, None
+
+    def reseed(self, seed: int, device) -> None:
+        """The noise seed of this forward; also as its 64 bits in ``seed_tensor`` on ``device``."""
+        self.seed = seed
+        if self.seed_tensor.device != device:
+            self.seed_tensor = torch.zeros((), dtype=torch.int64, device=device)
+        # the same tensor every step, read by traced code; seed is in [0, 2**64) by construction
+        self.seed_tensor.fill_(seed - (1 << 64) if seed >= (1 << 63) else seed)
+
+    def seed_for(self, device):
+        """The seed ``ops.perturb`` gets: the int, or while torch.compile traces the device seed.
+
+        Traced code passes the seed as a device tensor: an int would be a guarded constant (each
+        step's new seed would compile a new graph), and a host read would freeze the seed of a
+        captured CUDA graph; the kernels read it on the device (issue #14)."""
+        if not torch.compiler.is_compiling():
+            return self.seed
+        return self.seed_tensor if self.seed_tensor.device == device else self.seed_tensor.to(device)
+
+    def end_call(self) -> None:
+        """The model's call returned: drop what only it needed (the stream stays for REPLAY)."""
+        self.doubled, self.injected = {}, None
+        if self.phase != REPLAY:
+            self.stream = None
+
+    def size(self, batch: int, noisy_fraction: float) -> None:
+        """``B`` and ``m``, set by the first call of block k in this forward (kept for REPLAY)."""
+        if self.batch is None:
+            self.batch = batch
+            self.noisy = max(1, min(batch, math.ceil(noisy_fraction * batch - 1e-9)))
+
+    def split(self):
+        """``(B, m)`` of the running regularised forward (rows ``B-m:B`` have noisy copies), else None."""
+        return None if self.batch is None else (self.batch, self.noisy)
+
+    def penalty_mask(self):
+        """The attention mask of the rows with a noisy copy, or None."""
+        return None if self.mask is None else self.mask[self.batch - self.noisy:]
 
 
 def _draw_seed() -> int:
@@ -60,6 +110,23 @@ def _draw_seed() -> int:
 def _fold_rank(seed: int, rank: int) -> int:
     # Each rank draws distinct noise although ranks usually share torch's seed: a Weyl step per rank.
     return (seed + rank * 0x9E3779B97F4A7C15) % 2**64
+
+
+def _rank(rank: int | None) -> int:
+    """The configured rank, else torch.distributed's (0 when it is not initialised)."""
+    if rank is not None:
+        return rank
+    dist = torch.distributed
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
+def _device(model: nn.Module) -> torch.device:
+    p = next(model.parameters(), None)
+    return p.device if p is not None else torch.device("cpu")
+
+
+def _zero(model: nn.Module) -> torch.Tensor:
+    return torch.zeros((), dtype=torch.float32, device=_device(model))
 
 
 def gain_weights(weights, h, h_noisy, ys, mask=None) -> list[float]:
@@ -87,14 +154,14 @@ def gain_weights(weights, h, h_noisy, ys, mask=None) -> list[float]:
         return out
 
 
-def _loss_shifts_labels(model) -> bool:
-    """Whether the model's loss shifts labels (a causal LM), by the rule the Trainer counts items with."""
-    try:
-        from transformers.loss.loss_utils import LOSS_MAPPING, ForCausalLMLoss
-    except Exception:  # no transformers (or an older layout): count labels as they are
-        return False
-    return (LOSS_MAPPING.get(getattr(model, "loss_type", None)) is ForCausalLMLoss
-            and not getattr(getattr(model, "config", None), "is_encoder_decoder", False))
+def _penalty_weights(normalize: str, weights, ys, injected, mask):
+    """The per-layer weights the penalty is computed with: ``token`` (``weights``), ``element`` (over
+    each block's width) or ``gain`` (``gain_weights``)."""
+    if normalize == "token":
+        return weights
+    if normalize == "element":
+        return [w / y.shape[-1] for w, y in zip(weights, ys)]
+    return gain_weights(weights, *injected, ys, mask)
 
 
 def _attached_lnsr(modules):
@@ -106,6 +173,21 @@ def _attached_lnsr(modules):
                 if owner is not None and owner() is not None:
                     return owner()
     return None
+
+
+def _refuse_second(modules) -> None:
+    """One ``LNSR`` per model: raise when one is attached to any of ``modules``."""
+    other = _attached_lnsr(modules)
+    if other is not None:
+        raise RuntimeError(f"this model already has an lnsr.LNSR attached ({other!r}); call .remove() on it "
+                           f"first (or attach with `with lnsr.LNSR(model) as reg:`, which removes it at the end)")
+
+
+def _load_backends(backend: str, device) -> None:
+    if backend != "auto":
+        ops.dispatch.load_backend(backend)  # a missing explicit backend fails here, naming what to install
+    else:  # load (and register the ops of) the device's backends now, not inside a traced forward
+        ops.available_backends(device)
 
 
 class LNSR:
@@ -124,45 +206,38 @@ class LNSR:
     ``add_to_loss=True`` adds ``lam * P`` to the loss the model computes itself (``outputs.loss`` of
     a ModelOutput, or a dict's ``"loss"``), so that any loop or trainer reading ``outputs.loss``
     (Hugging Face ``Trainer``, Accelerate, Lightning) is regularised by attaching alone; do not add
-    ``reg.loss`` again.  When the caller passes ``num_items_in_batch`` (the Trainer under gradient
-    accumulation) the term is weighted by this micro-batch's share of the items, i.e. divided by
-    the accumulation steps for equal micro-batches, as in ``LNSRTrainer``; otherwise the caller's
-    own division by the steps applies to it.  Nothing is added when the model returns no loss (no
-    labels, a tuple, a ``compute_loss_func``, or a trainer that computes the loss from the logits
-    itself, as TRL's ``SFTTrainer`` 1.x does).
+    ``reg.loss`` again.  Under gradient accumulation it is weighted as in ``LNSRTrainer``, by one rule
+    (``lnsr.loss_share``): with ``num_items_in_batch`` by this micro-batch's share of the items,
+    else the caller's own division by the steps applies.  Nothing is added when the model returns
+    no loss (no labels, a tuple, a ``compute_loss_func``, or a trainer that computes the loss from
+    the logits itself, as TRL's ``SFTTrainer`` 1.x does).
     """
 
     def __init__(self, model: nn.Module, config: LNSRConfig | None = None, **options):
-        # Every option is validated (by LNSRConfig) before the model is touched: bad input changes nothing.
+        # Every option is validated (by LNSRConfig) before the model is touched, once: the hooks trust them.
         self.config = cfg = LNSRConfig.make(config, **options)
         self.wrapper = model
         self.entry, self.model = unwrap(model)
-        other = _attached_lnsr([*self.wrapper.modules(), *self.model.modules()])
-        if other is not None:
-            raise RuntimeError(f"this model already has an lnsr.LNSR attached ({other!r}); call .remove() on it "
-                               f"first (or attach with `with lnsr.LNSR(model) as reg:`, which removes it at the end)")
-        if cfg.backend != "auto":
-            ops.dispatch.load_backend(cfg.backend)  # a missing explicit backend fails here, naming what to install
-        else:  # load (and register the ops of) the device's backends now, not inside a traced forward
-            ops.available_backends(self._device())
+        _refuse_second([*self.wrapper.modules(), *self.model.modules()])
+        _load_backends(cfg.backend, _device(self.model))
         self.blocks, self.blocks_found = find_blocks(self.model, cfg.blocks)
         self.inject_at, self.layer_weights = cfg.resolve(len(self.blocks))
-
-        self.loss = self._zero()                   # lam * P of the latest forward (0 if not regularised)
+        self.loss = _zero(self.model)              # lam * P of the latest forward (0 if not regularised)
         self.penalty: torch.Tensor | None = None   # P (detached) of the latest regularised forward
         self.steps = 0                              # regularised forwards so far
         self.training_forwards = 0                  # training forwards with gradients (counts `every`)
         self._fwd = _Forward()
-        self._positional = self._positional_names()  # the model's forward, for args given positionally
-        self._shifts_labels = cfg.add_to_loss and _loss_shifts_labels(self.model)
-        self._dropout = DropoutControl(self.blocks[self.inject_at:], cfg.dropout, self._batch_split)
+        self._call = CallArgs(self.model.forward)   # reads the model's arguments, also positional ones
+        self._shifts_labels = cfg.add_to_loss and loss_shifts_labels(self.model)
+        self._who = [f"block {j} ({type(b).__name__})" for j, b in enumerate(self.blocks)]  # for errors
+        self._dropout = DropoutControl(self.blocks[self.inject_at:], cfg.dropout, lambda: self._fwd.split())
         self._handles = []
         self._install()
 
     def __getattr__(self, name):
         # The options read as attributes (reg.lam, reg.sigma, ...); reg.config holds them.
         config = self.__dict__.get("config")
-        if config is not None and name in LNSRConfig.names():
+        if config is not None and name in _OPTIONS:
             return getattr(config, name)
         raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
 
@@ -250,227 +325,70 @@ class LNSR:
             else:  # the forward ended early (an exception): undo everything
                 st.phase = OFF
                 self._dropout.deactivate()
-        st.doubled, st.injected = {}, None
-        if st.phase != REPLAY:
-            st.stream = None
+        st.end_call()
         return None
 
     def _block_pre(self, j, module, args, kwargs):
         st = self._fwd
         if st.phase == OFF:
             return None
-        self._check_no_cache(kwargs)
-
-        def enter(h):
-            if j == self.inject_at:
-                return self._inject(j, module, h)
-            if st.batch is None or h.shape[0] != st.batch + st.noisy:
-                raise RuntimeError(f"block {j} received a batch of {h.shape[0]} where the doubled batch of "
-                                   f"{None if st.batch is None else st.batch + st.noisy} was expected; are the "
-                                   f"blocks in execution order? pass blocks= bottom first")
-            return h
-
-        args, kwargs = replace_block_input(args, kwargs, enter, who=f"block {j} ({type(module).__name__})")
+        check_block_call(kwargs)
+        args, kwargs = replace_block_input(args, kwargs, functools.partial(self._enter, j, module), who=self._who[j])
         # h now holds B + m rows, so only the other batch-sized arguments are doubled
-        return tuple(self._double(a) for a in args), {key: self._double(v) for key, v in kwargs.items()}
+        return double_call(args, kwargs, st.batch, st.noisy, st.doubled)
 
     def _block_post(self, j, module, args, output):
         st = self._fwd
         if st.phase == OFF or st.batch is None:
             return None
-        b, m = st.batch, st.noisy
-        y = output if isinstance(output, torch.Tensor) else output[0] if isinstance(output, (tuple, list)) else None
-        if not isinstance(y, torch.Tensor) or y.shape[0] != b + m:
-            return None  # an exception inside the block; _entry_post cleans up
-        last = j == len(self.blocks) - 1
-        # The tap: rows b-m:b are clean, b: their noisy copies; the head sees the clean half only.
-        # A recomputation (REPLAY) taps again, so that it saves what the forward saved.
-        z = st.stream.tap(y, first=b - m, keep=b if last else b + m, record=st.phase == RUN)
-        if isinstance(output, torch.Tensor):
-            return z
-        rest = [v[:b] if last and isinstance(v, torch.Tensor) and v.dim() >= 1 and v.shape[0] == b + m else v
-                for v in output[1:]]
-        items = [z, *rest]
-        return type(output)(items) if isinstance(output, tuple) and not hasattr(output, "_fields") \
-            else items if isinstance(output, list) else type(output)(*items)
+        # None if not doubled (an exception in the block: _entry_post cleans up); REPLAY taps again, unrecorded
+        return tap_block_output(st.stream, output, st.batch, st.noisy, last=j == len(self.blocks) - 1,
+                                record=st.phase == RUN)
 
-    # -- one forward: begin, inject, finish -----------------------------------------------------------
+    # -- one forward: begin, enter block k, finish -----------------------------------------------------------
     def _begin(self, args, kwargs):
         """Start a call of the model: decide whether it is regularised; returns new (args, kwargs) or None."""
-        st = self._fwd
+        st, cfg = self._fwd, self.config
         self._dropout.deactivate()  # the previous forward's window ends here
-        st.phase, st.batch, st.noisy, st.stream, st.doubled, st.injected = OFF, None, None, None, {}, None
-        self.loss = self._zero()  # what a forward that is not regularised leaves
+        st.reset()
+        self.loss = _zero(self.model)  # what a forward that is not regularised leaves
         if not (self.model.training and torch.is_grad_enabled()):
             return None
         self.training_forwards += 1
-        if (self.training_forwards - 1) % self.config.every:
+        if (self.training_forwards - 1) % cfg.every:
             return None  # `every`: this training forward runs plain
-        config = getattr(self.model, "config", None)
-        ohs = self._kwarg("output_hidden_states", args, kwargs)
-        if ohs or (ohs is None and getattr(config, "output_hidden_states", False)):
-            raise ValueError("output_hidden_states=True is not supported during a regularised training forward "
-                             "(blocks >= inject_at run on a doubled batch); call the model with "
-                             "output_hidden_states=False, or in eval mode / under torch.no_grad()")
-        use_cache = self._kwarg("use_cache", args, kwargs)
-        if self._kwarg("past_key_values", args, kwargs) is not None or use_cache:
-            raise ValueError("a KV cache (past_key_values / use_cache=True) cannot be used during a regularised "
-                             "training forward; pass use_cache=False and no past_key_values when training")
-        mask = self._kwarg("attention_mask", args, kwargs)
-        st.mask = mask.detach() if isinstance(mask, torch.Tensor) and mask.dim() == 2 else None
-        st.loss_share = self._loss_share(args, kwargs) if self.config.add_to_loss else None
-        st.seed = _fold_rank(_draw_seed(), self._rank())
-        dev = self._device()
-        if st.seed_tensor.device != dev:
-            st.seed_tensor = torch.zeros((), dtype=torch.int64, device=dev)
-        st.seed_tensor.fill_(seed_bits(st.seed))  # the same tensor every step, read by traced code (see _inject)
+        read = self._call.reader(args, kwargs)
+        st.mask, no_cache = check_model_call(read, self.model)  # no hidden states out, no KV cache
+        st.num_items = read("num_items_in_batch") if cfg.add_to_loss else None
+        st.items = None if st.num_items is None else \
+            label_items(read("labels"), read("shift_labels"), shifts=self._shifts_labels)
+        st.reseed(_fold_rank(_draw_seed(), _rank(cfg.rank)), _device(self.model))
         st.phase = RUN
         self._dropout.activate()
-        if use_cache is None and getattr(config, "use_cache", False):
-            return args, {**kwargs, "use_cache": False}  # the model would otherwise build a cache
-        return None
+        return (args, {**kwargs, "use_cache": False}) if no_cache else None  # else the model builds a cache
 
-    def _inject(self, j, module, h):
-        """Block k's input ``h`` [B, ...] -> ``cat([h, h[B-m:] + eps])`` (RUN and REPLAY alike)."""
+    def _enter(self, j, module, h):
+        """The hidden state entering block ``j``: block k's ``h`` [B, ...] -> ``cat([h, h[B-m:] + eps])``
+        (RUN and REPLAY alike); a later block's (the doubled batch, checked) as it is."""
         st, cfg = self._fwd, self.config
-        if st.batch is None:
-            st.batch = h.shape[0]
-            st.noisy = max(1, min(st.batch, math.ceil(cfg.noisy_fraction * st.batch - 1e-9)))
+        if j != self.inject_at:
+            return check_doubled(h, j, st.batch, st.noisy)
+        st.size(h.shape[0], cfg.noisy_fraction)
+        mask, first = st.penalty_mask(), st.batch - st.noisy
         if st.stream is None:
-            st.stream = ops.PenaltyStream(mask=self._penalty_mask(), detach_clean=cfg.detach_clean,
-                                          backend=cfg.backend)
-        mask = st.mask
-        if mask is not None and tuple(mask.shape) != tuple(h.shape[:-1]):
-            raise ValueError(f"attention_mask has shape {tuple(mask.shape)} but the hidden state entering block "
-                             f"{j} has token dims {tuple(h.shape[:-1])}; pass a [batch, seq_len] mask that "
-                             f"matches the inputs")
-        # One reduction and a host sync; skipped while torch.compile traces (it would break the graph).
-        if cfg.check_finite and not torch.compiler.is_compiling() and not bool(torch.isfinite(h).all()):
-            raise ValueError(f"non-finite values (NaN/Inf) in the hidden state entering block {j} "
-                             f"({type(module).__name__}), where LNSR injects noise; check the inputs, the "
-                             f"learning rate or the loss scale")
-        first = st.batch - st.noisy
-        part = h[first:] if first else h
-        # Traced code passes the seed as a device tensor: an int would be a guarded constant (each
-        # step's new seed would compile a new graph), and a host read would freeze the seed of a
-        # captured CUDA graph; the kernels read it on the device (issue #14).
-        seed = st.seed if not torch.compiler.is_compiling() else \
-            st.seed_tensor if st.seed_tensor.device == h.device else st.seed_tensor.to(h.device)
-        out = ops.perturb(part, seed, sigma=cfg.sigma, kind=cfg.noise, mask=self._penalty_mask(),
-                          n_anchors=cfg.n_anchors, backend=cfg.backend)
-        if first:  # noisy_fraction < 1: [h, noisy copies of the last m rows]
-            out = torch.cat([h[:first], out], dim=0)
+            st.stream = ops.PenaltyStream(mask=mask, detach_clean=cfg.detach_clean, backend=cfg.backend)
+        check_injected(h, st.mask, j, module, cfg.check_finite)  # the mask's shape, NaN/Inf
+        out = noisy_double(h, first, st.seed_for(h.device), cfg, mask)
         if cfg.normalize == "gain" and st.phase == RUN:
-            st.injected = (part.detach(), out[st.batch:].detach())
+            st.injected = ((h[first:] if first else h).detach(), out[st.batch:].detach())
         return out
 
     def _finish(self, output) -> None:
         st, cfg = self._fwd, self.config
-        ys, mask = st.stream.ys, self._penalty_mask()
-        if cfg.normalize == "token":
-            weights = self.layer_weights
-        elif cfg.normalize == "element":
-            weights = [w / y.shape[-1] for w, y in zip(self.layer_weights, ys)]
-        else:
-            weights = gain_weights(self.layer_weights, *st.injected, ys, mask)
+        weights = _penalty_weights(cfg.normalize, self.layer_weights, st.stream.ys, st.injected, st.penalty_mask())
         penalty = st.stream.loss(weights)
         self.penalty = penalty.detach()
         self.loss = cfg.lam * penalty
         self.steps += 1
-        if cfg.add_to_loss:
-            self._add_to_output_loss(output)
-
-    # -- helpers ------------------------------------------------------------------------------------
-    def _batch_split(self):
-        """``(B, m)`` of the running regularised forward (rows ``B-m:B`` have noisy copies), else None."""
-        st = self._fwd
-        return None if st.batch is None else (st.batch, st.noisy)
-
-    def _penalty_mask(self):
-        st = self._fwd
-        return None if st.mask is None else st.mask[st.batch - st.noisy:]
-
-    def _zero(self) -> torch.Tensor:
-        return torch.zeros((), dtype=torch.float32, device=self._device())
-
-    def _rank(self) -> int:
-        if self.config.rank is not None:
-            return self.config.rank
-        dist = torch.distributed
-        return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
-
-    def _device(self):
-        p = next(self.model.parameters(), None)
-        return p.device if p is not None else torch.device("cpu")
-
-    def _positional_names(self) -> list[str]:
-        try:
-            params = inspect.signature(self.model.forward).parameters
-        except (TypeError, ValueError):
-            return []
-        return [n for n, p in params.items() if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
-
-    def _kwarg(self, name, args, kwargs):
-        if name in kwargs:
-            return kwargs[name]
-        names = self._positional
-        if name in names and names.index(name) < len(args):
-            return args[names.index(name)]
-        return None
-
-    def _double(self, x):
-        """cat([x, x[B-m:]]) for batch-sized tensors (also inside tuples/lists), cached per forward."""
-        st = self._fwd
-        if isinstance(x, torch.Tensor):
-            if x.dim() >= 2 and x.shape[0] == st.batch:
-                if torch.compiler.is_compiling():
-                    # No identity lookup in traced code: Dynamo guards on the tensor's id, which
-                    # changes every step, so each step would compile a new graph (issue #14).
-                    return torch.cat([x, x[st.batch - st.noisy:]], dim=0)
-                hit = st.doubled.get(id(x))
-                if hit is None or hit[0] is not x:
-                    hit = (x, torch.cat([x, x[st.batch - st.noisy:]], dim=0))
-                    st.doubled[id(x)] = hit
-                return hit[1]
-            return x
-        if isinstance(x, tuple) and not hasattr(x, "_fields"):
-            return tuple(self._double(v) for v in x)
-        if isinstance(x, list):
-            return [self._double(v) for v in x]
-        return x
-
-    @staticmethod
-    def _check_no_cache(kwargs):
-        for key, value in kwargs.items():
-            if value is not None and type(value).__name__.endswith("Cache"):
-                raise ValueError(f"block received a KV cache ({key}={type(value).__name__}) during a regularised "
-                                 f"training forward; pass use_cache=False when training")
-
-    def _loss_share(self, args, kwargs):
-        """``n / num_items_in_batch`` when the caller passes ``num_items_in_batch`` (the Hugging Face
-        Trainer does under gradient accumulation): the model's loss is then a sum over this call's
-        ``n`` label items divided by the accumulated batch's count, and the caller does not divide
-        by the accumulation steps, so the penalty is weighted by the same share (``1 / steps`` for
-        equal micro-batches, as ``LNSRTrainer``).  ``n`` counts labels != -100 as the Trainer does
-        (``labels[..., 1:]`` for a causal LM's shifted loss, or ``shift_labels``)."""
-        total = self._kwarg("num_items_in_batch", args, kwargs)
-        labels = self._kwarg("shift_labels", args, kwargs)
-        if labels is None:
-            labels = self._kwarg("labels", args, kwargs)
-            if isinstance(labels, torch.Tensor) and self._shifts_labels:
-                labels = labels[..., 1:]
-        if total is None or not isinstance(labels, torch.Tensor):
-            return None
-        n = labels.ne(-100).sum().to(torch.float32)
-        total = torch.as_tensor(total, device=n.device).to(torch.float32).reshape(-1)[0]
-        return (n / total.clamp_min(1.0)).detach()
-
-    def _add_to_output_loss(self, output) -> None:
-        """``output.loss += lam * P`` (times the accumulation share) when the model computed a loss."""
-        if not isinstance(output, dict):  # ModelOutput is a dict; a tuple's loss cannot be told apart
-            return
-        loss = output.get("loss")
-        if not isinstance(loss, torch.Tensor):
-            return
-        share = self._fwd.loss_share
-        output["loss"] = loss + (self.loss if share is None else self.loss * share)  # also sets .loss
+        if cfg.add_to_loss:  # outputs.loss += lam * P, weighted as the task loss (lnsr.loss_share)
+            add_to_output_loss(output, self.loss, items=st.items, num_items_in_batch=st.num_items)

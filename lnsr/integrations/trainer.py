@@ -10,7 +10,8 @@ forwards since the previous log.  Evaluation runs the model in eval mode, where 
 
 Gradient accumulation: the per-micro-batch penalty is scaled exactly as the Trainer believes the
 task loss is (``loss_is_scaled_for_ga``, else ``model_accepts_loss_kwargs`` and
-``num_items_in_batch``), so that ``lam`` keeps its meaning.  Some models accept loss kwargs but
+``num_items_in_batch``), so that ``lam`` keeps its meaning; the term is ``lnsr.loss_share.penalty_term``,
+the one rule ``lnsr.LNSR(add_to_loss=True)`` follows too.  Some models accept loss kwargs but
 ignore ``num_items_in_batch`` (``BertForSequenceClassification`` in transformers 5.x): the plain
 Trainer then sums their task loss over the micro-batches (the logged loss grows with the number of
 accumulation steps); set ``trainer.loss_is_scaled_for_ga = False`` for such models, which fixes the
@@ -19,6 +20,8 @@ task loss and keeps the penalty consistent with it.
 from __future__ import annotations
 
 from transformers import Trainer, TrainerCallback
+
+from ..loss_share import penalty_term
 
 
 class _AttachCallback(TrainerCallback):
@@ -86,12 +89,11 @@ class LNSRTrainer(Trainer):
         steps_before = reg.steps if reg is not None else None
         loss, outputs = super().compute_loss(model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch)
         if reg is not None and reg.steps != steps_before:  # this forward was regularised (training mode)
-            term = reg.loss
             # When the task loss is already normalised over the whole accumulated batch (num_items_in_batch),
             # the Trainer no longer divides by the accumulation steps: scale the per-batch penalty ourselves,
             # so that both terms enter the update with the same weight as without accumulation.
-            if self._lnsr_loss_scaled_for_ga(num_items_in_batch):
-                term = term / max(1, getattr(self, "current_gradient_accumulation_steps", 1) or 1)
+            term = penalty_term(reg.loss, normalized=self._lnsr_loss_scaled_for_ga(num_items_in_batch),
+                                accumulation_steps=getattr(self, "current_gradient_accumulation_steps", 1))
             s = self._lnsr_sums
             s["penalty"] += float(reg.penalty)
             s["loss"] += float(reg.loss.detach())
