@@ -234,8 +234,15 @@ def load_kwargs(name_or_path: str | None) -> dict:
 
 def from_pretrained(loader, name_or_path: str, **kwargs):
     """``loader.from_pretrained`` for a packaged short name (resolved, with its ``gguf_file``), a local
-    folder or a hub name: e.g. ``from_pretrained(AutoModelForCausalLM, "smollm2-135m")``."""
-    return loader.from_pretrained(resolve_model(name_or_path), **{**load_kwargs(name_or_path), **kwargs})
+    folder or a hub name: e.g. ``from_pretrained(AutoModelForCausalLM, "smollm2-135m")``.
+
+    A GGUF model is loaded dequantised *and unmarked* (``GgufConfig(dequantize=True)``): loaded plainly,
+    transformers marks it as quantised and the Trainer refuses to train it."""
+    extra = load_kwargs(name_or_path)
+    if extra and "Tokenizer" not in loader.__name__ and "quantization_config" not in kwargs:
+        from transformers import GgufConfig
+        extra["quantization_config"] = GgufConfig(dequantize=True)
+    return loader.from_pretrained(resolve_model(name_or_path), **{**extra, **kwargs})
 
 
 def add_models_args(p: argparse.ArgumentParser) -> None:
