@@ -22,7 +22,7 @@ trap '[ -n "$pids" ] && kill -CONT $pids || true' EXIT
     --precision bf16 --methods plain --csv "$OUT/step_cpu.csv"
   # the decoders with LoRA r 8 on q/k/v/o, batch 8 x 64, fp32, both cores; with and without checkpointing
   for ck in "" "--checkpointing"; do
-    python -m lnsr.benchmarks.step --models smollm2-135m gemma3-270m --lora 8 --batch 8 --seq 64 --steps 3 \
+    python -m lnsr.benchmarks.step --models smollm2-135m gemma3-270m --lora 8 --batch 8 --seq 64 --steps 2 \
       --warmup 1 --best-only --precision fp32 $ck --csv "$OUT/step_cpu.csv"
   done
 } 2>&1 | grep -v -i "warn\|de-quantizing\|Loading weights" | tee "$OUT/step.txt"
