@@ -1,4 +1,4 @@
-"""lnsr finetune's model load: transformers' load report table for the new head becomes one line."""
+"""lnsr finetune's inputs: the load report of the new head is one line; a GLUE task's --eval-file is read by its extension."""
 import pytest
 import torch
 
@@ -29,3 +29,17 @@ def test_missing_folder_is_one_clear_error(tmp_path):
 
     with pytest.raises(SystemExit, match="could not load .* pass --model"):
         load_pretrained(transformers.BertForSequenceClassification, str(tmp_path / "nope"))
+
+
+def test_eval_file_of_a_glue_task_is_read_by_its_extension(tmp_path):
+    """`--task sst2 --eval-file long=x.csv` reads a CSV (it was parsed as GLUE TSV and rejected)."""
+    from lnsr.finetune.glue import get_task, read_eval_file
+
+    spec = get_task("sst2")
+    (tmp_path / "x.csv").write_text('sentence,label\n"a fine, warm film",1\nbad,0\n')
+    assert read_eval_file(spec, str(tmp_path / "x.csv")) == [("a fine, warm film", None, 1), ("bad", None, 0)]
+    (tmp_path / "x.tsv").write_text("sentence\tlabel\na fine, warm film\t1\n")
+    assert read_eval_file(spec, str(tmp_path / "x.tsv")) == [("a fine, warm film", None, 1)]
+    (tmp_path / "y.jsonl").write_text('{"text": "no label column"}\n')
+    with pytest.raises(SystemExit, match=r"missing column\(s\) \['sentence', 'label'\]"):
+        read_eval_file(spec, str(tmp_path / "y.jsonl"))

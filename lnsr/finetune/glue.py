@@ -142,6 +142,31 @@ def read_tsv(spec: TaskSpec, path: str) -> list[tuple]:
     return out
 
 
+def read_eval_file(spec: TaskSpec, path: str, encoding: str = "utf-8") -> list[tuple]:
+    """An extra evaluation set of a GLUE task (``--eval-file NAME=PATH``): its extension decides the
+    format, as for ``--train-file`` — a .tsv is GLUE's own layout, a .csv/.json/.jsonl file is read
+    as a table whose columns have GLUE's names (header-less CoLA: ``sentence`` and ``label``)."""
+    from .files import file_format, read_table
+
+    if file_format(path) == "tsv":
+        return read_tsv(spec, path)
+    table = read_table(path, encoding)
+    text_a, text_b, label = ((spec.text_a, spec.text_b, spec.label) if spec.header
+                             else ("sentence", None, "label"))
+    need = [c for c in (text_a, text_b, label) if c is not None]
+    missing = [c for c in need if c not in table.columns]
+    if missing:
+        raise SystemExit(f"{path}: missing column(s) {missing} for {spec.name}; the file has {table.columns} "
+                         f"(an --eval-file of a GLUE task needs the columns {need})")
+    out = []
+    for i, row in enumerate(table.rows):
+        out.append((str(row[text_a]).strip(), None if text_b is None else str(row[text_b]).strip(),
+                    _parse_label(spec, str(row[label]), table.where(i))))
+    if not out:
+        raise SystemExit(f"{path} holds no examples")
+    return out
+
+
 def load_local(spec: TaskSpec, data_dir: str, dev: bool = True) -> tuple[list, list, str]:
     d = find_task_dir(spec, data_dir)
     return (read_tsv(spec, os.path.join(d, "train.tsv")),

@@ -18,7 +18,7 @@ import torch
 from ..packaged import SHORT_NAMES, resolve_model
 from ..utils.machine import cpu_has_bf16, cpu_name, source_commit
 from .files import load_file_task, parse_eval_files
-from .glue import TaskSpec, get_task, load_task, read_tsv, split_holdout
+from .glue import TaskSpec, get_task, load_task, read_eval_file, split_holdout
 from .methods import METHODS
 from .report import epochs_seconds
 from .metrics import compute_metrics
@@ -174,7 +174,8 @@ def prepare_tasks(args, log=print, *, search: bool = False) -> list[Prepared]:
         if holdout:
             train, dev = split_holdout(train, holdout)
             split = f"holdout{holdout:g} of train"
-        sets = {} if skip_extra else {n: read_tsv(spec, path) for n, path in eval_files.items()}
+        sets = {} if skip_extra else {n: read_eval_file(spec, path, getattr(args, "encoding", "utf-8"))
+                                        for n, path in eval_files.items()}
         read = {}
         if args.data_dir:  # a local folder (source: the task's folder); the hub's files are not ours to hash
             read["train"] = os.path.join(source, "train.tsv")
