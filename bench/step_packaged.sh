@@ -2,7 +2,8 @@
 # Step cost and peak memory of the packaged pretrained models on this CPU, side by side in one run
 # (issues #32 and #35): mpnet-base (the second study's encoder) and the LoRA decoders smollm2-135m and
 # gemma3-270m, plain / two-pass / LNSR at k = 0 and k = L/2. Runs that this script finds in flight
-# under docs/runs/stability are paused (SIGSTOP) meanwhile, so the numbers are an idle machine's.
+# under docs/runs/stability or bench/sft_quality are paused (SIGSTOP) meanwhile, so the numbers are an
+# idle machine's (other load is not: run it on an otherwise idle machine).
 #
 #   bash bench/step_packaged.sh [OUT]     # default OUT: bench/results/step_cpu_packaged_<date>
 #   PARTS=decoders STEPS=4 bash bench/step_packaged.sh OUT   # only the decoders (PARTS: encoder decoders)
@@ -12,7 +13,8 @@ OUT=${1:-bench/results/step_cpu_packaged_$(date -u +%F)}
 PARTS=${PARTS:-encoder decoders}
 STEPS=${STEPS:-2}      # timed steps per decoder case (after one warm-up step)
 mkdir -p "$OUT"
-pids=$(pgrep -f -- "--output-dir docs/runs/stability/" || true)
+# pause the project's background experiments (the stability study, the SFT quality runs) meanwhile
+pids=$(pgrep -f -- "--output-dir docs/runs/stability/|examples/sft_lora.py" || true)
 [ -n "$pids" ] && kill -STOP $pids
 trap '[ -n "$pids" ] && kill -CONT $pids || true' EXIT
 {
