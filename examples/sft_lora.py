@@ -4,16 +4,24 @@
     python examples/sft_lora.py --data-dir /path/to/glue --method lnsr --max-train-samples 64 \\
         --max-eval-samples 64 --epochs 1 --batch-size 8 --output-dir runs/sft_lora
     python examples/sft_lora.py --data-dir /path/to/glue --method vanilla ...     # the same without LNSR
+    python examples/sft_lora.py --data-dir /path/to/glue --method control ...     # LNSR's path with lam = 0
 
 ``--data-dir`` holds the GLUE folder ``SST-2/`` (``train.tsv`` and ``dev.tsv``, header
 ``sentence<TAB>label``, labels 0/1); the folder ``SST-2`` itself is accepted too.  Each review
 becomes a prompt/completion pair ``"Review: {sentence}\\nSentiment:"`` -> ``" positive"`` /
 ``" negative"``; SFTTrainer trains on the completion tokens only.  The held-out examples come from
-``dev.tsv`` (SST-2's test split has no labels).  Reviews too long for ``--max-length`` are
-shortened by whole words so that the completion is never truncated away.
+``dev.tsv`` (SST-2's test split has no labels), or with ``--holdout FRAC`` from a fixed random
+``FRAC`` of ``train.tsv`` (the same for every ``--seed``; the training examples are drawn from the
+rest), so that ``lam`` can be chosen without looking at ``dev.tsv``; the record says which
+(``config.eval_set``).  ``--max-train-samples`` draws a subset seeded by ``--seed``,
+``--max-eval-samples`` a fixed one (the same for every seed).  Reviews too long for
+``--max-length`` are shortened by whole words so that the completion is never truncated away.
 
 LNSR is one argument: ``LNSRSFTTrainer(..., lnsr=dict(lam=..., sigma=..., inject_at=..., normalize=...))``
-(``lnsr.integrations``); ``--method vanilla`` runs TRL's own ``SFTTrainer`` with the same settings.
+(``lnsr.integrations``); ``--method vanilla`` runs TRL's own ``SFTTrainer`` with the same settings,
+and ``--method control`` runs ``LNSRSFTTrainer`` with ``lam = 0``: the same doubled forward with the
+noise, the penalty computed and logged but given no weight, which separates the penalty's effect
+from the rest of LNSR's code path (a different random stream, the doubled batch's arithmetic).
 The penalty is normalised per layer by ``gain`` here (lnsr's default is ``token``): SmolLM2's
 hidden states are large, and with ``token`` P is about 1e4 at the start (lam 0.01 then weighs the
 penalty at ~25x the task loss), with ``gain`` about 6 (lam 0.01: ~1% of the task loss; both
@@ -31,7 +39,9 @@ default load gives the same fp32 layers but leaves the model marked quantized, a
 refuses to train a model quantized with GGUF.
 
 The run record (configuration, metrics, the training log, wall time, versions, machine, date) is
-written as JSON to ``--output-dir`` (``sft_lora_<method>_seed<seed>.json``).  Activation
+written as JSON to ``--output-dir`` (``sft_lora_<method>_seed<seed>.json``, or
+``sft_lora_<run-name>.json``); with ``--resume`` a run whose record is there with the same
+configuration is not run again (a record with another configuration is an error).  Activation
 checkpointing is off (SFTConfig turns it on by default; a 135M model does not need it) and
 Hugging Face telemetry is off unless HF_HUB_DISABLE_TELEMETRY is set otherwise.
 """
@@ -105,6 +115,17 @@ def subsample(rows, n, seed):
         return list(rows)
     rng = random.Random(seed)
     return [rows[i] for i in sorted(rng.sample(range(len(rows)), n))]
+
+
+def split_holdout(rows, frac):
+    """``(rest, held out)``: a fixed random ``frac`` of ``rows`` held out, drawn with its own seed
+    (0) so that it is the same for every ``--seed`` and disjoint from the training examples."""
+    if not 0 < frac < 1:
+        raise SystemExit(f"--holdout must be in (0, 1), got {frac}")
+    idx = list(range(len(rows)))
+    random.Random(0).shuffle(idx)
+    held = set(idx[:max(1, round(frac * len(rows)))])
+    return [r for i, r in enumerate(rows) if i not in held], [r for i, r in enumerate(rows) if i in held]
 
 
 def common_prefix_length(a, b) -> int:
@@ -218,15 +239,21 @@ def parse_args(argv=None):
                    help="a packaged short name (`lnsr models list`), a local folder or a hub name (default smollm2-135m)")
     p.add_argument("--data-dir", required=True, help="GLUE data folder holding SST-2/train.tsv and SST-2/dev.tsv")
     p.add_argument("--output-dir", required=True, help="where the JSON run record goes")
-    p.add_argument("--method", choices=("vanilla", "lnsr"), default="lnsr")
+    p.add_argument("--method", choices=("vanilla", "lnsr", "control"), default="lnsr",
+                   help="control: LNSRSFTTrainer with lam = 0 (LNSR's noisy forward, no penalty)")
     p.add_argument("--max-train-samples", type=int, default=None, help="a seeded random subset of train.tsv")
-    p.add_argument("--max-eval-samples", type=int, default=None, help="a seeded random subset of dev.tsv")
+    p.add_argument("--max-eval-samples", type=int, default=None,
+                   help="a fixed random subset of the held-out examples (the same for every --seed)")
+    p.add_argument("--holdout", type=float, default=None, metavar="FRAC",
+                   help="hold out a fixed FRAC of train.tsv (the same for every seed) and score on it "
+                        "instead of dev.tsv: for choosing lam without touching dev")
     p.add_argument("--epochs", type=float, default=1.0)
     p.add_argument("--max-steps", type=int, default=-1, help="optimizer steps; overrides --epochs when > 0")
     p.add_argument("--lr", type=float, default=2e-4)
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--max-length", type=int, default=64, help="tokens per example (prompt + label word + EOS)")
-    p.add_argument("--lam", type=float, default=0.003, help="LNSR: weight of the penalty")  # lnsr.config.DEFAULT_LAM
+    p.add_argument("--lam", type=float, default=None,
+                   help="LNSR: weight of the penalty (default 0.003; 0 with --method control)")  # lnsr.config.DEFAULT_LAM
     p.add_argument("--sigma", type=float, default=0.05, help="LNSR: noise scale (relative to each token's rms)")
     p.add_argument("--inject-at", type=int, default=0, help="LNSR: the block whose input gets the noise")
     p.add_argument("--normalize", choices=NORMALIZE_MODES, default="gain",
@@ -236,20 +263,75 @@ def parse_args(argv=None):
     p.add_argument("--bf16", action="store_true", help="bf16 autocast (training and scoring)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--logging-steps", type=int, default=5)
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--before", action=argparse.BooleanOptionalAction, default=True,
+                   help="score the model before training too (--no-before: after only)")
+    p.add_argument("--run-name", default=None, help="the record is sft_lora_<run-name>.json (default <method>_seed<seed>)")
+    p.add_argument("--resume", action="store_true",
+                   help="skip the run when its record is in --output-dir with the same configuration")
     args = p.parse_args(argv)
+    if args.method == "control":
+        if args.lam not in (None, 0):
+            p.error("--method control is LNSR with lam = 0; leave --lam out (or use --method lnsr)")
+        args.lam = 0.0
+    elif args.lam is None:
+        args.lam = 0.003
     for name in ("max_train_samples", "max_eval_samples"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be >= 1")
     if args.batch_size < 1 or args.max_length < 8 or args.lora_r < 1:
         p.error("--batch-size and --lora-r must be >= 1, --max-length >= 8")
+    if args.holdout is not None and not 0 < args.holdout < 1:
+        p.error(f"--holdout must be in (0, 1), got {args.holdout}")
+    if args.threads is not None and args.threads < 1:
+        p.error("--threads must be >= 1")
     return args
+
+
+# what --resume compares: every option but where the record goes and how fast it is made
+NOT_COMPARED = ("output_dir", "threads", "resume")
+
+
+def record_path(args) -> str:
+    return os.path.join(args.output_dir, f"sft_lora_{args.run_name or f'{args.method}_seed{args.seed}'}.json")
+
+
+def finished_record(args):
+    """With ``--resume``: the record of this configuration if it is already there, else None."""
+    path = record_path(args)
+    if not (args.resume and os.path.isfile(path)):
+        return None
+    with open(path, encoding="utf-8") as f:
+        record = json.load(f)
+    want = {k: v for k, v in vars(args).items() if k not in NOT_COMPARED}
+    differ = sorted(k for k in want if record.get("config", {}).get(k, "<absent>") != want[k])
+    if differ:
+        raise SystemExit(f"--resume: {path} holds a run with another configuration ({', '.join(differ)} differ); "
+                         f"move it away or give another --run-name / --output-dir")
+    return record
+
+
+def select_rows(args):
+    """``(train rows, held-out rows, which set)``: the held-out rows from dev.tsv or ``--holdout``,
+    a fixed subset of them (``--max-eval-samples``), the training rows a subset drawn by ``--seed``."""
+    train_rows = read_sst2(sst2_file(args.data_dir, "train"))
+    if args.holdout:
+        train_rows, eval_rows = split_holdout(train_rows, args.holdout)
+        eval_set = f"holdout {args.holdout:g} of train.tsv"
+    else:
+        eval_rows, eval_set = read_sst2(sst2_file(args.data_dir, "dev")), "dev.tsv"
+    eval_rows = subsample(eval_rows, args.max_eval_samples, 0)  # the same held-out examples for every seed
+    return subsample(train_rows, args.max_train_samples, args.seed), eval_rows, eval_set
 
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
+    done = finished_record(args)
+    if done is not None:
+        print(f"{record_path(args)}: done already with this configuration (--resume), skipped", flush=True)
+        return done
     t_start = time.perf_counter()
-    train_rows = subsample(read_sst2(sst2_file(args.data_dir, "train")), args.max_train_samples, args.seed)
-    eval_rows = subsample(read_sst2(sst2_file(args.data_dir, "dev")), args.max_eval_samples, args.seed + 1)
+    train_rows, eval_rows, eval_set = select_rows(args)
 
     import torch
     from datasets import Dataset
@@ -260,6 +342,8 @@ def main(argv=None) -> dict:
     from lnsr.integrations import LNSRSFTTrainer
     from lnsr.packaged import from_pretrained
 
+    if args.threads:
+        torch.set_num_threads(args.threads)
     set_seed(args.seed)
     t0 = time.perf_counter()
     tok = from_pretrained(AutoTokenizer, args.model)
@@ -287,14 +371,16 @@ def main(argv=None) -> dict:
     common = dict(model=model, args=config, train_dataset=train_ds, eval_dataset=eval_ds, processing_class=tok,
                   peft_config=lora)
     lnsr_options = dict(lam=args.lam, sigma=args.sigma, inject_at=args.inject_at, normalize=args.normalize)
-    if args.method == "lnsr":
+    if args.method in ("lnsr", "control"):  # control: lam = 0, the noisy forward runs all the same
         trainer = LNSRSFTTrainer(**common, lnsr=lnsr_options)
     else:
         trainer = SFTTrainer(**common)
 
-    before = evaluate(trainer, tok, eval_pairs, args.batch_size, args.bf16)
-    print(f"before: label-word accuracy {before['label_word_accuracy']:.3f}, held-out loss "
-          f"{before['heldout_loss']:.4f}", flush=True)
+    before = None
+    if args.before:
+        before = evaluate(trainer, tok, eval_pairs, args.batch_size, args.bf16)
+        print(f"before: label-word accuracy {before['label_word_accuracy']:.3f}, held-out loss "
+              f"{before['heldout_loss']:.4f}", flush=True)
     t0 = time.perf_counter()
     result = trainer.train()
     train_s = time.perf_counter() - t0
@@ -306,7 +392,7 @@ def main(argv=None) -> dict:
     record = {
         "script": "examples/sft_lora.py",
         "command": " ".join([os.path.basename(sys.executable), "examples/sft_lora.py", *(argv or sys.argv[1:])]),
-        "config": {**vars(args), "lnsr": lnsr_options if args.method == "lnsr" else None,
+        "config": {**vars(args), "lnsr": lnsr_options if args.method != "vanilla" else None, "eval_set": eval_set,
                    "lora": {"r": args.lora_r, "alpha": 2 * args.lora_r, "dropout": 0.0,
                             "target_modules": ["q_proj", "v_proj"]},
                    "prompt": PROMPT, "label_words": list(LABEL_WORDS),
@@ -322,12 +408,14 @@ def main(argv=None) -> dict:
         "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC"),
     }
     os.makedirs(args.output_dir, exist_ok=True)
-    path = os.path.join(args.output_dir, f"sft_lora_{args.method}_seed{args.seed}.json")
+    path = record_path(args)
     with open(path, "w", encoding="utf-8") as f:
         json.dump(record, f, indent=2, default=str)
     pen = f", mean lnsr_penalty {record['metrics']['lnsr_penalty_mean']:.4g}" if penalties else ""
-    print(f"{args.method}: label-word accuracy {before['label_word_accuracy']:.3f} -> {after['label_word_accuracy']:.3f}, "
-          f"held-out loss {before['heldout_loss']:.4f} -> {after['heldout_loss']:.4f} ({len(eval_pairs)} held out; "
+    acc = f"{before['label_word_accuracy']:.3f} -> " if before else ""
+    loss = f"{before['heldout_loss']:.4f} -> " if before else ""
+    print(f"{args.method}: label-word accuracy {acc}{after['label_word_accuracy']:.3f}, "
+          f"held-out loss {loss}{after['heldout_loss']:.4f} ({len(eval_pairs)} held out, {eval_set}; "
           f"{len(train_pairs)} train, {trainer.state.global_step} steps{pen}); train {train_s:.1f} s, "
           f"wall {wall_s:.1f} s -> {path}", flush=True)
     return record

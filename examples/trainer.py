@@ -19,9 +19,8 @@ from transformers import (AutoModelForSequenceClassification, AutoTokenizer, Dat
                           TrainingArguments)
 
 import lnsr
-from lnsr.finetune.glue import get_task, load_local
-from lnsr.finetune.metrics import compute_metrics
-from lnsr.finetune.runner import default_model_path
+from lnsr.data import compute_metrics, get_task, load_local
+from lnsr.finetune import default_model_path
 from lnsr.integrations import LNSRTrainer
 
 

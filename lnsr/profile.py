@@ -17,6 +17,7 @@ import torch
 
 from . import ops
 from .config import LNSRConfig, add_lnsr_flags, flag_values
+from .data import TASKS, collate, encode, get_task, load_task
 from .models import find_blocks, replace_block_input, unwrap
 
 
@@ -145,7 +146,6 @@ def plot(path: str, profiles: dict) -> None:
 
 # -- command line ----------------------------------------------------------------------------------
 def add_profile_args(p) -> None:
-    from .finetune.glue import TASKS
     p.add_argument("--model", nargs="+", action="extend", default=None, metavar="NAME_OR_PATH",
                    help="one or more models side by side (e.g. a vanilla and an LNSR checkpoint saved by "
                         "`lnsr finetune --save-model`); default: the packaged all-MiniLM-L6-v2")
@@ -168,8 +168,7 @@ def add_profile_args(p) -> None:
 def profile_main(args) -> dict:
     from transformers import AutoModel, AutoTokenizer
 
-    from .finetune.glue import get_task, load_task
-    from .finetune.runner import collate, default_model_path, encode, load_pretrained
+    from .finetune.runner import default_model_path, load_pretrained
 
     from .packaged import resolve_model
     models = [resolve_model(m) for m in list(args.model or []) + list(args.compare or [])]

@@ -487,7 +487,7 @@ def test_torch_compile_tensor_seed_is_a_graph_input(bd, gen, kind, where):
     for bad, err in ((torch.zeros(2, dtype=torch.int64), TypeError), (torch.zeros((), dtype=torch.float32), TypeError),
                      (torch.zeros((), dtype=torch.int64, device="meta"), ValueError)):
         with pytest.raises(err, match="seed"):
-            lnsr.ops._check_seed_tensor(bad, torch.device("cpu"))
+            lnsr.ops.functional._check_seed_tensor(bad, torch.device("cpu"))
 
 
 # ---------------------------------------------------------------------------------------------

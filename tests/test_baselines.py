@@ -1,4 +1,4 @@
-"""The papers' baselines (lnsr.finetune.baselines): each against a hand computation, clean detach, CLI runs."""
+"""The papers' baselines (lnsr.methods.baselines): each against a hand computation, clean detach, CLI runs."""
 import json
 
 import pytest
@@ -8,8 +8,8 @@ import torch.nn.functional as F
 import tiny_models
 from glue_tiny import save_tiny_bert, write_glue
 from lnsr.cli import main
-from lnsr.finetune import METHODS, parse_method_spec
-from lnsr.finetune.baselines import L2SP, R3F, SMART, Mixout, output_divergence
+from lnsr.methods import METHODS, parse_method_spec
+from lnsr.methods.baselines import L2SP, R3F, SMART, Mixout, output_divergence
 
 
 def _model(dropout=0.0, hidden=32):

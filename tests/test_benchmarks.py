@@ -72,10 +72,10 @@ def test_run_times_a_baseline_once_per_model():
     assert "error" not in rows[1] and len(logged) == 2
 
 
-def test_baselines_come_from_the_method_entry_points():
-    """The step benchmark finds the baselines through the ``lnsr.methods`` entry points (setup.py),
-    the same classes as the fine-tuning tool's registry, without importing that tool itself."""
-    from lnsr.finetune import METHODS
+def test_baselines_come_from_the_method_registry():
+    """The step benchmark takes the baselines from ``lnsr.methods``, the registry the fine-tuning
+    tool uses too, without importing that tool."""
+    from lnsr.methods import METHODS
 
     for name in step.BASELINES:
         assert step.method_class(name) is METHODS[name]
@@ -108,10 +108,11 @@ def _imports(path):
 
 
 def test_core_never_imports_the_tools():
+    tools = ("lnsr.finetune", "lnsr.benchmarks", "lnsr.utils", "lnsr.methods", "lnsr.data")
     code = ("import sys, lnsr, lnsr.ops, lnsr.kernels, lnsr.integrations\n"
             "from lnsr.ops import dispatch\n"
             "dispatch.available_backends()\n"
-            "bad = sorted(m for m in sys.modules if m.startswith(('lnsr.finetune', 'lnsr.benchmarks', 'lnsr.utils')))\n"
+            f"bad = sorted(m for m in sys.modules if m.startswith({tools!r}))\n"
             "assert not bad, bad\n")
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr[-2000:]
@@ -124,7 +125,8 @@ def test_benchmarks_do_not_import_finetune():
 
 
 def test_scripts_use_the_public_api_without_path_games():
-    public = {"lnsr", "lnsr.ops", "lnsr.finetune", "lnsr.integrations", "lnsr.utils.machine"}
+    public = {"lnsr", "lnsr.ops", "lnsr.data", "lnsr.methods", "lnsr.finetune", "lnsr.integrations",
+              "lnsr.utils.machine"}
     scripts = [REPO / "examples" / "train_loop.py", REPO / "examples" / "accelerate_lora.py",
                *(REPO / "bench").glob("*.py"), REPO / "setup.py"]
     for path in scripts:
@@ -136,8 +138,8 @@ def test_scripts_use_the_public_api_without_path_games():
 
 def test_nothing_runs_or_exits_at_import():
     """Importing a tool module with arguments it would reject prints nothing and exits with 0."""
-    mods = ("lnsr.benchmarks", "lnsr.benchmarks.bench_kernels", "lnsr.benchmarks.step", "lnsr.benchmarks.common",
-            "lnsr.utils.machine", "lnsr.kernels.aot_check", "lnsr.benchmarks.host_overhead")
+    mods = ("lnsr.benchmarks", "lnsr.benchmarks.cli", "lnsr.benchmarks.bench_kernels", "lnsr.benchmarks.step",
+            "lnsr.benchmarks.common", "lnsr.utils.machine", "lnsr.kernels.aot_check", "lnsr.benchmarks.host_overhead")
     code = "import sys; sys.argv = ['x', '--summary', '/nonexistent.csv', '--bogus']\n" + \
         "".join(f"import {m}\n" for m in mods)
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
@@ -145,8 +147,8 @@ def test_nothing_runs_or_exits_at_import():
 
 
 def test_results_default_to_the_current_directory(tmp_path, monkeypatch):
-    import lnsr.benchmarks as bench
     from lnsr.benchmarks import bench_kernels
+    from lnsr.benchmarks import cli as bench
 
     assert bench_kernels.parse_args([]).csv == "kernels.csv"
     seen = {}
@@ -208,7 +210,7 @@ def test_host_overhead_table_compares_the_same_work(tmp_path, monkeypatch):
     """`lnsr bench --only host`: the ways of each op compute the same values (so the ratios
     compare like with like), and the table and CSV have one row per op with its ratios."""
     pytest.importorskip("lnsr._C")
-    from lnsr import benchmarks as bench
+    from lnsr.benchmarks import cli as bench
     from lnsr.benchmarks import host_overhead as H
 
     for op, (via_ops, direct, engine, eager) in H.cases().items():

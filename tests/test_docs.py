@@ -14,7 +14,7 @@ ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
 
 
 def _study():
-    spec = importlib.util.spec_from_file_location("study", os.path.join(ROOT, "examples", "study.py"))
+    spec = importlib.util.spec_from_file_location("study", os.path.join(ROOT, "bench", "study", "study.py"))
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     return mod
@@ -32,7 +32,7 @@ def test_answer_table_is_regenerated_from_the_run_files(doc):
     table = study.answer_table(os.path.join(ROOT, "docs", "runs", "study"))
     assert table.count("\n") >= 3, "the committed run files give no complete regime"
     assert _block(os.path.join(ROOT, doc), *study.ANSWER) == table.strip(), (
-        f"{doc}'s answer table differs from the run files: run `examples/study.sh summary`")
+        f"{doc}'s answer table differs from the run files: run `bench/study/study.sh summary`")
 
 
 def test_readme_is_a_five_minute_read():

@@ -8,8 +8,8 @@ import sys
 import pytest
 
 from lnsr.cli import main
-from lnsr.finetune import load_file_task
-from lnsr.finetune.files import read_table
+from lnsr.data import load_file_task
+from lnsr.data.files import read_table
 
 ROWS = [("le café est bon", "yes"), ("à bientôt", "no"), ("naïve idée", "yes"), ("garçon", "no"),
         ("crème brûlée", "yes"), ("où est-il", "no")]

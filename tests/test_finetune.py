@@ -11,8 +11,8 @@ import pytest
 
 from glue_tiny import FOLDERS, HEADERS, save_tiny_bert, write_glue
 from lnsr.cli import main
-from lnsr.finetune import TASKS, get_task, read_tsv
-from lnsr.finetune.metrics import accuracy, f1, matthews, pearson, rankdata, spearman
+from lnsr.data import TASKS, get_task, read_tsv
+from lnsr.data.metrics import accuracy, f1, matthews, pearson, rankdata, spearman
 
 
 # -- metrics against hand-computed values ---------------------------------------------------------------
@@ -131,7 +131,7 @@ def test_missing_model_is_a_clear_error(tmp_path):
 
 def test_registered_method_plugs_in(tmp_path, monkeypatch):
     """A new method (here: an L2 pull towards the initial weights, L2-SP-like) only needs registering."""
-    from lnsr.finetune import methods
+    from lnsr import methods
 
     monkeypatch.setitem(methods.METHODS, "l2init", None)  # undone after the test: the registry stays clean
 
@@ -167,9 +167,9 @@ def test_hub_without_datasets_is_a_clear_error(tmp_path, monkeypatch):
 
 def test_bench_forwards_argv(monkeypatch):
     seen = []
-    fake = types.ModuleType("lnsr.benchmarks")
+    fake = types.ModuleType("lnsr.benchmarks.cli")
     fake.main = lambda argv: seen.append(argv) or 0
-    monkeypatch.setitem(sys.modules, "lnsr.benchmarks", fake)
+    monkeypatch.setitem(sys.modules, "lnsr.benchmarks.cli", fake)
     assert main(["bench", "--quick", "--device", "cpu"]) == 0
     assert seen == [["--quick", "--device", "cpu"]]
 
@@ -179,7 +179,7 @@ def test_bench_missing_module(monkeypatch):
     real = importlib.import_module
 
     def fake_import(name, *a, **k):
-        if name == "lnsr.benchmarks":
+        if name == "lnsr.benchmarks.cli":
             raise ModuleNotFoundError("No module named 'lnsr.benchmarks'", name="lnsr.benchmarks")
         return real(name, *a, **k)
 

@@ -14,8 +14,8 @@ import torch
 
 from glue_tiny import save_tiny_bert, sentence, write_glue
 from lnsr.cli import main
-from lnsr.finetune import load_file_task
-from lnsr.finetune.metrics import accuracy, f1, f1_macro, matthews
+from lnsr.data import load_file_task
+from lnsr.data.metrics import accuracy, f1, f1_macro, matthews
 
 
 # -- files made in the test ------------------------------------------------------------------------------
@@ -205,7 +205,7 @@ def test_eval_file_metrics_equal_a_hand_computation(tmp_path, tiny_model):
 
 
 def test_tune_never_reads_validation_and_best_json_is_reused(tmp_path, tiny_model, monkeypatch, capsys):
-    import lnsr.finetune.files as files
+    import lnsr.data.files as files
 
     train, val, shifted = _own_data(tmp_path)
     opened = []

@@ -33,7 +33,7 @@ def test_missing_folder_is_one_clear_error(tmp_path):
 
 def test_eval_file_of_a_glue_task_is_read_by_its_extension(tmp_path):
     """`--task sst2 --eval-file long=x.csv` reads a CSV (it was parsed as GLUE TSV and rejected)."""
-    from lnsr.finetune.glue import get_task, read_eval_file
+    from lnsr.data.glue import get_task, read_eval_file
 
     spec = get_task("sst2")
     (tmp_path / "x.csv").write_text('sentence,label\n"a fine, warm film",1\nbad,0\n')

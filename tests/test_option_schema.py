@@ -12,9 +12,9 @@ import pytest
 import lnsr
 from lnsr.cli import build_parser
 from lnsr.config import DEFAULT_LAM, LNSRConfig, options_table
-from lnsr.finetune import parse_method_spec
-from lnsr.finetune import method_defaults
+from lnsr.finetune.cli import method_defaults
 from lnsr.finetune.tune import DEFAULT_GRID, parse_grid
+from lnsr.methods import parse_method_spec
 from tiny_models import batch, build
 
 ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")

@@ -141,8 +141,7 @@ def test_profile_cli_compares_finetuned_checkpoints(tmp_path, capsys):
 def _cli_batches(model_path, data_dir, n, size):
     from transformers import AutoTokenizer
 
-    from lnsr.finetune.glue import get_task, load_task
-    from lnsr.finetune.runner import collate, encode
+    from lnsr.data import collate, encode, get_task, load_task
 
     spec = get_task("rte")
     _, dev, _ = load_task(spec, str(data_dir))

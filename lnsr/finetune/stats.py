@@ -12,7 +12,7 @@ import math
 
 import numpy as np
 
-from .metrics import rankdata
+from ..data.metrics import rankdata
 
 
 def _betacf(a: float, b: float, x: float) -> float:

@@ -183,7 +183,7 @@ def table(rows: list[dict], metric: str, split: str) -> str:
 
 def add_tune_args(p) -> None:
     from ..config import LNSRConfig
-    from . import add_finetune_args
+    from .cli import add_finetune_args
 
     add_finetune_args(p, tune=True)
     g = p.add_argument_group("search")
@@ -200,7 +200,7 @@ def add_tune_args(p) -> None:
 def tune_main(args) -> dict:
     """Run ``lnsr tune``; returns ``{task: best.json content}``."""
     from ..config import LNSRConfig
-    from . import check_common_args, parse_methods
+    from .cli import check_common_args, parse_methods
     from .report import write_summary
     from .runner import plan_job, prepare_tasks, run_task, write_json
 

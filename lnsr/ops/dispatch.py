@@ -2,7 +2,7 @@
 
 A backend is a ``lnsr.ops.backend.Backend`` (the contract, docs/design.md §5) declared in one module
 of ``lnsr/ops/backends/`` by one ``register_backend`` call (its name, loader, install hint and
-``auto`` preference per device type; ``lnsr.ops.backends``, the registry).  The tables here are
+``auto`` preference per device type; ``lnsr.ops.backends.registry``).  The tables here are
 derived from the registry and follow it: ``BACKENDS`` (``auto`` and every registered name),
 ``AUTO_ORDER`` (per device type, highest preference first), ``INSTALL_HINT`` and the loaders
 (``_LOADERS``), which import lazily so that a missing optional dependency costs nothing until asked
@@ -23,8 +23,8 @@ from typing import Callable
 
 import torch
 
-from . import backends
-from .backends import register_backend, unregister_backend  # noqa: F401  (public here too)
+from .backends import registry
+from .backends.registry import register_backend, unregister_backend  # noqa: F401  (public here too)
 
 
 class _BackendNames(collections.abc.Sequence):
@@ -62,7 +62,7 @@ class _BackendNames(collections.abc.Sequence):
 _NAMES = _BackendNames()
 BACKENDS = _NAMES
 # ``auto``'s order per device type, highest preference first (the ``auto=`` of each registration,
-# backends.auto_order()).  A backend is taken only if its loader succeeds and it supports the device
+# registry.auto_order()).  A backend is taken only if its loader succeeds and it supports the device
 # (and, on SELFCHECK_DEVICES, passes its self-check); ``torch`` always does.
 AUTO_ORDER: dict[str, tuple[str, ...]] = {}
 # What to install when a requested backend is missing.
@@ -84,10 +84,10 @@ def _forget(name: str) -> None:
 def _registry_changed(name: str) -> None:
     """Follow a change of the registry (backend ``name`` registered, replaced or removed)."""
     global AUTO_ORDER, INSTALL_HINT
-    spec = backends.get(name)
-    _NAMES._names = ("auto", *(s.name for s in backends.specs()))
-    AUTO_ORDER = backends.auto_order()
-    INSTALL_HINT = backends.install_hints()
+    spec = registry.get(name)
+    _NAMES._names = ("auto", *(s.name for s in registry.specs()))
+    AUTO_ORDER = registry.auto_order()
+    INSTALL_HINT = registry.install_hints()
     if spec is not None:
         _LOADERS[name] = spec.load
     else:
@@ -102,7 +102,7 @@ def register_loader(name: str, loader: Callable[[], object]) -> None:
     before the registry: ``register_backend`` declares a backend, with its hint and ``auto``
     preference.)  A name the registry does not hold gets a loader only, outside ``BACKENDS`` and
     ``AUTO_ORDER``."""
-    spec = backends.get(name)
+    spec = registry.get(name)
     if spec is not None:
         register_backend(name, loader, hint=spec.hint, auto=spec.auto, replace=True)
     else:
@@ -341,7 +341,7 @@ def auto_choices() -> list[dict]:
 
 # Follow the registry: every change from here on, the built-in backends' registrations included
 # (discover imports lnsr/ops/backends/*), and whatever was registered before (nothing, normally).
-backends._subscribe(_registry_changed)
-backends.discover()
-for _name in [spec.name for spec in backends.specs()]:
+registry._subscribe(_registry_changed)
+registry.discover()
+for _name in [spec.name for spec in registry.specs()]:
     _registry_changed(_name)

@@ -207,7 +207,7 @@ def _check_layer_penalty(c: _Checker, be) -> None:
 
 
 def _check_stream(c: _Checker, be) -> None:
-    from . import PenaltyStream, _compiled_tap  # lnsr.ops imports dispatch, which imports this lazily
+    from .stream import PenaltyStream, _compiled_tap  # lnsr.ops imports dispatch, which imports this lazily
 
     # LNSR's layout: batch 3, the last 2 rows with noisy copies: y is [first + 2m, T, H] with
     # first = 1, m = 2; the inner block passes every row on, the last block the clean batch.

@@ -12,7 +12,7 @@ import torch
 
 from .. import extension as _ext
 from ..backend import OpsBackend
-from . import register_backend
+from .registry import register_backend
 
 
 class ExtensionBackend(OpsBackend):

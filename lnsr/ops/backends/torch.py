@@ -9,7 +9,7 @@ import torch
 
 from .. import reference
 from ..backend import Backend, _reference_loss_count, unsigned_seed
-from . import register_backend
+from .registry import register_backend
 
 
 class TorchBackend(Backend):

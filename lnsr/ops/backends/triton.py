@@ -7,7 +7,7 @@ the ``cuda`` backend (on the CPU it runs only under ``TRITON_INTERPRET=1``, for 
 """
 from __future__ import annotations
 
-from . import register_backend
+from .registry import register_backend
 
 
 def load():

@@ -2,20 +2,20 @@
 # Run the pre-registered study (docs/results.md) from the frozen commit its runs use, in the
 # background, resumably, committing finished run records as they land.
 #
-#   examples/study_frozen.sh start     # worktree + driver + committer, both under nohup/nice
-#   examples/study_frozen.sh status    # finished runs per stage, what is left (rough cost), what is running
-#   examples/study_frozen.sh stop
+#   bench/study/study_frozen.sh start     # worktree + driver + committer, both under nohup/nice
+#   bench/study/study_frozen.sh status    # finished runs per stage, what is left (rough cost), what is running
+#   bench/study/study_frozen.sh stop
 #
 # Why a frozen copy: the arms of one study must run the same code for all seeds, while the library
 # keeps changing. The copy is a git worktree of STUDY_COMMIT (a7c2d42, the code of every run so far)
-# beside this checkout; only orchestration files (examples/study.sh, examples/study.py) are taken
+# beside this checkout; only orchestration files (bench/study/study.sh, bench/study/study.py) are taken
 # from this checkout, never training code. The compiled lnsr._C is the development build (the copy
 # has none); its CPU kernels were checked bit-identical to the frozen commit's own build
 # (docs/runs/machine_check/). Runs land in $OUT of this checkout (default docs/runs/study); finished
 # runs are skipped and killed runs resume from their epoch checkpoints, so `start` after a restart
 # (or on a new machine, after installing this checkout as README says) continues where it stopped.
 set -euo pipefail
-HERE=$(cd "$(dirname "$0")/.." && pwd)
+HERE=$(cd "$(dirname "$0")/../.." && pwd)
 STUDY_COMMIT=${STUDY_COMMIT:-a7c2d42}
 WORKTREE=${WORKTREE:-$HERE/../study}
 LOGS=${LOGS:-$HERE/../study_logs}
@@ -33,7 +33,8 @@ setup() {
   # its top-level kernels/ folder ahead of the PyPI package 'kernels' that transformers >= 5.25 imports
   mkdir -p "$LOGS/pypath"
   [ -e "$LOGS/pypath/lnsr" ] || ln -s "$WORKTREE/lnsr" "$LOGS/pypath/lnsr"
-  cp "$HERE/examples/study.sh" "$HERE/examples/study.py" "$WORKTREE/examples/"
+  mkdir -p "$WORKTREE/bench/study"
+  cp "$HERE/bench/study/study.sh" "$HERE/bench/study/study.py" "$WORKTREE/bench/study/"
   mkdir -p "$LOGS"
 }
 
@@ -43,14 +44,14 @@ driver() {
   cd "$WORKTREE"
   echo "start $(date -u)"
   for r in mrpc1k sst2-1k rte1k rte; do
-    task=$("$PYTHON" examples/study.py --runs "$OUT" task-of "$r")
+    task=$("$PYTHON" bench/study/study.py --runs "$OUT" task-of "$r")
     for stage in recipe strength final; do
       # a finished strength search is not ranked again: that would rewrite best.json's date
       if [ "$stage" = strength ] && [ -f "$OUT/strength/$r/$task/best.json" ]; then continue; fi
       # nor is a finished recipe search or final walked again (each finished run would be found and
       # skipped, one CLI start each: minutes per restart on 2 cores)
-      if [ "$stage" != strength ] && "$PYTHON" examples/study.py --runs "$OUT" stage-done "$r" "$stage"; then continue; fi
-      bash examples/study.sh "$stage" "$r"; echo "$r $stage done $(date -u)"
+      if [ "$stage" != strength ] && "$PYTHON" bench/study/study.py --runs "$OUT" stage-done "$r" "$stage"; then continue; fi
+      bash bench/study/study.sh "$stage" "$r"; echo "$r $stage done $(date -u)"
     done
   done
 }
@@ -79,9 +80,9 @@ case "${1:-}" in
     echo "study running from $WORKTREE ($STUDY_COMMIT); logs in $LOGS" ;;
   status)
     for r in mrpc1k sst2-1k rte1k rte; do
-      "$VENV/bin/python" "$HERE/examples/study.py" --runs "$OUT" progress "$r" 2>/dev/null || true
+      "$VENV/bin/python" "$HERE/bench/study/study.py" --runs "$OUT" progress "$r" 2>/dev/null || true
     done
-    "$VENV/bin/python" "$HERE/examples/study.py" --runs "$OUT" --jobs "${JOBS:-2}" remaining 2>/dev/null || true
+    "$VENV/bin/python" "$HERE/bench/study/study.py" --runs "$OUT" --jobs "${JOBS:-2}" remaining 2>/dev/null || true
     # one line per run in flight: its stage folder, arm, seed and recipe
     pgrep -af "lnsr finetune" | while read -r line; do
       opt() { grep -o -- "--$1 [^ ]*" <<< "$line" | head -1 | cut -d' ' -f2; }

@@ -1,4 +1,4 @@
-"""The papers' baselines for ``lnsr finetune``: L2-SP, Mixout, R3F and SMART, as registered methods.
+"""The papers' baselines: L2-SP, Mixout, R3F and SMART, as registered methods (``lnsr.methods``).
 
 Each keeps to its reference formulation and its authors' default numbers (cited per class); every
 number is a ``name:key=value`` option on the command line (e.g. ``--method r3f:lam=0.5``).  They act
@@ -13,7 +13,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from ..models import find_blocks, replace_block_input, unwrap
-from .methods import Method, register_method
+from .registry import Method, register_method
 
 
 def _pretrained_part(model: nn.Module) -> nn.Module:

@@ -2,7 +2,7 @@
 # docs/guide.md's `lnsr tune` figure: lam in {0.003, 0.01, 0.03} beside vanilla and the lam = 0 control on a
 # held-out 20% of MRPC train (1000 training pairs, 3 seeds, README's main-job recipe, bf16).
 #
-#   examples/tune_mrpc.sh            # JOBS runs at a time (default 1), then the ranking and best.json
+#   bench/study/tune_mrpc.sh            # JOBS runs at a time (default 1), then the ranking and best.json
 #
 # It is exactly `lnsr tune $ARGS --seeds 1 2 3` (the last line); the runs are listed first only so
 # that JOBS of them can run at once on a small CPU. DATA: GLUE folder (default ../shared/data).

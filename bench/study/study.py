@@ -1,10 +1,10 @@
 """Tables, choices and statistics of the study in docs/results.md, from its run files alone.
 
-    python examples/study.py --runs docs/runs/study recipe-choice mrpc1k   # "--lr X --epochs Y"
-    python examples/study.py --runs docs/runs/study recipe-table mrpc1k
-    python examples/study.py --runs docs/runs/study remaining               # runs left, rough cost
-    python examples/study.py --runs docs/runs/study stage-done rte recipe   # exit 0 when all its runs finished
-    python examples/study.py --runs docs/runs/study summary                 # every table and plot
+    python bench/study/study.py --runs docs/runs/study recipe-choice mrpc1k   # "--lr X --epochs Y"
+    python bench/study/study.py --runs docs/runs/study recipe-table mrpc1k
+    python bench/study/study.py --runs docs/runs/study remaining               # runs left, rough cost
+    python bench/study/study.py --runs docs/runs/study stage-done rte recipe   # exit 0 when all its runs finished
+    python bench/study/study.py --runs docs/runs/study summary                 # every table and plot
 
 ``summary`` rewrites the block between ``<!-- study:begin -->`` and ``<!-- study:end -->`` of
 docs/results.md and writes the per-seed plots to docs/study/. It trains nothing and reads nothing but
@@ -32,9 +32,9 @@ LRS, EPOCHS = ("5e-5", "1e-4"), (3, 5, 10)
 SEARCH_SEEDS = 3             # seeds per recipe and per strength in the held-out searches
 FINAL_ARMS, FINAL_SEEDS = 6, 10   # registered: 6 arms x 10 seeds per regime (until then a table is interim)
 # the protocol's allowance "RTE full: 5 seeds if the CPU time is short, said so", taken 2026-12-02 before any
-# rte run (docs/results.md); examples/study.sh runs these seeds (SEEDS_FINAL_RTE to run more)
+# rte run (docs/results.md); bench/study/study.sh runs these seeds (SEEDS_FINAL_RTE to run more)
 FINAL_SEEDS_OF = {"rte": 5}
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def final_seeds(regime: str) -> int:
@@ -735,7 +735,7 @@ def summary(runs_dir: str, results_md: str, plot_dir: str) -> str:
     head, rest = text.split(begin, 1)
     _, tail = rest.split(end, 1)
     with open(results_md, "w") as f:
-        f.write(head + begin + "\n<!-- written by `examples/study.sh summary` from the run files; do not edit -->\n\n"
+        f.write(head + begin + "\n<!-- written by `bench/study/study.sh summary` from the run files; do not edit -->\n\n"
                 + block + "\n" + end + tail)
     table = answer_table(runs_dir)
     for path in (results_md, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(results_md))), "README.md")):

@@ -1,12 +1,12 @@
 #!/bin/bash
 # The pre-registered study of docs/results.md ("Does LNSR help, and where?").
 #
-#   examples/study.sh recipe   [REGIME...]  # 1. vanilla recipe search on held-out train (lr x epochs, 3 seeds)
-#   examples/study.sh strength [REGIME...]  # 2. lnsr tune at the chosen recipe (lam x inject_at, 3 seeds)
-#   examples/study.sh final    [REGIME...]  # 3. 10 seeds (rte: 5) x 6 arms on GLUE dev (seed 1 models saved)
-#   examples/study.sh profile               # 4. noise-stability profile of seed-1 models of mrpc1k
-#   examples/study.sh all      [REGIME...]  # 1-3 per regime, regime after regime, then 4
-#   examples/study.sh summary               # every table and plot rebuilt from the run files, and each run
+#   bench/study/study.sh recipe   [REGIME...]  # 1. vanilla recipe search on held-out train (lr x epochs, 3 seeds)
+#   bench/study/study.sh strength [REGIME...]  # 2. lnsr tune at the chosen recipe (lam x inject_at, 3 seeds)
+#   bench/study/study.sh final    [REGIME...]  # 3. 10 seeds (rte: 5) x 6 arms on GLUE dev (seed 1 models saved)
+#   bench/study/study.sh profile               # 4. noise-stability profile of seed-1 models of mrpc1k
+#   bench/study/study.sh all      [REGIME...]  # 1-3 per regime, regime after regime, then 4
+#   bench/study/study.sh summary               # every table and plot rebuilt from the run files, and each run
 #                                           # folder's summary.md from all its runs (trains nothing;
 #                                           # also spelled --summary-only)
 #
@@ -32,7 +32,7 @@ JOBS=${JOBS:-1}
 THREADS=${THREADS:-$(( $(nproc) / JOBS > 0 ? $(nproc) / JOBS : 1 ))}
 # fixed for every arm: batch 16, max length 128 (dynamic padding), warm-up 10%, weight decay 0.01,
 # clipping 1.0, scores of the last epoch, the precision below; checkpoints at epoch ends
-# MODEL / DEVICE (optional): another copy of the model and another device (examples/study_gpu.sh)
+# MODEL / DEVICE (optional): another copy of the model and another device (bench/study/study_gpu.sh)
 COMMON="--data-dir $DATA --batch-size 16 --max-length 128 --warmup-ratio 0.1 --weight-decay 0.01 \
   --no-progress --checkpoint-every 0 --threads $THREADS${MODEL:+ --model $MODEL}${DEVICE:+ --device $DEVICE}"
 

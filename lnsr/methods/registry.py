@@ -1,8 +1,11 @@
-"""Fine-tuning methods: a registry; vanilla and lnsr here, the papers' baselines in ``baselines.py``.
+"""Fine-tuning methods: the registry; vanilla and lnsr here, the papers' baselines in ``baselines.py``.
 
-A method is a class registered under a name.  ``OPTIONS`` lists the command-line options it reads
-(their values go into the run's config, so a changed option re-runs and an unrelated one does not;
-``lnsr``'s are read off ``lnsr.LNSRConfig``'s schema).
+A method is a class registered under a name (``register_method``): ``lnsr finetune``/``lnsr tune``
+(``lnsr.finetune``) and the step benchmark (``lnsr.benchmarks.step``) look it up in ``METHODS``.
+Another package's method registers the same way from its own module, imported before use (there
+is no entry point).  ``OPTIONS`` lists the command-line options it reads (their values go into the
+run's config, so a changed option re-runs and an unrelated one does not; ``lnsr``'s are read off
+``lnsr.LNSRConfig``'s schema).
 Per run the runner calls ``attach(model)`` once before training, ``extra_loss(model, batch,
 outputs)`` after each training forward (return a tensor added to the task loss, or None) and
 ``detach()`` at the end; ``stats()`` gives the numbers of the latest step to log.
@@ -189,7 +192,7 @@ def parse_method_spec(spec: str, defaults: dict) -> tuple[str, str, dict]:
     name, _, rest = spec.partition(":")
     if name not in METHODS:
         raise SystemExit(f"unknown method {name!r}: choose from {', '.join(METHODS)} "
-                         f"(register more with lnsr.finetune.register_method)")
+                         f"(register more with lnsr.methods.register_method)")
     cls = METHODS[name]
     options = dict(cls.DEFAULTS)
     options.update({k: defaults[k] for k in cls.FROM_CLI if k in defaults})

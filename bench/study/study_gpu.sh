@@ -1,14 +1,14 @@
 #!/bin/bash
 # The study of docs/results.md on a lent GPU machine: prepared here, run there in one command.
 #
-#   bash examples/study_gpu.sh prepare                 # here: .gpuwork/ (~50 MB, git-ignored)
-#   bash examples/study_gpu.sh run STAGE [REGIME...]   # there: examples/study.sh STAGE on cuda
+#   bash bench/study/study_gpu.sh prepare                 # here: .gpuwork/ (~50 MB, git-ignored)
+#   bash bench/study/study_gpu.sh run STAGE [REGIME...]   # there: bench/study/study.sh STAGE on cuda
 #
 # The GPU machine has no network and takes at most 64 MiB of ignored files along, so `prepare`
 # writes what it needs into .gpuwork/: the GLUE folders of the study (MRPC, RTE, SST-2; from DATA,
 # default ../shared/data) and the packaged all-MiniLM-L6-v2 with its weights *stored* in fp16
 # (it trains in fp32 from them: a relative change of about 5e-4 to each weight). Carry .gpuwork
-# with the device tool, e.g. run(command="bash examples/study_gpu.sh run final mrpc1k",
+# with the device tool, e.g. run(command="bash bench/study/study_gpu.sh run final mrpc1k",
 # carry=[".gpuwork"], timeout_s=580).
 #
 # `run` installs lnsr without the C++ extension (Triton on CUDA; building it would cost minutes of
@@ -20,7 +20,7 @@
 # a stage cut by the time limit restarts its unfinished runs next time.
 set -euo pipefail
 HERE=$(cd "$(dirname "$0")" && pwd)
-ROOT=$(cd "$HERE/.." && pwd)
+ROOT=$(cd "$HERE/../.." && pwd)
 WORK=${GPUWORK:-$ROOT/.gpuwork}
 cmd=${1:-}; shift || true
 
@@ -57,7 +57,7 @@ EOF
     du -sh "$WORK"
     ;;
   run)
-    [ -d "$WORK/minilm_fp16" ] || { echo "no $WORK: run 'bash examples/study_gpu.sh prepare' here and carry .gpuwork" >&2; exit 2; }
+    [ -d "$WORK/minilm_fp16" ] || { echo "no $WORK: run 'bash bench/study/study_gpu.sh prepare' here and carry .gpuwork" >&2; exit 2; }
     PY=${PYTHON:-python3}
     if ! $PY -c "import lnsr" 2>/dev/null; then
       LNSR_NO_EXT=1 $PY -m pip install -q --no-build-isolation --no-deps -e "$ROOT" > /dev/null
@@ -70,5 +70,5 @@ EOF
     mkdir -p "$OUT"
     bash "$HERE/study.sh" "$@"
     ;;
-  *) echo "usage: $0 prepare | run STAGE [REGIME...]   (STAGE as in examples/study.sh)" >&2; exit 2 ;;
+  *) echo "usage: $0 prepare | run STAGE [REGIME...]   (STAGE as in bench/study/study.sh)" >&2; exit 2 ;;
 esac

@@ -1,8 +1,8 @@
 #!/bin/bash
 # The experiment behind docs/results.md: MiniLM on GLUE MRPC and RTE, vanilla vs LNSR, 5 seeds.
 #
-#   examples/glue_results.sh run       # all runs, in order (hours on a CPU; finished runs are skipped)
-#   examples/glue_results.sh summary   # tables from the finished runs only (trains nothing), plots to docs/
+#   bench/study/glue_results.sh run       # all runs, in order (hours on a CPU; finished runs are skipped)
+#   bench/study/glue_results.sh summary   # tables from the finished runs only (trains nothing), plots to docs/
 #
 # DATA: GLUE-format folder (default ../shared/data); OUT: where runs go (default runs/).
 set -euo pipefail

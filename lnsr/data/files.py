@@ -1,7 +1,7 @@
 """A user's own data: CSV, TSV, JSON or JSON Lines files read through ``datasets``.
 
 ``--train-file`` (and ``--validation-file``, ``--test-file``, ``--eval-file NAME=PATH``) become a
-:class:`~lnsr.finetune.glue.TaskSpec` plus examples ``(text_a, text_b_or_None, label)``, the shape
+:class:`~lnsr.data.glue.TaskSpec` plus examples ``(text_a, text_b_or_None, label)``, the shape
 the GLUE readers give, so the runner does not know where its data came from.
 
 Columns are guessed the way Hugging Face's ``run_glue.py`` does (``sentence1``/``sentence2``,
