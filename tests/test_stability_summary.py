@@ -210,3 +210,19 @@ def test_queue_runs_the_whole_protocol_stage_after_stage(st, tmp_path, monkeypat
     # finals: vanilla and the control fail at seed 1, LNSR never: 1 vs 0 discordant seeds
     assert "| lnsr_lam0.01_k0 - vanilla | 4 | 0 / 1 | 0 / 1 | 1.000 | 1.000 |" in body
     assert "interim" not in body.split("Finals")[1]
+
+
+def test_final_table_intervals_are_in_points(st, tmp_path):
+    """The finals' paired interval is printed x100 once (a record holds fractions)."""
+    runs = str(tmp_path)
+    best = {"k": 0, "lam": "0.01", "spec": "lnsr:lam=0.01,inject_at=0"}
+    setting = ("mrpc", 250, "1e-4")
+    name = st.setting_name(*setting)
+    for seed, (v, l) in enumerate([(0.80, 0.81), (0.78, 0.80), (0.82, 0.82)], 1):
+        _arm_run(runs, "final", "minilm", name, "vanilla", seed, v)
+        _arm_run(runs, "final", "minilm", name, "control_k0", seed, v)
+        _arm_run(runs, "final", "minilm", name, "lnsr_lam0.01_k0", seed, l)
+    text = st.final_table(runs, "minilm", setting, best)
+    row = next(line for line in text.splitlines() if line.startswith("| lnsr_lam0.01_k0 - vanilla"))
+    # differences +1, +2, 0 points: mean 1, sd 1, t(2) 4.303 -> 1 -+ 4.303 / sqrt(3)
+    assert "| +1.00 [-1.48, +3.48] |" in row

@@ -382,9 +382,10 @@ def final_report(arms: dict) -> tuple[list[dict], list[dict]]:
         fb = {s: B["fails"][s] for s in seeds}
         disc_a, disc_b, p_mc = mcnemar_exact(fa, fb)
         p_fi = fisher_exact(sum(fa.values()), len(seeds), sum(fb.values()), len(seeds)) if seeds else float("nan")
-        c = compare({s: A["acc"][s] for s in seeds}, {s: B["acc"][s] for s in seeds})
+        # compare() and its texts work on fractions (the record's scale); the tables show x100
+        c = compare({s: A["acc"][s] / 100 for s in seeds}, {s: B["acc"][s] / 100 for s in seeds})
         both_ok = [s for s in seeds if not fa[s] and not fb[s]]
-        c_ok = compare({s: A["acc"][s] for s in both_ok}, {s: B["acc"][s] for s in both_ok})
+        c_ok = compare({s: A["acc"][s] / 100 for s in both_ok}, {s: B["acc"][s] / 100 for s in both_ok})
         pairs.append({"a": a, "b": b, "n": len(seeds), "failed_a": sum(fa.values()), "failed_b": sum(fb.values()),
                       "only_a_failed": disc_a, "only_b_failed": disc_b, "p_mcnemar": p_mc, "p_fisher": p_fi,
                       "acc": c, "acc_not_failed": c_ok})
@@ -453,18 +454,27 @@ def final_table(runs_dir: str, family: str, setting: tuple, best: dict) -> str:
     out += ["", "| pair | seeds | failed (a / b) | only a / only b failed | McNemar p | Fisher p | "
                 "accuracy a - b [95% CI] | Wilcoxon p | sd ratio (Pitman-Morgan p) | a - b, neither failed |",
             "|---|---|---|---|---|---|---|---|---|---|"]
-    from lnsr.finetune.stats import ci_text, p_text, reading
+    from lnsr.finetune.stats import p_text, reading
 
     for c in pairs:
         acc, ok = c["acc"], c["acc_not_failed"]
-        okt = f"{ok['mean']:+.2f} ({ok['n']} seeds)" if ok.get("n") else "-"
+        okt = f"{100 * ok['mean']:+.2f} ({ok['n']} seeds)" if ok.get("n") else "-"
         out.append(f"| {c['a']} - {c['b']} | {c['n']} | {c['failed_a']} / {c['failed_b']} | "
                    f"{c['only_a_failed']} / {c['only_b_failed']} | {p_text(c['p_mcnemar'])} | {p_text(c['p_fisher'])} | "
-                   f"{(ci_text(acc) or '-') if acc.get('n') else '-'} | {p_text(acc.get('p_wilcoxon', float('nan')))} | "
+                   f"{acc_text(acc)} | {p_text(acc.get('p_wilcoxon', float('nan')))} | "
                    f"{fmt(acc.get('sd_ratio'))} ({p_text(acc.get('p_var', float('nan')))}) | {okt} |")
     lnsr_v = pairs[0]["acc"]
     out += ["", f"Reading (accuracy, LNSR - vanilla): {reading(lnsr_v) if lnsr_v.get('n') else '-'}."]
     return "\n".join(out)
+
+
+def acc_text(c: dict) -> str:
+    """``+0.25 [-0.37, +0.87]`` (x100) of a compare result; ``-`` without seeds."""
+    from lnsr.finetune.stats import ci_text
+
+    if not c.get("n"):
+        return "-"
+    return f"{100 * c['mean']:+.2f} {ci_text(c) or ''}".strip()
 
 
 def family_section(runs_dir: str, family: str) -> str:
