@@ -137,6 +137,7 @@ def test_strength_choice_fewest_failures_then_mean_then_lower_lam(st, tmp_path):
     name = st.setting_name(*setting)
     arms = st.strength_arms("minilm")
     assert list(arms) == ["control_k0", "control_k3", "lam0.003_k0", "lam0.003_k3", "lam0.01_k0", "lam0.01_k3"]
+    assert arms["lam0.003_k3"] == ("0.003", 3) and arms["control_k0"] == ("0", 0)
     scores = {"control_k0": .74, "control_k3": .74, "lam0.003_k0": .80, "lam0.003_k3": .72, "lam0.01_k0": .76,
               "lam0.01_k3": .76}
     for arm, acc in scores.items():

@@ -72,7 +72,8 @@ def setting_dir(runs_dir: str, family: str, task: str, n: int, lr: str) -> str:
 
 
 def load_setting(runs_dir: str, family: str, task: str, n: int, lr: str) -> list[dict]:
-    return sorted(load_scan_folder(setting_dir(runs_dir, family, task, n, lr)), key=lambda r: r["config"]["seed"])
+    # a scan folder holds vanilla runs only (<task>/vanilla/seed<k>.json)
+    return [r for _, r in sorted(load_arm(setting_dir(runs_dir, family, task, n, lr)).items())]
 
 
 def setting_row(runs_dir: str, family: str, task: str, n: int, lr: str) -> dict:
@@ -119,14 +120,14 @@ def blocks_half(family: str) -> int:
     return BLOCKS[family] // 2
 
 
+def lnsr_spec(lam: str, k: int) -> str:
+    return f"lnsr:lam={lam},inject_at={k}"
+
+
 def strength_arms(family: str) -> dict:
-    """``{arm folder: method spec}`` of the strength stage (vanilla comes from the scan)."""
-    arms = {}
-    for k in (0, blocks_half(family)):
-        arms[f"control_k{k}"] = f"lnsr:lam=0,inject_at={k}"
-    for lam in STRENGTH_LAMS:
-        for k in (0, blocks_half(family)):
-            arms[f"lam{lam}_k{k}"] = f"lnsr:lam={lam},inject_at={k}"
+    """``{arm folder: (lam, inject_at)}`` of the strength stage (vanilla comes from the scan)."""
+    arms = {f"control_k{k}": ("0", k) for k in (0, blocks_half(family))}
+    arms.update({f"lam{lam}_k{k}": (lam, k) for lam in STRENGTH_LAMS for k in (0, blocks_half(family))})
     return arms
 
 
@@ -158,13 +159,13 @@ def strength_rows(runs_dir: str, family: str, setting: tuple) -> list[dict]:
     """One row per strength arm: the scan's vanilla seeds 1-3, the controls and the LNSR grid."""
     out = []
     scan = {r["config"]["seed"]: r for r in load_setting(runs_dir, family, *setting)}
-    arms = {"vanilla": None, **strength_arms(family)}
-    for arm, spec in arms.items():
-        runs = scan if spec is None else load_arm(arm_dir(runs_dir, "strength", family, setting, arm))
+    arms = {"vanilla": (None, None), **strength_arms(family)}
+    for arm, (lam, k) in arms.items():
+        runs = scan if lam is None else load_arm(arm_dir(runs_dir, "strength", family, setting, arm))
         runs = {s: r for s, r in runs.items() if s in STRENGTH_SEEDS}
         scores = {s: 100 * r["final"][METRIC] for s, r in sorted(runs.items())}
-        lam, k = (None, None) if spec is None else (spec.split("lam=")[1].split(",")[0], int(spec.split("inject_at=")[1]))
-        out.append({"arm": arm, "spec": spec or "vanilla", "lam": lam, "k": k, "scores": scores,
+        out.append({"arm": arm, "spec": "vanilla" if lam is None else lnsr_spec(lam, k), "lam": lam, "k": k,
+                    "scores": scores,
                     "failed": sum(failed(r) for r in runs.values()), "runs": len(runs),
                     "mean": statistics.mean(scores.values()) if scores else None,
                     "std": statistics.stdev(scores.values()) if len(scores) > 1 else None})
@@ -182,14 +183,15 @@ def choose_strength(rs: list[dict]) -> dict | None:
 
 
 def final_arms(family: str, best: dict) -> dict:
-    return {"vanilla": "vanilla", f"control_k{best['k']}": f"lnsr:lam=0,inject_at={best['k']}",
+    return {"vanilla": "vanilla", f"control_k{best['k']}": lnsr_spec("0", best["k"]),
             f"lnsr_lam{best['lam']}_k{best['k']}": best["spec"]}
 
 
 # -- the runs still to do ---------------------------------------------------------------------------
 def planned(runs_dir: str, out: str, data: str, threads: int, lnsr: str = "lnsr") -> dict:
     """``{family: [(stage, run folder, seed, argv)]}`` of every run the protocol asks for *now* (the
-    stages whose preceding choice can be made), in the registered order (seeds outer in each stage)."""
+    stages whose preceding choice can be made), in the registered order (seeds outer in each stage; the
+    optional scan last)."""
     plan = {}
     for fam in SCAN:
         items = []
@@ -205,24 +207,26 @@ def planned(runs_dir: str, out: str, data: str, threads: int, lnsr: str = "lnsr"
             argv += ["--max-eval-samples", "2000"] if task == "sst2" and holdout else []
             return argv + ["--seeds", str(seed), "--output-dir", folder]
 
-        grid = SCAN[fam] + OPTIONAL.get(fam, [])
-        for seed in range(1, SCAN_SEEDS + 1):
-            for task, n, lr in grid:
-                folder = os.path.join(out, "scan", fam, setting_name(task, n, lr))
-                items.append(("scan", folder, seed, cmd(task, n, lr, "vanilla", seed, folder, True)))
+        def scan(grid):
+            for seed in range(1, SCAN_SEEDS + 1):
+                for task, n, lr in grid:
+                    folder = os.path.join(out, "scan", fam, setting_name(task, n, lr))
+                    items.append(("scan", folder, seed, cmd(task, n, lr, "vanilla", seed, folder, True)))
+
+        scan(SCAN[fam])
         setting = scan_choice(runs_dir, fam)
         if setting is not None:
-            arms = strength_arms(fam)
             for seed in STRENGTH_SEEDS:
-                for arm, spec in arms.items():
+                for arm, (lam, k) in strength_arms(fam).items():
                     folder = os.path.join(out, "strength", fam, setting_name(*setting), arm)
-                    items.append(("strength", folder, seed, cmd(*setting, spec, seed, folder, True)))
+                    items.append(("strength", folder, seed, cmd(*setting, lnsr_spec(lam, k), seed, folder, True)))
             best = choose_strength(strength_rows(runs_dir, fam, setting))
             if best is not None:
                 for seed in FINAL_SEEDS:
                     for arm, spec in final_arms(fam, best).items():
                         folder = os.path.join(out, "final", fam, setting_name(*setting), arm)
                         items.append(("final", folder, seed, cmd(*setting, spec, seed, folder, False)))
+        scan(OPTIONAL.get(fam, []))   # if the budget allows: after everything else of the family
         plan[fam] = items
     return plan
 
@@ -245,16 +249,6 @@ def done(runs_dir: str, out: str, folder: str, seed: int, finished: set | None =
     return (os.path.relpath(folder, out), seed) in finished
 
 
-def load_scan_folder(path: str) -> list[dict]:
-    out = []
-    for f in glob.glob(os.path.join(path, "*", "vanilla", "seed*.json")):
-        with open(f) as fh:
-            r = json.load(fh)
-        if r.get("final"):
-            out.append(r)
-    return out
-
-
 def pending(runs_dir: str, queue: str, out: str, data: str, threads: int, lnsr: str = "lnsr") -> list[tuple]:
     """The runs not finished yet, in queue order: A takes mpnet-base first (scan, strength, final; the
     optional SST-2 scan last), then MiniLM; B the other way round. Both take each family's runs from the
@@ -264,11 +258,7 @@ def pending(runs_dir: str, queue: str, out: str, data: str, threads: int, lnsr: 
     order = ["mpnet-base", "minilm"] if queue == "A" else ["minilm", "mpnet-base"]
     todo = []
     for fam in order:
-        items = plan[fam]
-        optional = [it for it in items if it[0] == "scan" and (it[1].endswith(tuple(
-            setting_name(*s) for s in OPTIONAL.get(fam, []))))]
-        main = [it for it in items if it not in optional]
-        todo += [it for it in main + optional if not done(runs_dir, out, it[1], it[2], finished)]
+        todo += [it for it in plan[fam] if not done(runs_dir, out, it[1], it[2], finished)]
     return todo
 
 

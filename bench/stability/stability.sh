@@ -39,17 +39,6 @@ VENV=${VENV:-$HERE/.venv}
 # defined once, in stability.py: `stability.py commands A` lists what is still to run
 STAGES="$PY $HERE/bench/stability/stability.py --runs $OUT --out $OUT --data $DATA --threads $THREADS --lnsr $LNSR"
 
-committer() {  # every 5 minutes: commit the finished run records (never checkpoints or per-folder summaries)
-  cd "$HERE"
-  while true; do
-    sleep 300
-    files=$(git status --porcelain -uall -- "$OUT" | awk '{print $2}' | grep -v '\.ckpt\|/summary\.\(md\|png\)$\|/\.locks/' || true)
-    [ -n "$files" ] || continue
-    git add -- $files && git commit -q -m "stability runs: finished run records as of $(date -u +%H:%M) UTC" -- $files \
-      && echo "$(date -u) committed $(echo "$files" | wc -l) files"
-  done
-}
-
 case "${1:-}" in
   start)
     [ -n "$STABILITY_COMMIT" ] || { echo "STABILITY_COMMIT is not set in $0" >&2; exit 2; }
@@ -65,8 +54,6 @@ case "${1:-}" in
     [ -e "$LOGS/pypath/lnsr" ] || ln -s "$WORKTREE/lnsr" "$LOGS/pypath/lnsr"
     # runs land in this checkout's OUT (a link from the copy), so the committer finds them
     mkdir -p "$HERE/$OUT"; rm -rf "$WORKTREE/$OUT"; mkdir -p "$(dirname "$WORKTREE/$OUT")"; ln -s "$HERE/$OUT" "$WORKTREE/$OUT"
-    export -f committer
-    export HERE OUT
     # the harness is copied first, so that editing this checkout never changes a running queue
     cp "$HERE/bench/stability/stability.py" "$LOGS/stability.py"
     for q in A B; do
@@ -75,7 +62,8 @@ case "${1:-}" in
         --lnsr "$VENV/bin/lnsr" queue $q >> "$LOGS/queue$q.log" 2>&1 < /dev/null &
         echo $! > "$LOGS/queue$q.pid")
     done
-    setsid nohup bash -c committer >> "$LOGS/committer.log" 2>&1 < /dev/null & echo $! > "$LOGS/committer.pid"
+    setsid nohup bash "$HERE/bench/tools/commit_runs.sh" "$OUT" stability >> "$LOGS/committer.log" 2>&1 < /dev/null \
+      & echo $! > "$LOGS/committer.pid"
     echo "study running from $WORKTREE ($STABILITY_COMMIT); logs in $LOGS" ;;
   status)
     "$VENV/bin/python" "$HERE/bench/stability/stability.py" --runs "$HERE/$OUT" progress || true

@@ -56,27 +56,16 @@ driver() {
   done
 }
 
-committer() {  # every 5 minutes: commit the finished run records (JSON, CSV, best.json; never checkpoints,
-  # nor the per-folder summary.md/png, which each run rewrites from itself alone: `study.sh summary` remakes them)
-  cd "$HERE"
-  while true; do
-    sleep 300
-    files=$(git status --porcelain -uall -- "$OUT" | awk '{print $2}' | grep -v '\.ckpt\|/summary\.\(md\|png\)$' || true)
-    [ -n "$files" ] || continue
-    git add -- $files && git commit -q -m "study runs: finished run records as of $(date -u +%H:%M) UTC" -- $files \
-      && echo "$(date -u) committed $(echo "$files" | wc -l) files"
-  done
-}
-
 case "${1:-}" in
   start)
     [ -x "$VENV/bin/lnsr" ] || { echo "no $VENV/bin/lnsr: install this checkout first (README, Install)" >&2; exit 2; }
     setup
-    export -f driver committer
+    export -f driver
     export WORKTREE LOGS DATA OUT VENV HERE
     # each in its own process group, so that `stop` ends exactly these (and their runs)
     setsid nohup nice -n 5 bash -c driver > "$LOGS/driver.log" 2>&1 < /dev/null & echo $! > "$LOGS/driver.pid"
-    setsid nohup bash -c committer >> "$LOGS/committer.log" 2>&1 < /dev/null & echo $! > "$LOGS/committer.pid"
+    setsid nohup bash "$HERE/bench/tools/commit_runs.sh" "$OUT" study >> "$LOGS/committer.log" 2>&1 < /dev/null \
+      & echo $! > "$LOGS/committer.pid"
     echo "study running from $WORKTREE ($STUDY_COMMIT); logs in $LOGS" ;;
   status)
     for r in mrpc1k sst2-1k rte1k rte; do
